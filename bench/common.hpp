@@ -1,0 +1,61 @@
+#pragma once
+// Shared by the benchmarks: a stopwatch, medians, and the JSON line each benchmark ends with.
+#include <accelerated/accelerated.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace bench {
+
+inline double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+template <class F>
+double time_it(F&& f) {
+  const auto start = std::chrono::steady_clock::now();
+  f();
+  return seconds_since(start);
+}
+
+inline double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const auto n = values.size();
+  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+// The hand-written loop the trainer is compared with: what a LibTorch user writes without a library, doing the
+// same math (shuffled batches gathered with index_select, forward, loss, backward, step, running loss).
+template <class Model, class Optimizer, class Loss>
+double hand_written_epoch(Model& model, Optimizer& optimizer, Loss loss_fn, const torch::Tensor& inputs,
+                          const torch::Tensor& targets, std::int64_t batch_size, std::uint64_t seed) {
+  torch::manual_seed(seed);
+  const auto order = torch::randperm(inputs.size(0), torch::kLong);
+  model->train();
+  double loss_sum = 0;
+  std::int64_t seen = 0;
+  for (std::int64_t start = 0; start < inputs.size(0); start += batch_size) {
+    const auto index = order.narrow(0, start, std::min(batch_size, inputs.size(0) - start));
+    const auto x = inputs.index_select(0, index);
+    const auto y = targets.index_select(0, index);
+    optimizer.zero_grad();
+    auto loss = loss_fn(model->forward(x), y);
+    loss.backward();
+    optimizer.step();
+    loss_sum += loss.template item<double>() * static_cast<double>(x.size(0));
+    seen += x.size(0);
+  }
+  return loss_sum / static_cast<double>(seen);
+}
+
+inline std::ostream& null_stream() {
+  static std::ostringstream sink;
+  sink.str("");
+  return sink;
+}
+
+}  // namespace bench

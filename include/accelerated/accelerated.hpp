@@ -1,0 +1,39 @@
+#pragma once
+// The one header to include. Data flows down this list once per step: dataset -> loader (data/) -> loop policy
+// (policies/loop.hpp) -> device, precision and distributed policies -> model and optimizer -> callbacks
+// (callbacks/) -> run history. The trainer (trainer.hpp) only sequences them.
+#include <torch/torch.h>  // users of the umbrella get all of LibTorch, as with <torch/torch.h>
+
+#include "detail/allocator_tuning.hpp"
+#include "detail/compat.hpp"
+
+#include "batch.hpp"
+#include "errors.hpp"
+#include "model.hpp"
+#include "run_config.hpp"
+#include "run_history.hpp"
+#include "train_options.hpp"
+
+#include "data/collate.hpp"
+#include "data/fashion_mnist.hpp"
+#include "data/idx.hpp"
+#include "data/loader.hpp"
+#include "data/sampler.hpp"
+#include "data/sources.hpp"
+#include "data/tensor_dataset.hpp"
+
+#include "concepts.hpp"
+#include "policies/device.hpp"
+#include "policies/distributed.hpp"
+#include "policies/loop.hpp"
+#include "policies/precision.hpp"
+
+#include "callbacks/accuracy.hpp"
+#include "callbacks/defaults.hpp"
+#include "callbacks/events.hpp"
+#include "callbacks/log_metrics.hpp"
+#include "callbacks/print_progress.hpp"
+#include "callbacks/progress_bar.hpp"
+#include "callbacks/terminate_on_nan.hpp"
+
+#include "trainer.hpp"

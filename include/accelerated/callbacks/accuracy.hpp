@@ -1,0 +1,66 @@
+#pragma once
+// Classification accuracy over an evaluation epoch, counted on every process and summed across processes, so the
+// recorded value is the global one: "eval_accuracy" during train(), "evaluation_accuracy" during evaluate()
+// ("eval_top5_accuracy" for TopKAccuracy<5>). Model outputs are [batch, classes] scores; targets are class indices.
+// k is a template parameter so that several k can sit in one trainer (each callback type appears once).
+#include <torch/types.h>
+
+#include <array>
+#include <cstdint>
+#include <string>
+
+#include "../batch.hpp"
+
+namespace accelerated::callbacks {
+
+template <std::int64_t K>
+class TopKAccuracy {
+  static_assert(K >= 1, "accelerated::callbacks::TopKAccuracy<K>: K must be >= 1");
+
+ public:
+
+  template <class Trainer>
+  void on_evaluation_run_start(Trainer&) {
+    in_evaluation_run_ = true;
+  }
+  template <class Trainer>
+  void on_evaluation_run_end(Trainer&) {
+    in_evaluation_run_ = false;
+  }
+  template <class Trainer>
+  void on_eval_epoch_start(Trainer&) {
+    counts_ = {0.0, 0.0};
+  }
+
+  template <class Trainer, class Batch, class Output>
+  void on_eval_step_end(Trainer&, const Batch& batch, const Output& output) {
+    const auto& targets = targets_of(batch);
+    const auto& scores = output.model_outputs;
+    torch::Tensor hits;
+    if (K == 1) {
+      hits = scores.argmax(1).eq(targets);
+    } else {
+      hits = std::get<1>(scores.topk(K, 1)).eq(targets.unsqueeze(1)).any(1);
+    }
+    counts_[0] += static_cast<double>(hits.sum().template item<std::int64_t>());
+    counts_[1] += static_cast<double>(targets.size(0));
+  }
+
+  template <class Trainer>
+  void on_eval_epoch_end(Trainer& trainer) {
+    auto totals = counts_;
+    trainer.distributed().all_reduce_sum(totals);
+    if (totals[1] == 0) return;
+    const std::string k = K == 1 ? "" : "top" + std::to_string(K) + "_";
+    const std::string prefix = in_evaluation_run_ ? "evaluation_" : "eval_";
+    trainer.run_history().update_metric(prefix + k + "accuracy", totals[0] / totals[1]);
+  }
+
+ private:
+  bool in_evaluation_run_ = false;
+  std::array<double, 2> counts_{0.0, 0.0};  // hits, examples
+};
+
+using Accuracy = TopKAccuracy<1>;
+
+}  // namespace accelerated::callbacks

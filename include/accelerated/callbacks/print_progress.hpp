@@ -1,0 +1,32 @@
+#pragma once
+// One line at each boundary of a run: "Starting training run", "Starting epoch N", ... (process zero only).
+namespace accelerated::callbacks {
+
+struct PrintProgress {
+  template <class Trainer>
+  void on_training_run_start(Trainer& trainer) {
+    trainer.print("Starting training run");
+  }
+  template <class Trainer>
+  void on_train_epoch_start(Trainer& trainer) {
+    trainer.print("Starting epoch ", trainer.run_history().current_epoch());
+  }
+  template <class Trainer>
+  void on_eval_epoch_start(Trainer& trainer) {
+    trainer.print("Starting eval epoch");
+  }
+  template <class Trainer>
+  void on_training_run_end(Trainer& trainer) {
+    trainer.print("Finishing training run");
+  }
+  template <class Trainer>
+  void on_evaluation_run_start(Trainer& trainer) {
+    trainer.print("Starting evaluation run");
+  }
+  template <class Trainer>
+  void on_evaluation_run_end(Trainer& trainer) {
+    trainer.print("Finishing evaluation run");
+  }
+};
+
+}  // namespace accelerated::callbacks

@@ -1,0 +1,70 @@
+#pragma once
+// Turns the callbacks given to the trainer into one flat Boost.Hana tuple (groups are spliced in; no callbacks at
+// all means callbacks::Defaults) and checks, at compile time, that no callback type appears twice.
+#include <boost/hana/flatten.hpp>
+#include <boost/hana/tuple.hpp>
+
+#include <cstddef>
+#include <type_traits>
+#include <utility>
+
+#include "../callbacks/defaults.hpp"
+#include "../callbacks/events.hpp"
+#include "../errors.hpp"
+
+namespace accelerated::detail {
+
+template <class T>
+inline constexpr bool is_callback_group_v = false;
+template <class... T>
+inline constexpr bool is_callback_group_v<callbacks::Group<T...>> = true;
+
+template <class Callback>
+auto as_callback_tuple(Callback callback) {
+  if constexpr (is_callback_group_v<Callback>) {
+    return std::move(callback.members);
+  } else {
+    return boost::hana::make_tuple(std::move(callback));
+  }
+}
+
+template <class... Callbacks>
+auto make_callback_tuple(Callbacks... callbacks) {
+  if constexpr (sizeof...(Callbacks) == 0) {
+    return callbacks::Defaults{}.members;
+  } else {
+    return boost::hana::flatten(boost::hana::make_tuple(as_callback_tuple(std::move(callbacks))...));
+  }
+}
+
+template <class... Callbacks>
+using callback_tuple_t = decltype(make_callback_tuple(std::declval<Callbacks>()...));
+
+// (hana::unique only removes adjacent duplicates, so count each type instead.)
+template <class T, class... U>
+inline constexpr std::size_t count_of_v = (std::size_t{0} + ... + std::size_t{std::is_same_v<T, U>});
+
+template <class Tuple>
+inline constexpr bool all_unique_v = false;
+template <class... T>
+inline constexpr bool all_unique_v<boost::hana::tuple<T...>> = ((count_of_v<T, T...> == 1) && ...);
+
+template <class T, class Tuple>
+inline constexpr std::size_t index_of_v = 0;
+template <class T, class... U>
+inline constexpr std::size_t index_of_v<T, boost::hana::tuple<U...>> = [] {
+  constexpr bool same[] = {std::is_same_v<T, U>..., false};
+  std::size_t i = 0;
+  while (!same[i] && i < sizeof...(U)) ++i;
+  return i;
+}();
+
+// Every callback handles at least one event (step events tried with the run's real batch and output types).
+template <class Tuple, class Trainer, class TrainBatch, class TrainOutput, class EvalBatch, class EvalOutput>
+inline constexpr bool every_callback_handles_v = false;
+template <class... Cbs, class Trainer, class TrainBatch, class TrainOutput, class EvalBatch, class EvalOutput>
+inline constexpr bool every_callback_handles_v<boost::hana::tuple<Cbs...>, Trainer, TrainBatch, TrainOutput, EvalBatch,
+                                               EvalOutput> =
+    (events::handles_any_event<Cbs, Trainer, TrainBatch, TrainOutput, EvalBatch, EvalOutput, StopTrainingError> && ...);
+
+}  // namespace accelerated::detail

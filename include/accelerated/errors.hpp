@@ -1,0 +1,22 @@
+#pragma once
+// The exceptions the library throws on purpose. Bad arguments are std::invalid_argument, bad files
+// std::runtime_error; both name the argument or path and the value.
+#include <stdexcept>
+#include <string>
+
+namespace accelerated {
+
+// Thrown by a loop step or a callback to end training cleanly (the Python original's StopTrainingError): the current
+// epoch is abandoned, on_stop_training_error fires, then training_run_end and on_training_run_end still run.
+class StopTrainingError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Thrown out of train()/evaluate() after a non-finite loss stopped the run (callbacks::TerminateOnNan).
+class NonFiniteLossError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+}  // namespace accelerated

@@ -1,0 +1,516 @@
+#pragma once
+// accelerated::Trainer: the training loop, and nothing else. It asks the loop policy for each step, runs the
+// forward pass under the precision policy, places data with the device policy, synchronises through the
+// distributed policy, and emits the events to the callbacks. The order of steps and events is docs/loop.md.
+#include <torch/optim/optimizer.h>
+#include <torch/optim/schedulers/lr_scheduler.h>
+#include <torch/types.h>
+// after types.h: LibTorch 1.13's clip_grad.h does not include what it uses
+#include <torch/nn/utils/clip_grad.h>
+#include <torch/utils.h>
+
+#include <boost/hana/at.hpp>
+#include <boost/hana/length.hpp>
+
+#include <array>
+#include <cstdint>
+#include <exception>
+#include <iostream>
+#include <memory>
+#include <ostream>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <unistd.h>
+#include <utility>
+#include <vector>
+
+#include "batch.hpp"
+#include "callbacks/events.hpp"
+#include "concepts.hpp"
+#include "data/loader.hpp"
+#include "data/sources.hpp"
+#include "detail/allocator_tuning.hpp"
+#include "detail/thread_default.hpp"
+#include "detail/callback_list.hpp"
+#include "errors.hpp"
+#include "model.hpp"
+#include "policies/device.hpp"
+#include "policies/distributed.hpp"
+#include "policies/loop.hpp"
+#include "policies/precision.hpp"
+#include "run_config.hpp"
+#include "run_history.hpp"
+#include "train_options.hpp"
+
+namespace accelerated {
+
+// Passed as the eval dataset of train() when there is none (the default).
+struct NoEvalSet {};
+inline constexpr NoEvalSet no_eval_set{};
+
+namespace detail {
+// The batch type a loader yields; `Otherwise` when there is no loader.
+template <class Loader, class Otherwise>
+struct loader_batch {
+  using type = std::remove_cvref_t<decltype(*std::begin(std::declval<Loader&>()))>;
+};
+template <class Otherwise>
+struct loader_batch<NoEvalSet, Otherwise> {
+  using type = Otherwise;
+};
+}  // namespace detail
+
+// Where the run is. Read by callbacks (progress, NaN messages); everything here is per process.
+struct TrainingState {
+  std::int64_t step = 0;         // 0-based batch index in the current train or eval epoch
+  std::int64_t num_batches = 0;  // batches the current train or eval epoch will run
+  std::int64_t update_step = 0;  // optimizer updates done in this train() call
+  double last_loss = 0.0;        // mean loss of the last batch, as recorded (before accumulation scaling)
+  bool training = false;         // inside a training epoch (false in eval epochs and evaluate())
+};
+
+template <class Device = Cpu, class Precision = FullPrecision, class Distributed = SingleProcess,
+          class Loop = DefaultLoop, class... Callbacks>
+class Trainer {
+ public:
+  using device_policy_type = Device;
+  using precision_policy_type = Precision;
+  using distributed_policy_type = Distributed;
+  using loop_policy_type = Loop;
+  using callback_tuple = detail::callback_tuple_t<Callbacks...>;
+
+ private:
+  static constexpr bool policies_ok_ = detail::check_policies<Device, Precision, Distributed>();
+  static_assert(detail::all_unique_v<callback_tuple>,
+                "accelerated::Trainer: the same callback type is listed twice (directly or through a group such as "
+                "callbacks::Defaults); list each callback type once");
+
+ public:
+  // The optimizer is held by reference and must outlive the trainer; the model and the loss are shared.
+  Trainer(Model model, LossFunction loss, torch::optim::Optimizer& optimizer, Callbacks... callbacks)
+      : model_(std::move(model)),
+        loss_(std::move(loss)),
+        optimizer_(&optimizer),
+        callbacks_(detail::make_callback_tuple(std::move(callbacks)...)) {
+    if constexpr (policies_ok_) {
+      detail::apply_thread_default();
+      place_modules();
+      emit<events::on_init_end>();
+    }
+  }
+
+  // ---- the run ------------------------------------------------------------------------------------------------
+  // Trains for options.num_epochs (or options.max_num_train_steps updates, whichever ends first), evaluating on
+  // eval_dataset after every epoch when one is given. Datasets: a torch::data dataset, a pair of tensors, a
+  // data::TensorDataset, or a sized random-access range of examples. `collate` builds batches from examples.
+  template <class TrainData, class EvalData = const NoEvalSet&, class Collate = data::DefaultCollate>
+  void train(TrainData&& train_dataset, const TrainOptions& options, EvalData&& eval_dataset = no_eval_set,
+             Collate collate = {}) {
+    if constexpr (policies_ok_) {
+      options.validate();
+      options_ = options;
+      constexpr bool has_eval = !std::is_same_v<std::remove_cvref_t<EvalData>, NoEvalSet>;
+      auto train_source = data::as_source(std::forward<TrainData>(train_dataset), "train_dataset");
+      if constexpr (detail::check_loader_step<Loop, Trainer, decltype(train_source), Collate, true>()) {
+        auto train_loader = loop_.create_train_dataloader(*this, std::move(train_source),
+                                                          sampler_options(options.per_device_batch_size, true), collate);
+        if (train_loader.size() == 0) {
+          throw std::invalid_argument("accelerated::Trainer::train: drop_last = true with per_device_batch_size = " +
+                                      std::to_string(options.per_device_batch_size) +
+                                      " leaves no batch of train_dataset on this process");
+        }
+        if constexpr (has_eval) {
+          auto eval_source = data::as_source(std::forward<EvalData>(eval_dataset), "eval_dataset");
+          if constexpr (detail::check_loader_step<Loop, Trainer, decltype(eval_source), Collate, false>()) {
+            auto eval_loader = loop_.create_eval_dataloader(
+                *this, std::move(eval_source),
+                sampler_options(options.eval_per_device_batch_size.value_or(options.per_device_batch_size), false),
+                collate);
+            run_training(train_loader, &eval_loader);
+          }
+        } else {
+          run_training(train_loader, static_cast<NoEvalSet*>(nullptr));
+        }
+      }
+    }
+  }
+
+  // Runs one evaluation epoch over `dataset` and records "evaluation_loss". The model's train/eval mode is left as
+  // it was found. The run history is kept (the Python original resets it here, losing the training metrics).
+  template <class Data, class Collate = data::DefaultCollate>
+  void evaluate(Data&& dataset, std::int64_t per_device_batch_size = 8, Collate collate = {}) {
+    if constexpr (policies_ok_) {
+      if (per_device_batch_size <= 0) {
+        throw std::invalid_argument("accelerated::Trainer::evaluate: per_device_batch_size = " +
+                                    std::to_string(per_device_batch_size) + " must be >= 1");
+      }
+      auto source = data::as_source(std::forward<Data>(dataset), "dataset");
+      if constexpr (detail::check_loader_step<Loop, Trainer, decltype(source), Collate, false>()) {
+        auto loader = loop_.create_eval_dataloader(*this, std::move(source),
+                                                   sampler_options(per_device_batch_size, false), collate);
+        using Batch = std::remove_cvref_t<decltype(*std::begin(loader))>;
+        if constexpr (check_run<Batch, Batch>()) {
+          build_run_config(0, per_device_batch_size, per_device_batch_size, 1, {}, {});
+          const bool was_training = model_->is_training();
+          struct RestoreMode {
+            torch::nn::Module& module;
+            bool training;
+            ~RestoreMode() { module.train(training); }
+          } restore{model_.module(), was_training};
+          reset_stop();
+          place_modules();
+          loop_.evaluation_run_start(*this);
+          emit<events::on_evaluation_run_start>();
+          try {
+            run_eval_epoch(loader, "evaluation_loss", false);
+          } catch (const StopTrainingError& error) {
+            print(error.what());
+            emit<events::on_stop_training_error>(error);
+          }
+          loop_.evaluation_run_end(*this);
+          emit<events::on_evaluation_run_end>();
+          rethrow_pending_error();
+        }
+      }
+    }
+  }
+
+  // Asks the run to stop once the current step has finished (a callback may also return true from an event, or
+  // throw StopTrainingError to abandon the current step at once).
+  void stop_training(std::string reason = "training stopped on request") {
+    stop_requested_ = true;
+    stop_reason_ = std::move(reason);
+  }
+
+  // Makes train()/evaluate() throw `error` once the run has ended cleanly (every callback saw its end event).
+  void raise_after_run(std::exception_ptr error) {
+    if (!pending_error_) pending_error_ = std::move(error);
+  }
+
+  // ---- what steps and callbacks read ----------------------------------------------------------------------------
+  Model& model() { return model_; }
+  const LossFunction& loss() const { return loss_; }
+  torch::optim::Optimizer& optimizer() { return *optimizer_; }
+  torch::optim::LRScheduler* scheduler() { return scheduler_.get(); }
+  Device& device_policy() { return device_; }
+  torch::Device device() const { return device_.device(); }
+  Precision& precision() { return precision_; }
+  Distributed& distributed() { return distributed_; }
+  Loop& loop() { return loop_; }
+  const RunConfig& run_config() const { return run_config_; }
+  RunHistory& run_history() { return history_; }
+  const RunHistory& run_history() const { return history_; }
+  const TrainOptions& train_options() const { return options_; }
+  const TrainingState& state() const { return state_; }
+  callback_tuple& callbacks() { return callbacks_; }
+
+  // The callback of type T in this trainer's list (a compile error if there is none).
+  template <class T>
+  T& callback() {
+    constexpr auto index = detail::index_of_v<T, callback_tuple>;
+    static_assert(index < decltype(boost::hana::length(std::declval<callback_tuple&>()))::value,
+                  "accelerated::Trainer::callback<T>: this trainer has no callback of type T");
+    return boost::hana::at_c<index>(callbacks_);
+  }
+
+  // Where print() and the progress bar write (std::cout by default); only process zero writes.
+  std::ostream& output() { return *out_; }
+  void set_output(std::ostream& out) { out_ = &out; }
+  bool output_is_terminal() const { return out_ == &std::cout && ::isatty(STDOUT_FILENO) == 1; }
+
+  template <class... Args>
+  void print(const Args&... args) {
+    if (!run_config_.is_local_process_zero) return;
+    ((*out_) << ... << args) << '\n';
+  }
+
+ private:
+  struct LossTracker {
+    double total = 0.0;  // sum of loss x batch size
+    double count = 0.0;  // sum of batch sizes
+  };
+
+  template <class Event, class... Args>
+  bool emit(const Args&... args) {
+    return events::emit<Event>(callbacks_, *this, args...);
+  }
+
+  // Emits an event inside an epoch, where a handler's "stop" takes effect after the current step.
+  template <class Event, class... Args>
+  void emit_in_epoch(const Args&... args) {
+    if (emit<Event>(args...)) stop_training(std::string("stop requested by a callback in ") + Event::name.data());
+  }
+
+  void reset_stop() {
+    stop_requested_ = false;
+    stop_reason_.clear();
+    pending_error_ = nullptr;
+  }
+
+  void rethrow_pending_error() {
+    if (pending_error_) std::rethrow_exception(std::exchange(pending_error_, nullptr));
+  }
+
+  void place_modules() {
+    device_.place(model_.module());
+    if (loss_.module()) device_.place(*loss_.module());
+  }
+
+  data::SamplerOptions sampler_options(std::int64_t batch_size, bool training) const {
+    data::SamplerOptions o;
+    o.batch_size = batch_size;
+    o.shuffle = training && options_.shuffle;
+    o.drop_last = training && options_.drop_last;
+    o.seed = options_.seed;
+    o.num_replicas = distributed_.num_processes();
+    o.rank = distributed_.rank();
+    o.pad_to_even = training;
+    return o;
+  }
+
+  void build_run_config(std::int64_t train_batches, std::int64_t train_batch_size, std::int64_t eval_batch_size,
+                        std::int64_t accumulation, std::optional<double> clip_value, std::optional<double> clip_norm) {
+    RunConfig rc;
+    rc.num_processes = distributed_.num_processes();
+    rc.is_distributed = rc.num_processes > 1;
+    rc.is_world_process_zero = distributed_.rank() == 0;
+    rc.is_local_process_zero = distributed_.local_rank() == 0;
+    rc.device = device_.name();
+    rc.mixed_precision = precision_.name();
+    rc.train_per_device_batch_size = train_batch_size;
+    rc.eval_per_device_batch_size = eval_batch_size;
+    rc.gradient_accumulation_steps = accumulation;
+    rc.gradient_clip_value = clip_value;
+    rc.gradient_clip_norm = clip_norm;
+    rc.train_total_batch_size = train_batch_size * rc.num_processes * accumulation;
+    rc.eval_total_batch_size = eval_batch_size * rc.num_processes;
+    rc.num_train_batches_per_epoch = train_batches;
+    rc.num_update_steps_per_epoch = (train_batches + accumulation - 1) / accumulation;
+    rc.num_epochs = train_batches > 0 ? options_.num_epochs : 1;
+    if (train_batches > 0) {
+      const auto per_epoch = rc.num_update_steps_per_epoch;
+      if (options_.max_num_train_steps) {
+        const auto needed = (*options_.max_num_train_steps + per_epoch - 1) / per_epoch;
+        rc.num_epochs = rc.num_epochs == 0 ? needed : std::min(rc.num_epochs, needed);
+        rc.max_num_train_steps = std::min(*options_.max_num_train_steps, rc.num_epochs * per_epoch);
+      } else {
+        rc.max_num_train_steps = rc.num_epochs * per_epoch;
+      }
+    }
+    run_config_ = rc;
+  }
+
+  // Checks the loop policy against the run's batch types, so that a missing step is one named error.
+  template <class TrainBatch, class EvalBatch>
+  static consteval bool check_run() {
+    if constexpr (!detail::check_loop_policy<Loop, Trainer>()) {
+      return false;
+    } else if constexpr (!detail::check_batch_step<Loop, Trainer, TrainBatch, true>() ||
+                         !detail::check_batch_step<Loop, Trainer, EvalBatch, false>()) {
+      return false;
+    } else {
+      using TrainOutput = typename detail::batch_step_output<true, Loop, Trainer, TrainBatch>::type;
+      using EvalOutput = typename detail::batch_step_output<false, Loop, Trainer, EvalBatch>::type;
+      constexpr bool every_callback_handles_an_event =
+          detail::every_callback_handles_v<callback_tuple, Trainer, TrainBatch, TrainOutput, EvalBatch, EvalOutput>;
+      ACCELERATED_CHECK(every_callback_handles_an_event,
+                        "accelerated::Trainer: a callback handles no known event; check its member names and "
+                        "signatures against the list in accelerated/callbacks/events.hpp");
+      return every_callback_handles_an_event;
+    }
+  }
+
+  template <class TrainLoader, class EvalLoader>
+  void run_training(TrainLoader& train_loader, EvalLoader* eval_loader) {
+    using TrainBatch = std::remove_cvref_t<decltype(*std::begin(train_loader))>;
+    using EvalBatch = typename detail::loader_batch<EvalLoader, TrainBatch>::type;
+    if constexpr (check_run<TrainBatch, EvalBatch>()) {
+      const auto eval_batch_size = options_.eval_per_device_batch_size.value_or(options_.per_device_batch_size);
+      build_run_config(static_cast<std::int64_t>(train_loader.size()), options_.per_device_batch_size,
+                       eval_batch_size, options_.gradient_accumulation_steps, options_.gradient_clip_value,
+                       options_.gradient_clip_norm);
+      if (options_.reset_run_history) history_.reset();
+      reset_stop();
+      state_ = {};
+      place_modules();
+      distributed_.prepare(model_.module());
+      parameters_ = model_->parameters();
+      scheduler_ = loop_.create_scheduler(*this);
+
+      loop_.training_run_start(*this);
+      if (emit<events::on_training_run_start>()) stop_training("stop requested by a callback in on_training_run_start");
+      for (std::int64_t epoch = 0; epoch < run_config_.num_epochs; ++epoch) {
+        bool reached_max_steps = false;
+        try {
+          if (stop_requested_) throw StopTrainingError(stop_reason_);
+          // The shuffling order follows the run history's epoch, so successive train() calls and resumed runs
+          // each see a new order.
+          train_loader.set_epoch(history_.current_epoch() - 1);
+          reached_max_steps = run_train_epoch(train_loader);
+          if constexpr (!std::is_same_v<EvalLoader, NoEvalSet>) run_eval_epoch(*eval_loader, "eval_loss_epoch", false);
+          loop_.training_run_epoch_end(*this);
+          emit_in_epoch<events::on_training_run_epoch_end>();
+          history_.increment_epoch();
+          if (stop_requested_) throw StopTrainingError(stop_reason_);
+        } catch (const StopTrainingError& error) {
+          print(error.what());
+          emit<events::on_stop_training_error>(error);
+          break;
+        }
+        if (reached_max_steps) {
+          if (options_.max_num_train_steps) {
+            print("Reached max_num_train_steps = ", run_config_.max_num_train_steps, "; training stopped");
+          }
+          break;
+        }
+      }
+      loop_.training_run_end(*this);
+      emit<events::on_training_run_end>();
+      rethrow_pending_error();
+    }
+  }
+
+  // One training epoch; true when max_num_train_steps was reached.
+  template <class Loader>
+  bool run_train_epoch(Loader& loader) {
+    const auto accumulation = run_config_.gradient_accumulation_steps;
+    const auto batches = static_cast<std::int64_t>(loader.size());
+    const auto updates_left = run_config_.max_num_train_steps - state_.update_step;
+    state_.training = true;
+    state_.step = 0;
+    state_.num_batches = std::min(batches, updates_left * accumulation);
+    loop_.train_epoch_start(*this);
+    LossTracker tracker;
+    emit_in_epoch<events::on_train_epoch_start>();
+
+    bool reached_max_steps = false;
+    for (auto&& loaded : loader) {
+      const auto step = state_.step;
+      emit_in_epoch<events::on_train_step_start>();
+      auto&& batch = device_.to_device(std::move(loaded));
+      const bool update = (step + 1) % accumulation == 0 || step + 1 == batches;
+      // The last group of an epoch may be short: divide by its real size, so every update averages its batches.
+      const auto group_size = std::min(accumulation, batches - (step - step % accumulation));
+      {
+        [[maybe_unused]] auto sync = distributed_.gradient_sync(update);
+        auto output = forward<true>(batch);
+        track(tracker, output.loss, output.batch_size);
+        emit_in_epoch<events::on_train_step_end>(batch, output, step);
+        if (group_size > 1) output.loss = output.loss / static_cast<double>(group_size);
+        loop_.backward_step(*this, output.loss);
+      }
+      if (update) {
+        clip_gradients();
+        loop_.optimizer_step(*this);
+        if (!precision_.step_was_skipped()) loop_.scheduler_step(*this);
+        loop_.optimizer_zero_grad(*this);
+        reached_max_steps = ++state_.update_step >= run_config_.max_num_train_steps;
+      }
+      ++state_.step;
+      if (stop_requested_) throw StopTrainingError(stop_reason_);
+      if (reached_max_steps) break;
+    }
+    loop_.train_epoch_end(*this);
+    history_.update_metric("train_loss_epoch", global_mean(tracker));
+    emit_in_epoch<events::on_train_epoch_end>();
+    state_.training = false;
+    return reached_max_steps;
+  }
+
+  template <class Loader>
+  void run_eval_epoch(Loader& loader, const std::string& metric, bool is_intermediate) {
+    const bool was_training = state_.training;
+    state_.training = false;
+    const auto saved_step = state_.step;
+    state_.step = 0;
+    state_.num_batches = static_cast<std::int64_t>(loader.size());
+    loop_.eval_epoch_start(*this);
+    LossTracker tracker;
+    emit_in_epoch<events::on_eval_epoch_start>(is_intermediate);
+    {
+      torch::NoGradGuard no_grad;
+      for (auto&& loaded : loader) {
+        emit_in_epoch<events::on_eval_step_start>();
+        auto&& batch = device_.to_device(std::move(loaded));
+        auto output = forward<false>(batch);
+        track(tracker, output.loss, output.batch_size);
+        emit_in_epoch<events::on_eval_step_end>(batch, output);
+        ++state_.step;
+        if (stop_requested_) throw StopTrainingError(stop_reason_);
+      }
+    }
+    loop_.eval_epoch_end(*this);
+    history_.update_metric(metric, global_mean(tracker));
+    emit_in_epoch<events::on_eval_epoch_end>(is_intermediate);
+    state_.training = was_training;
+    state_.step = saved_step;
+  }
+
+  // The loss step under the precision policy's autocast.
+  template <bool Training, class Batch>
+  auto forward(Batch& batch) {
+    [[maybe_unused]] auto autocast = precision_.autocast(device_.device());
+    if constexpr (Training) {
+      return loop_.calculate_train_batch_loss(*this, batch);
+    } else {
+      return loop_.calculate_eval_batch_loss(*this, batch);
+    }
+  }
+
+  void track(LossTracker& tracker, const torch::Tensor& loss, std::int64_t batch_size) {
+    const auto value = loss.dim() == 0 ? loss.detach().template item<double>()
+                                       : loss.detach().mean().template item<double>();
+    state_.last_loss = value;
+    tracker.total += value * static_cast<double>(batch_size);
+    tracker.count += static_cast<double>(batch_size);
+  }
+
+  // The batch-size-weighted mean over every process.
+  double global_mean(const LossTracker& tracker) {
+    std::array<double, 2> sums{tracker.total, tracker.count};
+    distributed_.all_reduce_sum(sums);
+    return sums[1] > 0 ? sums[0] / sums[1] : 0.0;
+  }
+
+  // Clipping runs on update steps only, after the precision policy has unscaled the gradients.
+  void clip_gradients() {
+    if (!run_config_.gradient_clip_value && !run_config_.gradient_clip_norm) return;
+    precision_.unscale_gradients(*optimizer_);
+    if (run_config_.gradient_clip_value) torch::nn::utils::clip_grad_value_(parameters_, *run_config_.gradient_clip_value);
+    if (run_config_.gradient_clip_norm) torch::nn::utils::clip_grad_norm_(parameters_, *run_config_.gradient_clip_norm);
+  }
+
+  Model model_;
+  LossFunction loss_;
+  torch::optim::Optimizer* optimizer_;
+  std::unique_ptr<torch::optim::LRScheduler> scheduler_;
+  std::vector<torch::Tensor> parameters_;
+  Device device_;
+  Precision precision_;
+  Distributed distributed_;
+  Loop loop_;
+  callback_tuple callbacks_;
+  RunHistory history_;
+  RunConfig run_config_;
+  TrainOptions options_;
+  TrainingState state_;
+  std::ostream* out_ = &std::cout;
+  bool stop_requested_ = false;
+  std::string stop_reason_;
+  std::exception_ptr pending_error_;
+};
+
+// `Trainer trainer(model, loss, optimizer, callbacks...)` deduces the callback list with the default policies.
+template <class M, class L, class... Callbacks>
+Trainer(M, L, torch::optim::Optimizer&, Callbacks...) -> Trainer<Cpu, FullPrecision, SingleProcess, DefaultLoop, Callbacks...>;
+
+// Names the policies and deduces the callbacks: make_trainer<Cpu, FullPrecision, SingleProcess, MyLoop>(m, l, o, cbs...)
+template <class Device = Cpu, class Precision = FullPrecision, class Distributed = SingleProcess,
+          class Loop = DefaultLoop, class M, class L, class... Callbacks>
+auto make_trainer(M model, L loss, torch::optim::Optimizer& optimizer, Callbacks... callbacks) {
+  return Trainer<Device, Precision, Distributed, Loop, Callbacks...>(std::move(model), std::move(loss), optimizer,
+                                                                     std::move(callbacks)...);
+}
+
+}  // namespace accelerated

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs what is missing, builds everything (library checks, tests, examples, benchmarks) and runs the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install-deps.sh
+# ccache keeps rebuilds cheap; these settings let it cache translation units built with a precompiled header.
+export CCACHE_SLOPPINESS=${CCACHE_SLOPPINESS:-pch_defines,time_macros,include_file_mtime,include_file_ctime}
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release
+cmake --build build -j "$(nproc)"
+ctest --test-dir build --output-on-failure -j "$(nproc)" --timeout 900

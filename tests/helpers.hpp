@@ -1,0 +1,49 @@
+#pragma once
+// Small models, data and trainers shared by the tests.
+#include <accelerated/accelerated.hpp>
+#include <catch2/catch.hpp>
+
+#include <sstream>
+#include <string>
+
+namespace test {
+
+// y = x . w + noise, 8 features: enough for a loss that moves, small enough to run in milliseconds.
+inline std::pair<torch::Tensor, torch::Tensor> regression_data(std::int64_t n, std::uint64_t seed = 1) {
+  torch::manual_seed(seed);
+  const auto x = torch::randn({n, 8});
+  const auto w = torch::randn({8, 1});
+  return {x, x.mm(w) + 0.01 * torch::randn({n, 1})};
+}
+
+inline torch::nn::Linear linear_model(std::uint64_t seed = 7) {
+  torch::manual_seed(seed);
+  return torch::nn::Linear(8, 1);
+}
+
+inline torch::Tensor flat_parameters(torch::nn::Module& module) {
+  std::vector<torch::Tensor> flat;
+  for (const auto& p : module.parameters()) flat.push_back(p.detach().flatten());
+  return torch::cat(flat);
+}
+
+// Discards the trainer's printing; tests that read it use their own ostringstream.
+inline std::ostream& quiet() {
+  static std::ostringstream sink;
+  sink.str("");
+  return sink;
+}
+
+// An exception's message contains every fragment.
+template <class F>
+std::string message_of(F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  FAIL("no exception thrown");
+  return {};
+}
+
+}  // namespace test
