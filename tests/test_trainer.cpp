@@ -121,6 +121,21 @@ TEST_CASE("the default callbacks print progress, a plain progress bar and metric
     CHECK_THAT(text, Catch::Contains(expected));
   }
   CHECK_THAT(text, !Catch::Contains("\r"));  // not a terminal: plain lines
+
+  std::ostringstream terminal;
+  trainer.set_output(terminal, true);
+  trainer.train(test::regression_data(40), {.num_epochs = 1, .per_device_batch_size = 4});
+  CHECK_THAT(terminal.str(), Catch::Contains("\rtrain [==============================] 10/10"));  // redrawn in place
+}
+
+TEST_CASE("the trainer gives LibTorch every hardware thread unless told otherwise", "[performance]") {
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.01));
+  acc::Trainer<> trainer(model, torch::nn::MSELoss(), optimizer);
+  if (std::getenv("OMP_NUM_THREADS") == nullptr && std::getenv("ACCELERATED_NUM_THREADS") == nullptr &&
+      std::getenv("LOCAL_WORLD_SIZE") == nullptr) {
+    CHECK(at::get_num_threads() == static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  }
 }
 
 namespace {

@@ -70,7 +70,9 @@ struct TrainingState {
   bool training = false;         // inside a training epoch (false in eval epochs and evaluate())
 };
 
-template <class Device = Cpu, class Precision = FullPrecision, class Distributed = SingleProcess,
+// Every policy has a default: the device and the precision are chosen from the environment (a GPU when LibTorch
+// sees one; ACCELERATED_MIXED_PRECISION=no|bf16|fp16), so `Trainer<>` needs no code change to move.
+template <class Device = AutoDevice, class Precision = AutoPrecision, class Distributed = SingleProcess,
           class Loop = DefaultLoop, class... Callbacks>
 class Trainer {
  public:
@@ -183,6 +185,13 @@ class Trainer {
     stop_reason_ = std::move(reason);
   }
 
+  // Registers a module (a metric, a teacher model, ...) that the trainer keeps on its device with the model.
+  void register_module(std::shared_ptr<torch::nn::Module> module) {
+    if (!module) throw std::invalid_argument("accelerated::Trainer::register_module: module is null");
+    device_.place(*module);
+    registered_modules_.push_back(std::move(module));
+  }
+
   // Makes train()/evaluate() throw `error` once the run has ended cleanly (every callback saw its end event).
   void raise_after_run(std::exception_ptr error) {
     if (!pending_error_) pending_error_ = std::move(error);
@@ -214,10 +223,16 @@ class Trainer {
     return boost::hana::at_c<index>(callbacks_);
   }
 
-  // Where print() and the progress bar write (std::cout by default); only process zero writes.
+  // Where print() and the progress bar write (std::cout by default); only process zero writes. `terminal` says
+  // whether the stream is a terminal (the progress bar then redraws in place); std::cout is checked with isatty.
   std::ostream& output() { return *out_; }
-  void set_output(std::ostream& out) { out_ = &out; }
-  bool output_is_terminal() const { return out_ == &std::cout && ::isatty(STDOUT_FILENO) == 1; }
+  void set_output(std::ostream& out, bool terminal = false) {
+    out_ = &out;
+    out_is_terminal_ = terminal;
+  }
+  bool output_is_terminal() const {
+    return out_is_terminal_ || (out_ == &std::cout && ::isatty(STDOUT_FILENO) == 1);
+  }
 
   template <class... Args>
   void print(const Args&... args) {
@@ -252,9 +267,12 @@ class Trainer {
     if (pending_error_) std::rethrow_exception(std::exchange(pending_error_, nullptr));
   }
 
+  // The model, the loss module and every registered module go to the device; the precision policy may refuse it.
   void place_modules() {
+    if constexpr (requires { precision_.check_device(device_.device()); }) precision_.check_device(device_.device());
     device_.place(model_.module());
     if (loss_.module()) device_.place(*loss_.module());
+    for (const auto& module : registered_modules_) device_.place(*module);
   }
 
   data::SamplerOptions sampler_options(std::int64_t batch_size, bool training) const {
@@ -459,8 +477,8 @@ class Trainer {
   }
 
   void track(LossTracker& tracker, const torch::Tensor& loss, std::int64_t batch_size) {
-    const auto value = loss.dim() == 0 ? loss.detach().template item<double>()
-                                       : loss.detach().mean().template item<double>();
+    // item() reads the value without autograd; no detach() (it would allocate a tensor per step).
+    const auto value = loss.dim() == 0 ? loss.template item<double>() : loss.detach().mean().template item<double>();
     state_.last_loss = value;
     tracker.total += value * static_cast<double>(batch_size);
     tracker.count += static_cast<double>(batch_size);
@@ -486,6 +504,7 @@ class Trainer {
   torch::optim::Optimizer* optimizer_;
   std::unique_ptr<torch::optim::LRScheduler> scheduler_;
   std::vector<torch::Tensor> parameters_;
+  std::vector<std::shared_ptr<torch::nn::Module>> registered_modules_;
   Device device_;
   Precision precision_;
   Distributed distributed_;
@@ -496,6 +515,7 @@ class Trainer {
   TrainOptions options_;
   TrainingState state_;
   std::ostream* out_ = &std::cout;
+  bool out_is_terminal_ = false;
   bool stop_requested_ = false;
   std::string stop_reason_;
   std::exception_ptr pending_error_;
@@ -503,10 +523,11 @@ class Trainer {
 
 // `Trainer trainer(model, loss, optimizer, callbacks...)` deduces the callback list with the default policies.
 template <class M, class L, class... Callbacks>
-Trainer(M, L, torch::optim::Optimizer&, Callbacks...) -> Trainer<Cpu, FullPrecision, SingleProcess, DefaultLoop, Callbacks...>;
+Trainer(M, L, torch::optim::Optimizer&, Callbacks...)
+    -> Trainer<AutoDevice, AutoPrecision, SingleProcess, DefaultLoop, Callbacks...>;
 
-// Names the policies and deduces the callbacks: make_trainer<Cpu, FullPrecision, SingleProcess, MyLoop>(m, l, o, cbs...)
-template <class Device = Cpu, class Precision = FullPrecision, class Distributed = SingleProcess,
+// Names the policies and deduces the callbacks: make_trainer<Cpu, BFloat16, SingleProcess, MyLoop>(m, l, o, cbs...)
+template <class Device = AutoDevice, class Precision = AutoPrecision, class Distributed = SingleProcess,
           class Loop = DefaultLoop, class M, class L, class... Callbacks>
 auto make_trainer(M model, L loss, torch::optim::Optimizer& optimizer, Callbacks... callbacks) {
   return Trainer<Device, Precision, Distributed, Loop, Callbacks...>(std::move(model), std::move(loss), optimizer,

@@ -3,6 +3,18 @@
 // so the rest of the code is written once. See docs/architecture.md ("compat") for the list.
 #include <torch/version.h>
 
+#include <ATen/autocast_mode.h>
+#include <c10/core/DeviceType.h>
+#include <c10/core/ScalarType.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
 #include <cstdint>
 #include <optional>
 #include <torch/types.h>
@@ -31,6 +43,145 @@ void zero_grad(Optimizer& optimizer) {
     optimizer.zero_grad(true);
   } else {
     optimizer.zero_grad();
+  }
+}
+
+}  // namespace accelerated::compat
+
+// ---- autocast ---------------------------------------------------------------------------------------------------
+// 1.13-2.3: per-device functions (set_enabled for CUDA, set_cpu_enabled, get/set_autocast_{gpu,cpu}_dtype).
+// 2.4+: generic is_autocast_enabled(DeviceType) / set_autocast_enabled / get_autocast_dtype / set_autocast_dtype;
+// the old names still exist there but warn on every call, so they must not be used per step.
+
+namespace accelerated::compat {
+
+inline bool autocast_enabled(c10::DeviceType device) {
+#if ACCELERATED_TORCH_AT_LEAST(2, 4)
+  return at::autocast::is_autocast_enabled(device);
+#else
+  return device == c10::DeviceType::CUDA ? at::autocast::is_enabled() : at::autocast::is_cpu_enabled();
+#endif
+}
+
+inline void set_autocast_enabled(c10::DeviceType device, bool enabled) {
+#if ACCELERATED_TORCH_AT_LEAST(2, 4)
+  at::autocast::set_autocast_enabled(device, enabled);
+#else
+  if (device == c10::DeviceType::CUDA) {
+    at::autocast::set_enabled(enabled);
+  } else {
+    at::autocast::set_cpu_enabled(enabled);
+  }
+#endif
+}
+
+inline c10::ScalarType autocast_dtype(c10::DeviceType device) {
+#if ACCELERATED_TORCH_AT_LEAST(2, 4)
+  return at::autocast::get_autocast_dtype(device);
+#else
+  return device == c10::DeviceType::CUDA ? at::autocast::get_autocast_gpu_dtype()
+                                         : at::autocast::get_autocast_cpu_dtype();
+#endif
+}
+
+inline void set_autocast_dtype(c10::DeviceType device, c10::ScalarType dtype) {
+#if ACCELERATED_TORCH_AT_LEAST(2, 4)
+  at::autocast::set_autocast_dtype(device, dtype);
+#else
+  if (device == c10::DeviceType::CUDA) {
+    at::autocast::set_autocast_gpu_dtype(dtype);
+  } else {
+    at::autocast::set_autocast_cpu_dtype(dtype);
+  }
+#endif
+}
+
+// The fused AMP kernels (_amp_foreach_non_finite_check_and_unscale_, _amp_update_scale_) exist for CUDA in every
+// version and for CPU from 2.3 (PR #109281); elsewhere the scaler uses plain tensor ops.
+inline bool has_fused_amp_kernels(c10::DeviceType device) {
+  if (device == c10::DeviceType::CUDA) return true;
+#if ACCELERATED_TORCH_AT_LEAST(2, 3)
+  return device == c10::DeviceType::CPU;
+#else
+  return false;
+#endif
+}
+
+}  // namespace accelerated::compat
+
+// ---- c10d process groups ----------------------------------------------------------------------------------------
+// 1.13: ProcessGroupGloo is a ProcessGroup. 2.0+: it is a Backend, wrapped in a ProcessGroup that routes CPU tensors
+// to it (2.0-2.5: the ProcessGroup takes Options naming the backend; 2.6+: setDefaultBackend). A template, so that
+// only code that builds a process group needs the Gloo headers.
+namespace accelerated::compat {
+
+template <class Gloo>
+c10::intrusive_ptr<c10d::ProcessGroup> as_process_group(const c10::intrusive_ptr<Gloo>& gloo,
+                                                        [[maybe_unused]] const c10::intrusive_ptr<c10d::Store>& store,
+                                                        [[maybe_unused]] std::int64_t rank,
+                                                        [[maybe_unused]] std::int64_t world_size,
+                                                        [[maybe_unused]] std::chrono::milliseconds timeout) {
+#if ACCELERATED_TORCH_AT_LEAST(2, 6)
+  auto group = c10::make_intrusive<c10d::ProcessGroup>(store, static_cast<int>(rank), static_cast<int>(world_size));
+  group->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, gloo);
+  group->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
+  return group;
+#elif ACCELERATED_TORCH_AT_LEAST(2, 0)
+  auto options = c10::make_intrusive<c10d::ProcessGroup::Options>("gloo", timeout);
+  auto group =
+      c10::make_intrusive<c10d::ProcessGroup>(store, static_cast<int>(rank), static_cast<int>(world_size), options);
+  group->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, gloo);
+  return group;
+#else
+  return gloo;
+#endif
+}
+
+}  // namespace accelerated::compat
+
+// ---- c10d::Reducer ----------------------------------------------------------------------------------------------
+// Its constructor grew and lost arguments across versions (1.13-2.6: per-bucket size limits; 2.7: without them;
+// 2.8-2.10: + skip_all_reduce_unused_params, use_python_reducer; 2.11: + bucket_bytes_cap_list; 2.13: +
+// batched_grad_copy). The first form this LibTorch accepts is used. A template, so only gradient_sync.hpp needs
+// reducer.hpp.
+
+namespace accelerated::compat {
+
+template <class Reducer>
+std::unique_ptr<Reducer> make_reducer(std::vector<at::Tensor> params, std::vector<std::vector<std::size_t>> buckets,
+                                      std::vector<std::size_t> limits, c10::intrusive_ptr<c10d::ProcessGroup> group,
+                                      std::int64_t bucket_bytes_cap, bool find_unused_parameters,
+                                      std::int64_t first_bucket_bytes_cap) {
+  using Params = std::vector<at::Tensor>;
+  using Buckets = std::vector<std::vector<std::size_t>>;
+  using Limits = std::vector<std::size_t>;
+  using Group = c10::intrusive_ptr<c10d::ProcessGroup>;
+  using Sparse = std::vector<bool>;
+  using Names = std::unordered_map<std::size_t, std::string>;
+  Sparse sparse(params.size(), false);
+  if constexpr (std::is_constructible_v<Reducer, Params, Buckets, Limits, Group, Sparse, std::int64_t, bool, bool,
+                                        Names, std::int64_t>) {
+    return std::make_unique<Reducer>(std::move(params), std::move(buckets), std::move(limits), std::move(group),
+                                     std::move(sparse), bucket_bytes_cap, find_unused_parameters, false, Names{},
+                                     first_bucket_bytes_cap);
+  } else if constexpr (std::is_constructible_v<Reducer, Params, Buckets, Group, Sparse, std::int64_t, bool, bool,
+                                               Names, std::int64_t>) {
+    return std::make_unique<Reducer>(std::move(params), std::move(buckets), std::move(group), std::move(sparse),
+                                     bucket_bytes_cap, find_unused_parameters, false, Names{}, first_bucket_bytes_cap);
+  } else if constexpr (std::is_constructible_v<Reducer, Params, Buckets, Group, Sparse, std::int64_t, bool, bool,
+                                               Names, std::int64_t, bool, bool>) {
+    return std::make_unique<Reducer>(std::move(params), std::move(buckets), std::move(group), std::move(sparse),
+                                     bucket_bytes_cap, find_unused_parameters, false, Names{}, first_bucket_bytes_cap,
+                                     false, false);
+  } else if constexpr (std::is_constructible_v<Reducer, Params, Buckets, Group, Sparse, std::int64_t, bool, bool,
+                                               Names, std::int64_t, bool, bool, std::vector<std::int64_t>>) {
+    return std::make_unique<Reducer>(std::move(params), std::move(buckets), std::move(group), std::move(sparse),
+                                     bucket_bytes_cap, find_unused_parameters, false, Names{}, first_bucket_bytes_cap,
+                                     false, false, std::vector<std::int64_t>{});
+  } else {
+    return std::make_unique<Reducer>(std::move(params), std::move(buckets), std::move(group), std::move(sparse),
+                                     bucket_bytes_cap, find_unused_parameters, false, Names{}, first_bucket_bytes_cap,
+                                     false, false, std::vector<std::int64_t>{}, false);
   }
 }
 

@@ -1,17 +1,25 @@
 #pragma once
-// Device policies: where the model, the loss module and every batch live. The menu (issue 3 adds Cuda and
-// AutoDevice here). A device policy provides, checked by accelerated::DevicePolicy in concepts.hpp:
+// Device policies: where the model, the loss module, registered modules and every batch live. The menu:
+//   Cpu         everything on the CPU; to_device is the identity and costs nothing.
+//   Cuda        the GPU of index LOCAL_RANK (set by torchrun and friends), else 0; batches are copied through
+//               pinned memory without blocking.
+//   AutoDevice  Cuda when LibTorch sees a GPU, else Cpu (the trainer's default).
+// A device policy provides, checked by accelerated::DevicePolicy in concepts.hpp:
 //   torch::Device device() const;            std::string name() const;
 //   void place(torch::nn::Module&) const;    Batch to_device(Batch&&) const;
+#include <torch/cuda.h>
 #include <torch/nn/module.h>
 #include <torch/types.h>
 
+#include <cstdlib>
+#include <stdexcept>
 #include <string>
 #include <utility>
 
+#include "../detail/to_device.hpp"
+
 namespace accelerated {
 
-// Everything on the CPU. Batches are already there, so to_device is the identity and costs nothing.
 struct Cpu {
   torch::Device device() const { return torch::kCPU; }
   std::string name() const { return "cpu"; }
@@ -20,6 +28,72 @@ struct Cpu {
   Batch&& to_device(Batch&& batch) const {
     return std::forward<Batch>(batch);
   }
+};
+
+class Cuda {
+ public:
+  Cuda() : index_(local_rank_from_env()) {}
+  explicit Cuda(int index) : index_(index) {}
+
+  torch::Device device() const { return {torch::kCUDA, static_cast<c10::DeviceIndex>(index_)}; }
+  std::string name() const { return "cuda:" + std::to_string(index_); }
+
+  void place(torch::nn::Module& module) const {
+    check_available();
+    module.to(device());
+  }
+
+  template <class Batch>
+  auto to_device(Batch&& batch) const {
+    return detail::to_device(std::forward<Batch>(batch), device());
+  }
+
+  // Throws unless this LibTorch has CUDA and the device index exists.
+  void check_available() const {
+    if (!torch::cuda::is_available()) {
+      throw std::runtime_error("accelerated::Cuda: CUDA is not available (this LibTorch was built without CUDA, or no "
+                               "GPU is visible); use accelerated::Cpu or accelerated::AutoDevice");
+    }
+    const auto count = static_cast<int>(torch::cuda::device_count());
+    if (index_ < 0 || index_ >= count) {
+      throw std::runtime_error("accelerated::Cuda: device index " + std::to_string(index_) + " (from LOCAL_RANK) but " +
+                               std::to_string(count) + " GPU(s) are visible");
+    }
+  }
+
+ private:
+  static int local_rank_from_env() {
+    const char* value = std::getenv("LOCAL_RANK");
+    if (value == nullptr || *value == '\0') return 0;
+    try {
+      std::size_t used = 0;
+      const int rank = std::stoi(value, &used);
+      if (used == std::string(value).size() && rank >= 0) return rank;
+    } catch (const std::exception&) {
+    }
+    throw std::invalid_argument(std::string("accelerated::Cuda: LOCAL_RANK = '") + value + "' is not a rank");
+  }
+
+  int index_;
+};
+
+class AutoDevice {
+ public:
+  AutoDevice() : device_(torch::cuda::is_available() ? Cuda().device() : torch::Device(torch::kCPU)) {}
+
+  torch::Device device() const { return device_; }
+  std::string name() const { return device_.str(); }
+  void place(torch::nn::Module& module) const { module.to(device_); }
+
+  // One branch per batch: a no-op on the CPU, the pinned non-blocking copy on a GPU.
+  template <class Batch>
+  std::remove_cvref_t<Batch> to_device(Batch&& batch) const {
+    if (device_.is_cpu()) return std::forward<Batch>(batch);
+    return detail::to_device(std::forward<Batch>(batch), device_);
+  }
+
+ private:
+  torch::Device device_;
 };
 
 }  // namespace accelerated

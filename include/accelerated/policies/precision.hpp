@@ -1,18 +1,30 @@
 #pragma once
-// Precision policies: what the forward pass runs under, how the loss is backpropagated and how the optimizer
-// steps. The menu (issue 3 adds BFloat16, Float16 and AutoPrecision here). A precision policy provides, checked by
-// accelerated::PrecisionPolicy in concepts.hpp:
-//   std::string name() const;                    auto autocast(torch::Device) const;  (a guard object)
+// Precision policies: what the forward pass runs under, how the loss is backpropagated and how the optimizer steps.
+// The menu:
+//   FullPrecision  float32; every call compiles to the bare LibTorch call.
+//   BFloat16       autocast to bfloat16 (CPU and CUDA); bf16 keeps float32's range, so no loss scaling.
+//   Float16        CUDA autocast to float16 plus dynamic loss scaling (precision::GradScaler); an update whose
+//                  gradients overflow is skipped, and so is that update's scheduler step.
+//   AutoPrecision  one of the above, chosen at run time by ACCELERATED_MIXED_PRECISION=no|bf16|fp16 (the trainer's
+//                  default), so one binary switches precision with no code change.
+// A precision policy provides, checked by accelerated::PrecisionPolicy in concepts.hpp:
+//   std::string name() const;                    auto autocast(torch::Device);  (a guard object)
 //   void backward(torch::Tensor& loss);          void unscale_gradients(torch::optim::Optimizer&);
 //   void step(torch::optim::Optimizer&);         bool step_was_skipped() const;
+// and may provide `void check_device(torch::Device) const`, called before a run, to reject a device it cannot use.
 #include <torch/optim/optimizer.h>
 #include <torch/types.h>
 
+#include <cstdlib>
+#include <optional>
+#include <stdexcept>
 #include <string>
+
+#include "../precision/autocast.hpp"
+#include "../precision/grad_scaler.hpp"
 
 namespace accelerated {
 
-// Plain float32: no autocast, no loss scaling; every call below compiles to the bare LibTorch call.
 struct FullPrecision {
   struct NoAutocast {};
 
@@ -22,6 +34,108 @@ struct FullPrecision {
   void unscale_gradients(torch::optim::Optimizer&) {}
   void step(torch::optim::Optimizer& optimizer) { optimizer.step(); }
   static constexpr bool step_was_skipped() { return false; }
+};
+
+struct BFloat16 : FullPrecision {
+  std::string name() const { return "bf16"; }
+  precision::AutocastGuard autocast(torch::Device device) const { return {device.type(), torch::kBFloat16}; }
+  void check_device(torch::Device device) const {
+    if (!device.is_cpu() && !device.is_cuda()) {
+      throw std::invalid_argument("accelerated::BFloat16: bf16 autocast runs on CPU and CUDA, not on '" +
+                                  device.str() + "'");
+    }
+  }
+};
+
+class Float16 {
+ public:
+  explicit Float16(precision::GradScalerOptions options = {}) : scaler_(options) {}
+
+  std::string name() const { return "fp16"; }
+  void check_device(torch::Device device) const {
+    if (!device.is_cuda()) {
+      throw std::invalid_argument("accelerated::Float16: fp16 mixed precision needs a CUDA device, but the device is '" +
+                                  device.str() + "'; use BFloat16 (ACCELERATED_MIXED_PRECISION=bf16) on CPU");
+    }
+  }
+  precision::AutocastGuard autocast(torch::Device device) const {
+    check_device(device);
+    return {torch::kCUDA, torch::kHalf};
+  }
+  void backward(torch::Tensor& loss) { scaler_.scale(loss).backward(); }
+  void unscale_gradients(torch::optim::Optimizer& optimizer) { scaler_.unscale_(optimizer); }
+  void step(torch::optim::Optimizer& optimizer) {
+    skipped_ = !scaler_.step(optimizer);
+    scaler_.update();
+  }
+  bool step_was_skipped() const { return skipped_; }
+
+  precision::GradScaler& scaler() { return scaler_; }
+
+ private:
+  precision::GradScaler scaler_;
+  bool skipped_ = false;
+};
+
+class AutoPrecision {
+ public:
+  enum class Mode { no, bf16, fp16 };
+
+  AutoPrecision() : mode_(mode_from_env()) {}
+  explicit AutoPrecision(Mode mode) : mode_(mode) {}
+
+  Mode mode() const { return mode_; }
+  std::string name() const { return mode_ == Mode::no ? "no" : mode_ == Mode::bf16 ? "bf16" : "fp16"; }
+
+  void check_device(torch::Device device) const {
+    if (mode_ == Mode::bf16) bf16_.check_device(device);
+    if (mode_ == Mode::fp16) fp16_.check_device(device);
+  }
+  std::optional<precision::AutocastGuard> autocast(torch::Device device) const {
+    std::optional<precision::AutocastGuard> guard;
+    if (mode_ == Mode::bf16) guard.emplace(device.type(), torch::kBFloat16);
+    if (mode_ == Mode::fp16) {
+      fp16_.check_device(device);
+      guard.emplace(torch::kCUDA, torch::kHalf);
+    }
+    return guard;
+  }
+  void backward(torch::Tensor& loss) {
+    if (mode_ == Mode::fp16) {
+      fp16_.backward(loss);
+    } else {
+      loss.backward();
+    }
+  }
+  void unscale_gradients(torch::optim::Optimizer& optimizer) {
+    if (mode_ == Mode::fp16) fp16_.unscale_gradients(optimizer);
+  }
+  void step(torch::optim::Optimizer& optimizer) {
+    if (mode_ == Mode::fp16) {
+      fp16_.step(optimizer);
+    } else {
+      optimizer.step();
+    }
+  }
+  bool step_was_skipped() const { return mode_ == Mode::fp16 && fp16_.step_was_skipped(); }
+
+  // The loss scaler (used in fp16 mode only).
+  precision::GradScaler& scaler() { return fp16_.scaler(); }
+
+ private:
+  static Mode mode_from_env() {
+    const char* value = std::getenv("ACCELERATED_MIXED_PRECISION");
+    const std::string text = value ? value : "no";
+    if (text == "no" || text.empty()) return Mode::no;
+    if (text == "bf16") return Mode::bf16;
+    if (text == "fp16") return Mode::fp16;
+    throw std::invalid_argument("accelerated::AutoPrecision: ACCELERATED_MIXED_PRECISION = '" + text +
+                                "' is not one of no, bf16, fp16");
+  }
+
+  Mode mode_;
+  BFloat16 bf16_;
+  Float16 fp16_;
 };
 
 }  // namespace accelerated

@@ -1,0 +1,326 @@
+// Device and precision policies, tested on the CPU: autocast, the loss scaler's logic, placement, the policy matrix.
+#include <boost/hana/for_each.hpp>
+#include <boost/hana/tuple.hpp>
+
+#include <cstdlib>
+#include <sstream>
+
+#include "helpers.hpp"
+
+namespace acc = accelerated;
+namespace hana = boost::hana;
+using acc::precision::AutocastGuard;
+using acc::precision::GradScaler;
+
+namespace {
+// Sets an environment variable for one scope.
+struct ScopedEnv {
+  std::string name;
+  std::optional<std::string> old;
+  ScopedEnv(std::string n, const char* value) : name(std::move(n)) {
+    if (const char* v = std::getenv(name.c_str())) old = v;
+    if (value) {
+      ::setenv(name.c_str(), value, 1);
+    } else {
+      ::unsetenv(name.c_str());
+    }
+  }
+  ~ScopedEnv() {
+    if (old) {
+      ::setenv(name.c_str(), old->c_str(), 1);
+    } else {
+      ::unsetenv(name.c_str());
+    }
+  }
+};
+}  // namespace
+
+TEST_CASE("the autocast guard enables bf16 on the CPU, nests, and restores", "[precision][autocast]") {
+  auto linear = torch::nn::Linear(4, 3);
+  const auto x = torch::randn({2, 4});
+  REQUIRE_FALSE(acc::compat::autocast_enabled(torch::kCPU));
+  {
+    AutocastGuard outer(torch::kCPU, torch::kBFloat16);
+    CHECK(linear(x).dtype() == torch::kBFloat16);
+    CHECK(linear->weight.dtype() == torch::kFloat);  // weights stay float32
+    {
+      AutocastGuard inner(torch::kCPU, torch::kBFloat16);
+      CHECK(linear(x).dtype() == torch::kBFloat16);
+    }
+    CHECK(acc::compat::autocast_enabled(torch::kCPU));  // the inner guard restored the outer state
+    CHECK(linear(x).dtype() == torch::kBFloat16);
+  }
+  CHECK_FALSE(acc::compat::autocast_enabled(torch::kCPU));
+  CHECK(linear(x).dtype() == torch::kFloat);
+  std::optional<AutocastGuard> moved;
+  moved.emplace(torch::kCPU, torch::kBFloat16);
+  auto other = std::move(*moved);
+  moved.reset();  // the moved-from guard restores nothing
+  CHECK(acc::compat::autocast_enabled(torch::kCPU));
+}
+
+namespace {
+struct ScalerFixture {
+  torch::nn::Linear model = test::linear_model();
+  torch::optim::SGD optimizer{model->parameters(), torch::optim::SGDOptions(0.1)};
+  std::pair<torch::Tensor, torch::Tensor> data = test::regression_data(8);
+  torch::Tensor loss() { return torch::mse_loss(model(data.first), data.second); }
+};
+}  // namespace
+
+TEST_CASE("the scaler skips a step with an inf gradient and halves the scale", "[precision][scaler]") {
+  ScalerFixture f;
+  GradScaler scaler;
+  CHECK(scaler.get_scale() == 65536.0);
+  scaler.scale(f.loss()).backward();
+  f.model->weight.grad()[0][3] = std::numeric_limits<float>::infinity();  // the injected overflow
+  const auto before = test::flat_parameters(*f.model);
+  CHECK_FALSE(scaler.step(f.optimizer));
+  scaler.update();
+  CHECK(scaler.last_step_skipped());
+  CHECK(torch::equal(before, test::flat_parameters(*f.model)));  // no update
+  CHECK(scaler.get_scale() == 32768.0);
+  CHECK(scaler.growth_tracker() == 0);
+}
+
+TEST_CASE("the scaler doubles the scale after growth_interval clean steps", "[precision][scaler]") {
+  ScalerFixture f;
+  GradScaler scaler({.init_scale = 1024.0, .growth_interval = 3});
+  for (int step = 1; step <= 3; ++step) {
+    f.optimizer.zero_grad();
+    scaler.scale(f.loss()).backward();
+    CHECK(scaler.step(f.optimizer));
+    scaler.update();
+    CHECK(scaler.get_scale() == (step < 3 ? 1024.0 : 2048.0));
+    CHECK(scaler.growth_tracker() == step % 3);
+  }
+}
+
+TEST_CASE("unscaled gradients equal the true gradients, so clipping sees them", "[precision][scaler]") {
+  ScalerFixture f;
+  f.loss().backward();
+  const auto reference = f.model->weight.grad().clone();
+  f.optimizer.zero_grad();
+  GradScaler scaler({.init_scale = 4096.0});
+  scaler.scale(f.loss()).backward();
+  CHECK_FALSE(torch::allclose(f.model->weight.grad(), reference));
+  scaler.unscale_(f.optimizer);
+  scaler.unscale_(f.optimizer);  // once per step: a second call does nothing
+  CHECK(torch::allclose(f.model->weight.grad(), reference, 1e-6, 1e-7));
+}
+
+TEST_CASE("the scaler's state round-trips through an archive", "[precision][scaler]") {
+  ScalerFixture f;
+  GradScaler scaler({.init_scale = 256.0, .growth_factor = 4.0, .backoff_factor = 0.25, .growth_interval = 5});
+  scaler.scale(f.loss()).backward();
+  scaler.step(f.optimizer);
+  scaler.update();
+  torch::serialize::OutputArchive out;
+  scaler.save(out);
+  std::ostringstream bytes;
+  out.save_to(bytes);
+  std::istringstream in_bytes(bytes.str());
+  torch::serialize::InputArchive in;
+  in.load_from(in_bytes);
+  GradScaler restored;
+  restored.load(in);
+  CHECK(restored.get_scale() == 256.0);
+  CHECK(restored.growth_tracker() == 1);
+  CHECK(restored.options().growth_interval == 5);
+  CHECK(restored.options().backoff_factor == 0.25);
+  torch::serialize::InputArchive empty;
+  CHECK_THROWS_WITH(restored.load(empty), Catch::Contains("no 'scale'"));
+  CHECK_THROWS_WITH(GradScaler({.init_scale = 0.0}), Catch::Contains("init_scale = 0"));
+  CHECK_THROWS_WITH(GradScaler({.backoff_factor = 1.5}), Catch::Contains("backoff_factor = 1.5"));
+}
+
+TEST_CASE("fp16 on the CPU is a clear error", "[precision][bad_input]") {
+  acc::Float16 fp16;
+  CHECK_THROWS_WITH(fp16.check_device(torch::kCPU), Catch::Contains("fp16 mixed precision needs a CUDA device") &&
+                                                        Catch::Contains("BFloat16"));
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1));
+  using Fp16OnCpu = acc::Trainer<acc::Cpu, acc::Float16>;
+  CHECK_THROWS_WITH(Fp16OnCpu(model, torch::nn::MSELoss(), optimizer), Catch::Contains("needs a CUDA device"));
+}
+
+TEST_CASE("AutoPrecision reads ACCELERATED_MIXED_PRECISION", "[precision][auto]") {
+  {
+    ScopedEnv env("ACCELERATED_MIXED_PRECISION", nullptr);
+    CHECK(acc::AutoPrecision().name() == "no");
+  }
+  {
+    ScopedEnv env("ACCELERATED_MIXED_PRECISION", "bf16");
+    CHECK(acc::AutoPrecision().name() == "bf16");
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1));
+    acc::Trainer<acc::Cpu> trainer(model, torch::nn::MSELoss(), optimizer);
+    trainer.set_output(test::quiet());
+    trainer.train(test::regression_data(16), {.per_device_batch_size = 4});
+    CHECK(trainer.run_config().mixed_precision == "bf16");
+    CHECK(trainer.run_config().device == "cpu");
+  }
+  {
+    ScopedEnv env("ACCELERATED_MIXED_PRECISION", "fp8");
+    CHECK_THROWS_WITH(acc::AutoPrecision(), Catch::Contains("ACCELERATED_MIXED_PRECISION = 'fp8'"));
+  }
+  {
+    ScopedEnv env("ACCELERATED_MIXED_PRECISION", "fp16");
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1));
+    CHECK_THROWS_WITH(acc::Trainer<acc::Cpu>(model, torch::nn::MSELoss(), optimizer), Catch::Contains("needs a CUDA device"));
+  }
+}
+
+TEST_CASE("bf16 training on the CPU tracks fp32", "[precision][bf16]") {
+  torch::manual_seed(3);
+  const auto x = torch::randn({512, 20});
+  const auto y = x.narrow(1, 0, 4).argmax(1);
+  auto run = [&](auto precision_tag) {
+    using Precision = typename decltype(precision_tag)::type;
+    torch::manual_seed(4);
+    auto model = torch::nn::Sequential(torch::nn::Linear(20, 64), torch::nn::ReLU(), torch::nn::Linear(64, 4));
+    torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(1e-2));
+    auto trainer = acc::make_trainer<acc::Cpu, Precision>(model, torch::nn::CrossEntropyLoss(), optimizer,
+                                                          acc::callbacks::Accuracy{});
+    trainer.train(std::pair{x, y}, {.num_epochs = 8, .per_device_batch_size = 32}, std::pair{x, y});
+    return trainer.run_history().get_latest_metric("eval_accuracy");
+  };
+  const double fp32 = run(hana::type_c<acc::FullPrecision>);
+  const double bf16 = run(hana::type_c<acc::BFloat16>);
+  CHECK(fp32 > 0.9);
+  CHECK(std::abs(fp32 - bf16) < 0.03);
+}
+
+TEST_CASE("nested batches move to the device with every tensor and keep the rest", "[device]") {
+  using Batch = std::tuple<torch::Tensor, std::vector<torch::Tensor>, std::map<std::string, torch::Tensor>, int,
+                           torch::data::Example<>>;
+  Batch batch{torch::ones({2}), {torch::zeros({1}), torch::zeros({3})}, {{"mask", torch::ones({2, 2})}}, 7,
+              {torch::ones({1}), torch::zeros({1})}};
+  const auto moved = acc::detail::to_device(batch, torch::Device(torch::kMeta));
+  CHECK(std::get<0>(moved).is_meta());
+  CHECK(std::get<1>(moved).size() == 2);
+  CHECK(std::get<1>(moved)[1].is_meta());
+  CHECK(std::get<1>(moved)[1].sizes() == torch::IntArrayRef{3});
+  CHECK(std::get<2>(moved).at("mask").is_meta());
+  CHECK(std::get<3>(moved) == 7);
+  CHECK(std::get<4>(moved).target.is_meta());
+  CHECK(std::get<0>(batch).is_cpu());  // the source is untouched
+  // The CPU policy hands the batch through without copying.
+  acc::Cpu cpu;
+  torch::Tensor t = torch::ones({2});
+  CHECK(&cpu.to_device(t) == &t);
+  acc::AutoDevice automatic;
+  CHECK(automatic.to_device(t).data_ptr() == t.data_ptr());
+}
+
+TEST_CASE("the Cuda policy reports a missing GPU clearly", "[device][bad_input]") {
+  if (torch::cuda::is_available()) return;  // this check is for CPU-only machines
+  acc::Cuda cuda;
+  CHECK(cuda.device() == torch::Device(torch::kCUDA, 0));
+  auto model = test::linear_model();
+  CHECK_THROWS_WITH(cuda.place(*model), Catch::Contains("CUDA is not available"));
+  ScopedEnv env("LOCAL_RANK", "abc");
+  CHECK_THROWS_WITH(acc::Cuda(), Catch::Contains("LOCAL_RANK = 'abc'"));
+}
+
+namespace {
+// A user-defined precision policy: float32 with loss scaling, logging every scale change.
+struct LoggingScaledFloat32 {
+  acc::precision::GradScaler scaler{{.init_scale = 1024.0, .growth_interval = 2}};
+  std::vector<double> scales;
+  bool skipped = false;
+  std::string name() const { return "fp32-scaled"; }
+  acc::FullPrecision::NoAutocast autocast(torch::Device) const { return {}; }
+  void backward(torch::Tensor& loss) { scaler.scale(loss).backward(); }
+  void unscale_gradients(torch::optim::Optimizer& o) { scaler.unscale_(o); }
+  void step(torch::optim::Optimizer& o) {
+    skipped = !scaler.step(o);
+    const double before = scaler.get_scale();
+    scaler.update();
+    if (scaler.get_scale() != before) scales.push_back(scaler.get_scale());
+  }
+  bool step_was_skipped() const { return skipped; }
+};
+
+// Injects an inf gradient into the k-th backward.
+struct InfAtBackward : acc::DefaultLoop {
+  int k = -1, calls = 0;
+  void backward_step(auto& t, torch::Tensor& loss) {
+    DefaultLoop::backward_step(t, loss);
+    if (++calls == k) t.model()->parameters()[0].grad()[0][0] = std::numeric_limits<float>::infinity();
+  }
+};
+
+struct CountingScheduler : torch::optim::LRScheduler {
+  int* steps;
+  CountingScheduler(torch::optim::Optimizer& optimizer, int* counter) : LRScheduler(optimizer), steps(counter) {}
+  std::vector<double> get_lrs() override {
+    ++*steps;
+    return get_current_lrs();
+  }
+};
+}  // namespace
+
+TEST_CASE("a user-defined precision policy plugs in", "[precision][custom]") {
+  const auto data = test::regression_data(16);
+  auto train = [&](auto precision_tag, int inf_at, int* scheduler_steps) {
+    using Precision = typename decltype(precision_tag)::type;
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+    auto trainer = acc::make_trainer<acc::Cpu, Precision, acc::SingleProcess, InfAtBackward>(model, torch::nn::MSELoss(), optimizer);
+    trainer.set_output(test::quiet());
+    trainer.loop().k = inf_at;
+    acc::TrainOptions options{.num_epochs = 2, .per_device_batch_size = 4, .shuffle = false};
+    options.create_scheduler_fn = [scheduler_steps](torch::optim::Optimizer& o, const acc::RunConfig&) {
+      return std::make_unique<CountingScheduler>(o, scheduler_steps);
+    };
+    trainer.train(data, options);
+    CHECK(trainer.run_config().mixed_precision == Precision().name());
+    return std::pair{test::flat_parameters(*model), trainer.precision()};
+  };
+  int plain_steps = 0, scaled_steps = 0, skipped_steps = 0;
+  const auto [plain, plain_policy] = train(hana::type_c<acc::FullPrecision>, -1, &plain_steps);
+  const auto [scaled, scaled_policy] = train(hana::type_c<LoggingScaledFloat32>, -1, &scaled_steps);
+  // Power-of-two scaling is exact: the same parameters as unscaled float32.
+  CHECK(torch::equal(plain, scaled));
+  CHECK(scaled_policy.scales == std::vector<double>{2048, 4096, 8192, 16384});  // 8 clean steps, interval 2
+  CHECK(plain_steps == 8);
+  CHECK(scaled_steps == 8);
+  // An overflow on update 3: that update and its scheduler step are skipped, and the scale backs off.
+  const auto [with_inf, inf_policy] = train(hana::type_c<LoggingScaledFloat32>, 3, &skipped_steps);
+  CHECK(skipped_steps == 7);
+  CHECK(inf_policy.scales.at(1) == 1024.0);  // 1024 -> 2048 -> (overflow) 1024
+  CHECK_FALSE(torch::equal(plain, with_inf));
+}
+
+TEST_CASE("every device and precision policy compiles with the default loop", "[precision][matrix]") {
+  using Data = std::pair<torch::Tensor, torch::Tensor>;
+  auto devices = hana::tuple_t<acc::Cpu, acc::Cuda, acc::AutoDevice>;
+  auto precisions = hana::tuple_t<acc::FullPrecision, acc::BFloat16, acc::Float16, acc::AutoPrecision>;
+  int combinations = 0;
+  hana::for_each(devices, [&](auto device) {
+    hana::for_each(precisions, [&](auto precision) {
+      using T = acc::Trainer<typename decltype(device)::type, typename decltype(precision)::type>;
+      static_assert(acc::DevicePolicy<typename T::device_policy_type>);
+      static_assert(acc::PrecisionPolicy<typename T::precision_policy_type>);
+      // Taking the addresses instantiates train() and evaluate() for this combination.
+      auto train = static_cast<void (T::*)(Data&, const acc::TrainOptions&, const acc::NoEvalSet&, acc::data::DefaultCollate)>(&T::train);
+      auto evaluate = static_cast<void (T::*)(Data&, std::int64_t, acc::data::DefaultCollate)>(&T::evaluate);
+      CHECK(train != nullptr);
+      CHECK(evaluate != nullptr);
+      ++combinations;
+    });
+  });
+  CHECK(combinations == 12);
+}
+
+TEST_CASE("modules registered with the trainer follow the model", "[device]") {
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1));
+  acc::Trainer<acc::Cpu> trainer(model, torch::nn::MSELoss(), optimizer);
+  auto extra = torch::nn::Linear(2, 2);
+  trainer.register_module(extra.ptr());
+  CHECK(extra->weight.device().is_cpu());
+  CHECK_THROWS_WITH(trainer.register_module(nullptr), Catch::Contains("module is null"));
+}
