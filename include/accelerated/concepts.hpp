@@ -67,8 +67,14 @@ concept distributed_has_gradient_sync = requires(P& p) { p.gradient_sync(true); 
 template <class P>
 concept distributed_has_all_reduce = requires(P& p, std::span<double> v) { p.all_reduce_sum(v); };
 template <class P>
+concept distributed_has_gather = requires(P& p, const torch::Tensor& t) {
+  { p.gather(t) } -> std::convertible_to<torch::Tensor>;
+  p.barrier();
+};
+template <class P>
 concept DistributedPolicy = distributed_has_ranks<P> && distributed_has_prepare<P> &&
-                            distributed_has_gradient_sync<P> && distributed_has_all_reduce<P>;
+                            distributed_has_gradient_sync<P> && distributed_has_all_reduce<P> &&
+                            distributed_has_gather<P>;
 
 // ---- what a batch-loss step returns ---------------------------------------------------------------------------
 template <class O>
@@ -115,6 +121,8 @@ consteval bool check_policies() {
                     "accelerated::Trainer: the DistributedPolicy lacks `auto gradient_sync(bool)` returning a guard (see policies/distributed.hpp)");
   ACCELERATED_CHECK(distributed_has_all_reduce<Distributed>,
                     "accelerated::Trainer: the DistributedPolicy lacks `void all_reduce_sum(std::span<double>)` (see policies/distributed.hpp)");
+  ACCELERATED_CHECK(distributed_has_gather<Distributed>,
+                    "accelerated::Trainer: the DistributedPolicy lacks `torch::Tensor gather(const torch::Tensor&)` or `void barrier()` (see policies/distributed.hpp)");
   return DevicePolicy<Device> && PrecisionPolicy<Precision> && DistributedPolicy<Distributed>;
 }
 

@@ -18,6 +18,7 @@
 #include <iostream>
 #include <memory>
 #include <ostream>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -70,9 +71,10 @@ struct TrainingState {
   bool training = false;         // inside a training epoch (false in eval epochs and evaluate())
 };
 
-// Every policy has a default: the device and the precision are chosen from the environment (a GPU when LibTorch
-// sees one; ACCELERATED_MIXED_PRECISION=no|bf16|fp16), so `Trainer<>` needs no code change to move.
-template <class Device = AutoDevice, class Precision = AutoPrecision, class Distributed = SingleProcess,
+// Every policy has a default, chosen from the environment: a GPU when LibTorch sees one, the precision named by
+// ACCELERATED_MIXED_PRECISION=no|bf16|fp16, and the ranks a launcher (torchrun, mpirun, SLURM) describes; so the
+// same `Trainer<>` binary runs anywhere with no code change.
+template <class Device = AutoDevice, class Precision = AutoPrecision, class Distributed = AutoDistributed,
           class Loop = DefaultLoop, class... Callbacks>
 class Trainer {
  public:
@@ -184,6 +186,18 @@ class Trainer {
     stop_requested_ = true;
     stop_reason_ = std::move(reason);
   }
+
+  // ---- across processes (no-ops in a single process) -------------------------------------------------------------
+  // Every process's tensor, concatenated along dim 0 in rank order (sizes along dim 0 may differ).
+  torch::Tensor gather(const torch::Tensor& tensor) { return distributed_.gather(tensor); }
+  // Element-wise sums over every process, in place.
+  void all_reduce_sum(std::span<double> values) { distributed_.all_reduce_sum(values); }
+  double all_reduce_sum(double value) {
+    distributed_.all_reduce_sum(std::span<double>(&value, 1));
+    return value;
+  }
+  // Waits until every process arrives (bounded by the distributed policy's timeout).
+  void barrier() { distributed_.barrier(); }
 
   // Registers a module (a metric, a teacher model, ...) that the trainer keeps on its device with the model.
   void register_module(std::shared_ptr<torch::nn::Module> module) {
@@ -375,6 +389,15 @@ class Trainer {
           print(error.what());
           emit<events::on_stop_training_error>(error);
           break;
+        } catch (const std::runtime_error& error) {
+          // In a multi-process run, the reducer's all-reduce inside backward fails (Gloo: "Connection closed by
+          // peer", or a timeout) when a peer is gone: say which rank, where, and why that is likely.
+          const std::string what = error.what();
+          if (!run_config_.is_distributed || what.rfind("accelerated::", 0) == 0) throw;
+          throw std::runtime_error("accelerated::Trainer: rank " + std::to_string(distributed_.rank()) + " of " +
+                                   std::to_string(run_config_.num_processes) + " failed at epoch " +
+                                   std::to_string(history_.current_epoch()) + ", step " +
+                                   std::to_string(state_.step + 1) + " (a peer may have stopped or died): " + what);
         }
         if (reached_max_steps) {
           if (options_.max_num_train_steps) {
@@ -524,10 +547,10 @@ class Trainer {
 // `Trainer trainer(model, loss, optimizer, callbacks...)` deduces the callback list with the default policies.
 template <class M, class L, class... Callbacks>
 Trainer(M, L, torch::optim::Optimizer&, Callbacks...)
-    -> Trainer<AutoDevice, AutoPrecision, SingleProcess, DefaultLoop, Callbacks...>;
+    -> Trainer<AutoDevice, AutoPrecision, AutoDistributed, DefaultLoop, Callbacks...>;
 
 // Names the policies and deduces the callbacks: make_trainer<Cpu, BFloat16, SingleProcess, MyLoop>(m, l, o, cbs...)
-template <class Device = AutoDevice, class Precision = AutoPrecision, class Distributed = SingleProcess,
+template <class Device = AutoDevice, class Precision = AutoPrecision, class Distributed = AutoDistributed,
           class Loop = DefaultLoop, class M, class L, class... Callbacks>
 auto make_trainer(M model, L loss, torch::optim::Optimizer& optimizer, Callbacks... callbacks) {
   return Trainer<Device, Precision, Distributed, Loop, Callbacks...>(std::move(model), std::move(loss), optimizer,

@@ -1,17 +1,41 @@
 #pragma once
-// Distributed policies: how many processes train together and how they agree. The menu (issue 4 adds DataParallel
-// and AutoDistributed here). A distributed policy provides, checked by accelerated::DistributedPolicy:
-//   std::int64_t num_processes() const;  std::int64_t rank() const;  std::int64_t local_rank() const;
-//   void prepare(torch::nn::Module&);    auto gradient_sync(bool enabled);  (a guard: no sync while it lives
-//   when enabled is false)               void all_reduce_sum(std::span<double>);
+// Distributed policies: how many processes train together and how they agree. The menu:
+//   SingleProcess    one process; every call below is a no-op.
+//   DataParallel     one process per CPU (or GPU) over a c10d Gloo process group: rank 0's parameters and buffers
+//                    are broadcast at the start of each run, gradients are averaged by c10d::Reducer (bucketed
+//                    all-reduce overlapping backward) on update steps only, metrics are summed over processes.
+//                    Rendezvous from torchrun, OpenMPI or SLURM variables (distributed/environment.hpp).
+//   AutoDistributed  DataParallel, which is a single process when the environment names no other ranks (the
+//                    trainer's default), so one binary runs alone or under a launcher.
+// A distributed policy provides, checked by accelerated::DistributedPolicy in concepts.hpp:
+//   std::int64_t num_processes() const;  rank() const;  local_rank() const;
+//   void prepare(torch::nn::Module&);    auto gradient_sync(bool enabled);  (a guard alive over forward and backward)
+//   void all_reduce_sum(std::span<double>);  torch::Tensor gather(const torch::Tensor&);  void barrier();
 #include <torch/nn/module.h>
+#include <torch/types.h>
 
+#include <chrono>
 #include <cstdint>
+#include <memory>
 #include <span>
+#include <stdexcept>
+#include <type_traits>
+#include <string>
+#include <vector>
+
+#include "../distributed/environment.hpp"
+
+#if __has_include(<torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>) && defined(USE_C10D_GLOO) && \
+    !defined(ACCELERATED_NO_DISTRIBUTED)
+#define ACCELERATED_HAS_GLOO 1
+#include "../distributed/gradient_sync.hpp"
+#include "../distributed/process_group.hpp"
+#else
+#define ACCELERATED_HAS_GLOO 0
+#endif
 
 namespace accelerated {
 
-// One process: nothing to broadcast, synchronise or reduce.
 struct SingleProcess {
   struct NoSyncGuard {};
 
@@ -21,6 +45,180 @@ struct SingleProcess {
   void prepare(torch::nn::Module&) {}
   NoSyncGuard gradient_sync(bool) { return {}; }
   void all_reduce_sum(std::span<double>) {}
+  torch::Tensor gather(const torch::Tensor& tensor) { return tensor; }
+  void barrier() {}
+};
+
+struct DataParallelOptions {
+  std::chrono::milliseconds timeout = std::chrono::minutes(5);  // any wait: rendezvous, collectives, a dead peer
+#if ACCELERATED_HAS_GLOO
+  distributed::GradientSyncOptions gradient_sync;
+#endif
+};
+
+class DataParallel {
+ public:
+  struct NoSyncGuard {};
+
+  DataParallel() : DataParallel(DataParallelOptions{}) {}
+
+  // Joins the run the environment describes (a single process when it describes none).
+  explicit DataParallel(DataParallelOptions options) : options_(options), env_(distributed::environment_from_env()) {
+    if (env_.world_size == 1) return;
+#if ACCELERATED_HAS_GLOO
+    auto store = distributed::make_store(env_, options_.timeout);
+    group_ = guarded("joining the process group", [&] {
+      return distributed::make_gloo_group(store, env_.rank, env_.world_size, options_.timeout, env_.master_addr);
+    });
+#else
+    throw std::runtime_error("accelerated::DataParallel: WORLD_SIZE = " + std::to_string(env_.world_size) +
+                             " but this LibTorch has no Gloo process group (built without USE_C10D_GLOO)");
+#endif
+  }
+
+#if ACCELERATED_HAS_GLOO
+  // Joins a run over a store of your own (a c10d::HashStore for ranks as threads, a FileStore, ...).
+  DataParallel(c10::intrusive_ptr<c10d::Store> store, std::int64_t rank, std::int64_t world_size,
+               DataParallelOptions options = {})
+      : options_(options) {
+    if (world_size < 1 || rank < 0 || rank >= world_size) {
+      throw std::invalid_argument("accelerated::DataParallel: rank = " + std::to_string(rank) +
+                                  " is not in [0, world_size = " + std::to_string(world_size) + ")");
+    }
+    env_.rank = env_.local_rank = rank;
+    env_.world_size = env_.local_world_size = world_size;
+    env_.launcher = "store";
+    if (world_size > 1) {
+      group_ = guarded("joining the process group", [&] {
+        return distributed::make_gloo_group(store, rank, world_size, options_.timeout);
+      });
+    }
+  }
+#endif
+
+  std::int64_t num_processes() const { return env_.world_size; }
+  std::int64_t rank() const { return env_.rank; }
+  std::int64_t local_rank() const { return env_.local_rank; }
+  const distributed::Environment& environment() const { return env_; }
+
+  // At the start of every run: rank 0's parameters and buffers everywhere, and the reducer for this model.
+  void prepare(torch::nn::Module& module) {
+#if ACCELERATED_HAS_GLOO
+    if (!group_) return;
+    guarded("broadcasting rank 0's parameters", [&] {
+      if (!sync_ || !sync_->covers(module)) {
+        sync_ = std::make_shared<distributed::GradientSync>(module, group_, options_.gradient_sync);
+      }
+      sync_->broadcast_state();
+      return 0;
+    });
+#else
+    (void)module;
+#endif
+  }
+
+  // Over the forward and backward of a micro-batch: when `enabled` (an update step) the reducer is armed and the
+  // backward pass averages the gradients; otherwise they accumulate locally, with no communication.
+  NoSyncGuard gradient_sync(bool enabled) {
+#if ACCELERATED_HAS_GLOO
+    if (enabled && sync_) {
+      guarded("synchronising buffers", [&] {
+        sync_->broadcast_buffers();
+        sync_->prepare_for_backward();
+        return 0;
+      });
+    }
+#else
+    (void)enabled;
+#endif
+    return {};
+  }
+
+  // Element-wise sum over every process, in place.
+  void all_reduce_sum(std::span<double> values) {
+#if ACCELERATED_HAS_GLOO
+    if (!group_ || values.empty()) return;
+    auto tensor = torch::from_blob(values.data(), {static_cast<std::int64_t>(values.size())}, torch::kDouble).clone();
+    guarded("all_reduce", [&] {
+      std::vector<torch::Tensor> tensors{tensor};
+      c10d::AllreduceOptions opts;
+      opts.reduceOp = c10d::ReduceOp::SUM;
+      group_->allreduce(tensors, opts)->wait(options_.timeout);
+      return 0;
+    });
+    std::copy_n(tensor.data_ptr<double>(), values.size(), values.data());
+#else
+    (void)values;
+#endif
+  }
+
+  // Every process's tensor, concatenated along dim 0 in rank order; sizes along dim 0 may differ.
+  torch::Tensor gather(const torch::Tensor& tensor) {
+#if ACCELERATED_HAS_GLOO
+    if (!group_) return tensor;
+    const auto world = env_.world_size;
+    const auto local = tensor.dim() == 0 ? tensor.reshape({1}) : tensor;
+    return guarded("gather", [&] {
+      auto size = torch::tensor({local.size(0)}, torch::kLong);
+      std::vector<std::vector<torch::Tensor>> sizes_out(1);
+      for (std::int64_t r = 0; r < world; ++r) sizes_out[0].push_back(torch::empty({1}, torch::kLong));
+      std::vector<torch::Tensor> sizes_in{size};
+      group_->allgather(sizes_out, sizes_in)->wait(options_.timeout);
+      std::int64_t largest = 0;
+      for (const auto& s : sizes_out[0]) largest = std::max(largest, s.item<std::int64_t>());
+      auto shape = local.sizes().vec();
+      shape[0] = largest;
+      auto padded = torch::zeros(shape, local.options().device(torch::kCPU));
+      padded.narrow(0, 0, local.size(0)).copy_(local);
+      std::vector<std::vector<torch::Tensor>> out(1);
+      for (std::int64_t r = 0; r < world; ++r) out[0].push_back(torch::empty(shape, padded.options()));
+      std::vector<torch::Tensor> in{padded};
+      group_->allgather(out, in)->wait(options_.timeout);
+      std::vector<torch::Tensor> parts;
+      for (std::int64_t r = 0; r < world; ++r) parts.push_back(out[0][r].narrow(0, 0, sizes_out[0][r].item<std::int64_t>()));
+      return torch::cat(parts).to(tensor.device());
+    });
+#else
+    return tensor;
+#endif
+  }
+
+  void barrier() {
+#if ACCELERATED_HAS_GLOO
+    if (!group_) return;
+    guarded("barrier", [&] {
+      group_->barrier()->wait(options_.timeout);
+      return 0;
+    });
+#endif
+  }
+
+ private:
+  // Runs a collective; a failure (a dead peer, a timeout) becomes one error that says which rank and what.
+  template <class F>
+  std::invoke_result_t<F&> guarded(const char* what, F&& f) {
+    try {
+      return f();
+    } catch (const std::exception& error) {
+      throw std::runtime_error("accelerated::DataParallel: rank " + std::to_string(env_.rank) + " of " +
+                               std::to_string(env_.world_size) + " failed while " + what +
+                               " (a peer may have stopped or died; timeout " + std::to_string(options_.timeout.count()) +
+                               " ms): " + error.what());
+    }
+  }
+
+  DataParallelOptions options_;
+  distributed::Environment env_;
+#if ACCELERATED_HAS_GLOO
+  c10::intrusive_ptr<c10d::ProcessGroup> group_;
+  std::shared_ptr<distributed::GradientSync> sync_;
+#endif
+};
+
+// DataParallel under the name that says "whatever the environment asks for".
+class AutoDistributed : public DataParallel {
+ public:
+  using DataParallel::DataParallel;
 };
 
 }  // namespace accelerated

@@ -1,0 +1,112 @@
+#pragma once
+// Who am I in a multi-process run, read from the environment a launcher sets:
+//   torchrun     RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, TORCHELASTIC_USE_AGENT_STORE
+//   OpenMPI      OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_SIZE, OMPI_COMM_WORLD_LOCAL_RANK, OMPI_COMM_WORLD_LOCAL_SIZE
+//   SLURM        SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NTASKS_PER_NODE
+// in that order of preference (the first that sets a rank wins). MASTER_ADDR and MASTER_PORT name the rendezvous
+// store in every case. Every inconsistency is an std::invalid_argument naming the variable and its value.
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+namespace accelerated::distributed {
+
+struct Environment {
+  std::int64_t rank = 0;
+  std::int64_t world_size = 1;
+  std::int64_t local_rank = 0;
+  std::int64_t local_world_size = 1;
+  std::string master_addr;  // empty when world_size == 1
+  int master_port = 0;
+  bool agent_serves_store = false;  // torchrun's agent already serves the TCPStore (TORCHELASTIC_USE_AGENT_STORE)
+  std::string launcher = "none";    // "torchrun" (or RANK/WORLD_SIZE by hand), "openmpi", "slurm", "none"
+};
+
+namespace detail {
+inline std::optional<std::string> env(const char* name) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return std::nullopt;
+  return std::string(value);
+}
+
+inline std::int64_t env_int(const char* name, const std::string& value, std::int64_t min) {
+  std::size_t used = 0;
+  std::int64_t parsed = -1;
+  try {
+    parsed = std::stoll(value, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != value.size() || parsed < min) {
+    throw std::invalid_argument(std::string("accelerated::distributed: ") + name + " = '" + value +
+                                "' is not an integer >= " + std::to_string(min));
+  }
+  return parsed;
+}
+
+inline std::optional<std::int64_t> env_int(const char* name, std::int64_t min) {
+  if (auto value = env(name)) return env_int(name, *value, min);
+  return std::nullopt;
+}
+}  // namespace detail
+
+// Reads the environment; a single process (world_size 1) when no launcher variable is set.
+inline Environment environment_from_env() {
+  using detail::env;
+  using detail::env_int;
+  Environment e;
+  struct Names {
+    const char *rank, *size, *local_rank, *local_size, *launcher;
+  };
+  for (const Names& names : {Names{"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "torchrun"},
+                             Names{"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                                   "OMPI_COMM_WORLD_LOCAL_SIZE", "openmpi"},
+                             Names{"SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "slurm"}}) {
+    const auto rank = env_int(names.rank, 0);
+    const auto size = env_int(names.size, 1);
+    if (!rank && !size) continue;
+    if (!rank || !size) {
+      throw std::invalid_argument(std::string("accelerated::distributed: ") + (rank ? names.size : names.rank) +
+                                  " is not set, but " + (rank ? names.rank : names.size) + " is");
+    }
+    if (*rank >= *size) {
+      throw std::invalid_argument(std::string("accelerated::distributed: ") + names.rank + " = " +
+                                  std::to_string(*rank) + " is not below " + names.size + " = " + std::to_string(*size));
+    }
+    e.rank = *rank;
+    e.world_size = *size;
+    e.local_rank = env_int(names.local_rank, 0).value_or(e.world_size == 1 ? 0 : *rank);
+    e.local_world_size = env_int(names.local_size, 1).value_or(e.world_size);
+    e.launcher = names.launcher;
+    break;
+  }
+  if (e.local_rank >= e.local_world_size && e.local_world_size > 0 && e.launcher != "slurm") {
+    throw std::invalid_argument("accelerated::distributed: local rank " + std::to_string(e.local_rank) +
+                                " is not below the local world size " + std::to_string(e.local_world_size));
+  }
+  if (e.world_size > 1) {
+    const auto addr = env("MASTER_ADDR");
+    if (!addr) {
+      throw std::invalid_argument("accelerated::distributed: WORLD_SIZE = " + std::to_string(e.world_size) +
+                                  " but MASTER_ADDR is not set (the host of rank 0, e.g. 127.0.0.1)");
+    }
+    const auto port = env("MASTER_PORT");
+    if (!port) {
+      throw std::invalid_argument("accelerated::distributed: WORLD_SIZE = " + std::to_string(e.world_size) +
+                                  " but MASTER_PORT is not set (a free TCP port on MASTER_ADDR)");
+    }
+    const auto port_number = env_int("MASTER_PORT", *port, 1);
+    if (port_number > 65535) {
+      throw std::invalid_argument("accelerated::distributed: MASTER_PORT = '" + *port + "' is not a TCP port");
+    }
+    e.master_addr = *addr;
+    e.master_port = static_cast<int>(port_number);
+    e.agent_serves_store = env("TORCHELASTIC_USE_AGENT_STORE").value_or("False") == "True";
+  }
+  return e;
+}
+
+}  // namespace accelerated::distributed

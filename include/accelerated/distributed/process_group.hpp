@@ -1,0 +1,64 @@
+#pragma once
+// Rendezvous: environment -> store -> Gloo process group. Rank 0 serves a TCPStore on MASTER_ADDR:MASTER_PORT
+// (unless torchrun's agent already serves it: TORCHELASTIC_USE_AGENT_STORE=True), every rank connects, and the
+// process group is built over it. Every wait is bounded by the timeout: an unreachable master, a missing peer or a
+// peer that dies mid-run ends each surviving rank with an error, never a hang.
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <chrono>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
+#include "../detail/compat.hpp"
+#include "environment.hpp"
+
+namespace accelerated::distributed {
+
+// The Gloo device: loopback rendezvous binds to 127.0.0.1; GLOO_SOCKET_IFNAME names an interface; otherwise the
+// address this machine's hostname resolves to.
+inline std::shared_ptr<::gloo::transport::Device> gloo_device(const std::string& master_addr) {
+  if (const char* interface = std::getenv("GLOO_SOCKET_IFNAME"); interface && *interface) {
+    return c10d::ProcessGroupGloo::createDeviceForInterface(interface);
+  }
+  if (master_addr == "localhost" || master_addr.rfind("127.", 0) == 0 || master_addr.empty()) {
+    return c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1");
+  }
+  return c10d::ProcessGroupGloo::createDefaultDevice();
+}
+
+// A Gloo process group over `store`; `master_addr` picks the network device.
+inline c10::intrusive_ptr<c10d::ProcessGroup> make_gloo_group(const c10::intrusive_ptr<c10d::Store>& store,
+                                                              std::int64_t rank, std::int64_t world_size,
+                                                              std::chrono::milliseconds timeout,
+                                                              const std::string& master_addr = "127.0.0.1") {
+  auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+  options->devices.push_back(gloo_device(master_addr));
+  options->threads = 2;
+  auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(store, static_cast<int>(rank), static_cast<int>(world_size),
+                                                          options);
+  return compat::as_process_group(gloo, store, rank, world_size, timeout);
+}
+
+// The TCPStore of the environment, wrapped in a prefix so that our keys never meet a launcher's.
+inline c10::intrusive_ptr<c10d::Store> make_store(const Environment& env, std::chrono::milliseconds timeout) {
+  c10d::TCPStoreOptions options;
+  options.port = static_cast<std::uint16_t>(env.master_port);
+  options.isServer = env.rank == 0 && !env.agent_serves_store;
+  options.numWorkers = static_cast<std::size_t>(env.world_size);
+  options.waitWorkers = false;  // the process group's own first collective waits for everyone, with the timeout
+  options.timeout = timeout;
+  try {
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(env.master_addr, options);
+    return c10::make_intrusive<c10d::PrefixStore>("accelerated", tcp);
+  } catch (const std::exception& error) {
+    throw std::runtime_error("accelerated::distributed: rank " + std::to_string(env.rank) +
+                             " could not reach the rendezvous store at " + env.master_addr + ":" +
+                             std::to_string(env.master_port) + " within " + std::to_string(timeout.count()) +
+                             " ms (" + (options.isServer ? "serving it" : "connecting") + "): " + error.what());
+  }
+}
+
+}  // namespace accelerated::distributed

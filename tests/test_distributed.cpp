@@ -1,0 +1,258 @@
+// Data-parallel training with ranks as threads over an in-memory store (no launcher, no ports), plus the
+// environment and fault cases. Every wait is bounded by a short timeout, so a broken test fails instead of hanging.
+#include <torch/csrc/distributed/c10d/HashStore.hpp>
+
+#include <atomic>
+#include <future>
+#include <thread>
+
+#include "helpers.hpp"
+
+namespace acc = accelerated;
+using namespace std::chrono_literals;
+
+namespace {
+struct ScopedEnv {
+  std::vector<std::pair<std::string, std::optional<std::string>>> saved;
+  explicit ScopedEnv(std::initializer_list<std::pair<const char*, const char*>> vars) {
+    // Clear every launcher variable first, so the machine's own environment cannot leak in.
+    for (const char* name : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                             "TORCHELASTIC_USE_AGENT_STORE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+                             "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
+                             "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"}) {
+      set(name, nullptr);
+    }
+    for (auto [name, value] : vars) set(name, value);
+  }
+  void set(const char* name, const char* value) {
+    const char* old = std::getenv(name);
+    saved.emplace_back(name, old ? std::optional<std::string>(old) : std::nullopt);
+    if (value) {
+      ::setenv(name, value, 1);
+    } else {
+      ::unsetenv(name);
+    }
+  }
+  ~ScopedEnv() {
+    for (auto it = saved.rbegin(); it != saved.rend(); ++it) {
+      if (it->second) {
+        ::setenv(it->first.c_str(), it->second->c_str(), 1);
+      } else {
+        ::unsetenv(it->first.c_str());
+      }
+    }
+  }
+};
+
+using ParallelTrainer = acc::Trainer<acc::Cpu, acc::FullPrecision, acc::DataParallel>;
+
+// Runs `body(rank, store)` on `world` threads and returns what each returned; rethrows the first failure.
+template <class Body>
+auto run_ranks(int world, Body body) {
+  auto store = c10::make_intrusive<c10d::HashStore>();
+  using Result = decltype(body(0, store));
+  std::vector<std::future<Result>> futures;
+  for (int rank = 0; rank < world; ++rank) {
+    futures.push_back(std::async(std::launch::async, [=] { return body(rank, store); }));
+  }
+  std::vector<Result> results;
+  for (auto& f : futures) results.push_back(f.get());
+  return results;
+}
+
+acc::DataParallelOptions short_timeout(std::chrono::milliseconds timeout = 20s) {
+  acc::DataParallelOptions options;
+  options.timeout = timeout;
+  return options;
+}
+}  // namespace
+
+TEST_CASE("the environment of torchrun, OpenMPI and SLURM", "[distributed][environment]") {
+  {
+    ScopedEnv env({});
+    const auto e = acc::distributed::environment_from_env();
+    CHECK(e.world_size == 1);
+    CHECK(e.launcher == "none");
+  }
+  {
+    ScopedEnv env({{"RANK", "1"}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", "1"}, {"LOCAL_WORLD_SIZE", "2"},
+                   {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "29500"}, {"TORCHELASTIC_USE_AGENT_STORE", "True"}});
+    const auto e = acc::distributed::environment_from_env();
+    CHECK(e.rank == 1);
+    CHECK(e.world_size == 4);
+    CHECK(e.local_world_size == 2);
+    CHECK(e.master_port == 29500);
+    CHECK(e.agent_serves_store);
+    CHECK(e.launcher == "torchrun");
+  }
+  {
+    ScopedEnv env({{"OMPI_COMM_WORLD_RANK", "2"}, {"OMPI_COMM_WORLD_SIZE", "3"}, {"OMPI_COMM_WORLD_LOCAL_RANK", "0"},
+                   {"MASTER_ADDR", "10.0.0.1"}, {"MASTER_PORT", "1234"}});
+    const auto e = acc::distributed::environment_from_env();
+    CHECK(e.rank == 2);
+    CHECK(e.local_rank == 0);
+    CHECK(e.launcher == "openmpi");
+    CHECK_FALSE(e.agent_serves_store);
+  }
+  {
+    ScopedEnv env({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}, {"SLURM_LOCALID", "0"}, {"MASTER_ADDR", "node1"},
+                   {"MASTER_PORT", "1234"}});
+    CHECK(acc::distributed::environment_from_env().launcher == "slurm");
+  }
+}
+
+TEST_CASE("a broken environment is a clear error", "[distributed][environment][bad_input]") {
+  auto error = [](std::initializer_list<std::pair<const char*, const char*>> vars) {
+    ScopedEnv env(vars);
+    return test::message_of([] { (void)acc::distributed::environment_from_env(); });
+  };
+  CHECK_THAT(error({{"RANK", "2"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "1"}}),
+             Catch::Contains("RANK = 2 is not below WORLD_SIZE = 2"));
+  CHECK_THAT(error({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", "29500"}}),
+             Catch::Contains("MASTER_ADDR is not set"));
+  CHECK_THAT(error({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "127.0.0.1"}}),
+             Catch::Contains("MASTER_PORT is not set"));
+  CHECK_THAT(error({{"RANK", "0"}}), Catch::Contains("WORLD_SIZE is not set"));
+  CHECK_THAT(error({{"RANK", "x"}, {"WORLD_SIZE", "2"}}), Catch::Contains("RANK = 'x'"));
+  CHECK_THAT(error({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "70000"}}),
+             Catch::Contains("MASTER_PORT = '70000'"));
+}
+
+TEST_CASE("an unreachable master ends the rank with an error within the timeout", "[distributed][faults]") {
+  // A port nobody listens on: rank 1 connects and gives up.
+  ScopedEnv env({{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "9"}});
+  const auto start = std::chrono::steady_clock::now();
+  const auto message = test::message_of([] { acc::DataParallel parallel(short_timeout(1500ms)); });
+  CHECK_THAT(message, Catch::Contains("could not reach the rendezvous store at 127.0.0.1:9"));
+  CHECK(std::chrono::steady_clock::now() - start < 30s);
+}
+
+TEST_CASE("two ranks end bit-identical and match one process on the combined batch", "[distributed][training]") {
+  const auto data = test::regression_data(32);
+  // Models are made before the threads start: torch's default generator is shared by threads.
+  std::vector<torch::nn::Linear> models{test::linear_model(), test::linear_model()};
+  torch::manual_seed(99);
+  models[1]->weight.data().normal_();  // a different init on rank 1: the broadcast fixes it
+  auto params = run_ranks(2, [&](int rank, auto store) {
+    auto model = models[rank];
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+    ParallelTrainer trainer(model, torch::nn::MSELoss(), optimizer);
+    trainer.distributed() = acc::DataParallel(store, rank, 2, short_timeout());
+    trainer.set_output(test::quiet());
+    trainer.train(data, {.num_epochs = 3, .per_device_batch_size = 4, .seed = 11});
+    CHECK(trainer.run_config().num_processes == 2);
+    CHECK(trainer.run_config().is_world_process_zero == (rank == 0));
+    return std::pair{test::flat_parameters(*model), trainer.run_history().get_metric_values("train_loss_epoch")};
+  });
+  CHECK(torch::equal(params[0].first, params[1].first));  // bit-identical on both ranks
+  CHECK(params[0].second == params[1].second);            // the recorded loss is global, the same everywhere
+
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess> single(model, torch::nn::MSELoss(), optimizer);
+  single.set_output(test::quiet());
+  single.train(data, {.num_epochs = 3, .per_device_batch_size = 8, .seed = 11});
+  CHECK(torch::allclose(params[0].first, test::flat_parameters(*model), 1e-5, 1e-6));
+  const auto single_losses = single.run_history().get_metric_values("train_loss_epoch");
+  for (std::size_t e = 0; e < 3; ++e) CHECK(params[0].second[e] == Approx(single_losses[e]).epsilon(1e-5));
+}
+
+namespace {
+// Records, after each backward, the first gradient entry, to see when ranks agree.
+struct GradientLog : acc::DefaultLoop {
+  std::vector<double> after_backward;
+  void backward_step(auto& t, torch::Tensor& loss) {
+    DefaultLoop::backward_step(t, loss);
+    after_backward.push_back(t.model()->parameters()[0].grad()[0][0].template item<double>());
+  }
+};
+}  // namespace
+
+TEST_CASE("accumulation micro-steps do not synchronise; update steps do", "[distributed][accumulation]") {
+  const auto data = test::regression_data(32);
+  std::vector<torch::nn::Linear> models{test::linear_model(), test::linear_model()};
+  auto logs = run_ranks(2, [&](int rank, auto store) {
+    auto model = models[rank];
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::DataParallel, GradientLog> trainer(model, torch::nn::MSELoss(), optimizer);
+    trainer.distributed() = acc::DataParallel(store, rank, 2, short_timeout());
+    trainer.set_output(test::quiet());
+    trainer.train(data, {.num_epochs = 1, .per_device_batch_size = 4, .gradient_accumulation_steps = 2});
+    return std::pair{trainer.loop().after_backward, test::flat_parameters(*model)};
+  });
+  REQUIRE(logs[0].first.size() == 4);  // 16 examples per rank, batch 4: 4 micro-steps, 2 updates
+  CHECK(logs[0].first[0] != logs[1].first[0]);  // micro-step: each rank keeps its own gradient
+  CHECK(logs[0].first[1] == logs[1].first[1]);  // update step: averaged, identical
+  CHECK(logs[0].first[2] != logs[1].first[2]);
+  CHECK(logs[0].first[3] == logs[1].first[3]);
+  CHECK(torch::equal(logs[0].second, logs[1].second));
+}
+
+TEST_CASE("evaluation on two ranks covers every example once and matches one process", "[distributed][evaluation]") {
+  torch::manual_seed(5);
+  const auto x = torch::randn({11, 8});  // 11 examples: the ranks get 6 and 5
+  const auto y = torch::randint(0, 3, {11}, torch::kLong);
+  auto make_model = [] {
+    torch::manual_seed(6);
+    return torch::nn::Linear(8, 3);
+  };
+  std::vector<torch::nn::Linear> models{make_model(), make_model()};
+  auto results = run_ranks(2, [&](int rank, auto store) {
+    auto model = models[rank];
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.0));
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::DataParallel, acc::DefaultLoop, acc::callbacks::Accuracy> trainer(
+        model, torch::nn::CrossEntropyLoss(), optimizer, {});
+    trainer.distributed() = acc::DataParallel(store, rank, 2, short_timeout());
+    trainer.evaluate(std::pair{x, y}, 4);
+    auto gathered = trainer.gather(torch::full({rank + 1}, static_cast<double>(rank)));  // uneven sizes
+    return std::tuple{trainer.run_history().get_latest_metric("evaluation_loss"),
+                      trainer.run_history().get_latest_metric("evaluation_accuracy"), gathered};
+  });
+  auto model = make_model();
+  const auto scores = model(x);
+  const double loss = torch::nn::functional::cross_entropy(scores, y).item<double>();
+  const double accuracy = scores.argmax(1).eq(y).sum().item<double>() / 11.0;
+  for (const auto& [rank_loss, rank_accuracy, gathered] : results) {
+    CHECK(rank_loss == Approx(loss).epsilon(1e-6));
+    CHECK(rank_accuracy == Approx(accuracy));
+    CHECK(torch::equal(gathered, torch::tensor({0.0, 1.0, 1.0}, torch::kDouble)));
+  }
+}
+
+TEST_CASE("a peer that stops mid-run ends the survivor with an error, not a hang", "[distributed][faults]") {
+  const auto data = test::regression_data(32);
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<torch::nn::Linear> models{test::linear_model(), test::linear_model()};
+  auto outcomes = run_ranks(2, [&](int rank, auto store) -> std::string {
+    auto model = models[rank];
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+    ParallelTrainer trainer(model, torch::nn::MSELoss(), optimizer);
+    trainer.distributed() = acc::DataParallel(store, rank, 2, short_timeout(2s));
+    trainer.set_output(test::quiet());
+    // Rank 1 trains one epoch and leaves; rank 0 wants three.
+    try {
+      trainer.train(data, {.num_epochs = rank == 0 ? 3 : 1, .per_device_batch_size = 4});
+    } catch (const std::exception& e) {
+      return e.what();
+    }
+    return "finished";
+  });
+  CHECK(outcomes[1] == "finished");
+  CHECK_THAT(outcomes[0], Catch::Contains("rank 0 of 2 failed") && Catch::Contains("a peer may have stopped or died"));
+  CHECK_THAT(outcomes[0], Catch::Contains("epoch 2"));
+  CHECK(std::chrono::steady_clock::now() - start < 60s);
+}
+
+TEST_CASE("one process under DataParallel is a plain single process", "[distributed]") {
+  ScopedEnv env({});
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+  acc::Trainer<acc::Cpu> trainer(model, torch::nn::MSELoss(), optimizer);  // AutoDistributed by default
+  trainer.set_output(test::quiet());
+  trainer.train(test::regression_data(16), {.per_device_batch_size = 4});
+  CHECK(trainer.run_config().num_processes == 1);
+  CHECK_FALSE(trainer.run_config().is_distributed);
+  CHECK(torch::equal(trainer.gather(torch::ones({2})), torch::ones({2})));
+  CHECK(trainer.all_reduce_sum(2.5) == 2.5);
+  trainer.barrier();
+}
