@@ -52,6 +52,25 @@ double hand_written_epoch(Model& model, Optimizer& optimizer, Loss loss_fn, cons
   return loss_sum / static_cast<double>(seen);
 }
 
+// The quickstart's CNN (examples/quickstart.cpp), for the W2 benchmarks.
+struct QuickstartNetImpl : torch::nn::Module {
+  torch::nn::Sequential layers{
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 32, 3).padding(1)), torch::nn::ReLU(), torch::nn::MaxPool2d(2),
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(32, 64, 3).padding(1)), torch::nn::ReLU(), torch::nn::MaxPool2d(2),
+      torch::nn::Flatten(), torch::nn::Linear(64 * 7 * 7, 128), torch::nn::ReLU(), torch::nn::Linear(128, 10)};
+  QuickstartNetImpl() { register_module("layers", layers); }
+  torch::Tensor forward(const torch::Tensor& x) { return layers->forward(x); }
+};
+TORCH_MODULE(QuickstartNet);
+
+// A callback recording how long each training epoch took.
+struct EpochTimes {
+  std::vector<double> seconds;
+  std::chrono::steady_clock::time_point start;
+  void on_train_epoch_start(auto&) { start = std::chrono::steady_clock::now(); }
+  void on_train_epoch_end(auto&) { seconds.push_back(seconds_since(start)); }
+};
+
 inline std::ostream& null_stream() {
   static std::ostringstream sink;
   sink.str("");

@@ -8,15 +8,6 @@
 namespace nn = torch::nn;
 namespace acc = accelerated;
 
-struct NetImpl : nn::Module {
-  nn::Sequential layers{nn::Conv2d(nn::Conv2dOptions(1, 32, 3).padding(1)), nn::ReLU(), nn::MaxPool2d(2),
-                        nn::Conv2d(nn::Conv2dOptions(32, 64, 3).padding(1)), nn::ReLU(), nn::MaxPool2d(2),
-                        nn::Flatten(), nn::Linear(64 * 7 * 7, 128), nn::ReLU(), nn::Linear(128, 10)};
-  NetImpl() { register_module("layers", layers); }
-  torch::Tensor forward(const torch::Tensor& x) { return layers->forward(x); }
-};
-TORCH_MODULE(Net);
-
 // The tensors as a torch::data dataset, for the make_data_loader baseline.
 class FashionDataset : public torch::data::datasets::Dataset<FashionDataset> {
  public:
@@ -28,14 +19,6 @@ class FashionDataset : public torch::data::datasets::Dataset<FashionDataset> {
   torch::Tensor x_, y_;
 };
 
-// Records how long each training epoch took.
-struct EpochTimes {
-  std::vector<double> seconds;
-  std::chrono::steady_clock::time_point start;
-  void on_train_epoch_start(auto&) { start = std::chrono::steady_clock::now(); }
-  void on_train_epoch_end(auto&) { seconds.push_back(bench::seconds_since(start)); }
-};
-
 int main(int argc, char** argv) {
   const std::string folder = argc > 1 ? argv[1] : acc::data::fashion_mnist_default_folder;
   const int rounds = argc > 2 ? std::stoi(argv[2]) : 2;
@@ -43,13 +26,13 @@ int main(int argc, char** argv) {
   constexpr std::int64_t batch = 64;
   auto make = [] {
     torch::manual_seed(0);
-    Net model;
+    bench::QuickstartNet model;
     return model;
   };
 
   auto trainer_model = make();
   torch::optim::Adam trainer_optimizer(trainer_model->parameters(), torch::optim::AdamOptions(1e-3));
-  acc::Trainer trainer(trainer_model, nn::CrossEntropyLoss(), trainer_optimizer, acc::callbacks::Defaults{}, EpochTimes{});
+  acc::Trainer trainer(trainer_model, nn::CrossEntropyLoss(), trainer_optimizer, acc::callbacks::Defaults{}, bench::EpochTimes{});
   trainer.set_output(bench::null_stream());
 
   auto hand_model = make();
@@ -79,7 +62,7 @@ int main(int argc, char** argv) {
       }
     }));
   }
-  const auto& trainer_s = trainer.callback<EpochTimes>().seconds;
+  const auto& trainer_s = trainer.callback<bench::EpochTimes>().seconds;
   // A batch-1000 evaluation: the case glibc's default thresholds hurt most.
   const auto test_set = acc::data::load_fashion_mnist(folder, acc::data::Split::test);
   const double evaluate_s = bench::time_it([&] { trainer.evaluate(test_set, 1000); });

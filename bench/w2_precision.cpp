@@ -6,31 +6,15 @@
 namespace nn = torch::nn;
 namespace acc = accelerated;
 
-struct NetImpl : nn::Module {
-  nn::Sequential layers{nn::Conv2d(nn::Conv2dOptions(1, 32, 3).padding(1)), nn::ReLU(), nn::MaxPool2d(2),
-                        nn::Conv2d(nn::Conv2dOptions(32, 64, 3).padding(1)), nn::ReLU(), nn::MaxPool2d(2),
-                        nn::Flatten(), nn::Linear(64 * 7 * 7, 128), nn::ReLU(), nn::Linear(128, 10)};
-  NetImpl() { register_module("layers", layers); }
-  torch::Tensor forward(const torch::Tensor& x) { return layers->forward(x); }
-};
-TORCH_MODULE(Net);
-
-struct EpochTimes {
-  std::vector<double> seconds;
-  std::chrono::steady_clock::time_point start;
-  void on_train_epoch_start(auto&) { start = std::chrono::steady_clock::now(); }
-  void on_train_epoch_end(auto&) { seconds.push_back(bench::seconds_since(start)); }
-};
-
 template <class Precision>
 struct Run {
-  Net model = [] {
+  bench::QuickstartNet model = [] {
     torch::manual_seed(0);
-    return Net();
+    return bench::QuickstartNet();
   }();
   torch::optim::Adam optimizer{model->parameters(), torch::optim::AdamOptions(1e-3)};
   acc::Trainer<acc::Cpu, Precision, acc::SingleProcess, acc::DefaultLoop, acc::callbacks::Defaults,
-               acc::callbacks::Accuracy, EpochTimes>
+               acc::callbacks::Accuracy, bench::EpochTimes>
       trainer{model, nn::CrossEntropyLoss(), optimizer, {}, {}, {}};
   Run() { trainer.set_output(bench::null_stream()); }
 };
@@ -49,8 +33,8 @@ int main(int argc, char** argv) {
   }
   fp32.trainer.evaluate(test_set, 1000);
   bf16.trainer.evaluate(test_set, 1000);
-  const auto& fp32_s = fp32.trainer.callback<EpochTimes>().seconds;
-  const auto& bf16_s = bf16.trainer.callback<EpochTimes>().seconds;
+  const auto& fp32_s = fp32.trainer.callback<bench::EpochTimes>().seconds;
+  const auto& bf16_s = bf16.trainer.callback<bench::EpochTimes>().seconds;
   const double fp32_best = *std::min_element(fp32_s.begin(), fp32_s.end());
   const double bf16_best = *std::min_element(bf16_s.begin(), bf16_s.end());
 

@@ -27,6 +27,19 @@ inline torch::Tensor flat_parameters(torch::nn::Module& module) {
   return torch::cat(flat);
 }
 
+// A user's torch::data dataset over (x, y) tensors: the per-example path, against which the fast path is checked.
+class PairDataset : public torch::data::datasets::Dataset<PairDataset> {
+ public:
+  PairDataset(torch::Tensor x, torch::Tensor y) : x_(std::move(x)), y_(std::move(y)) {}
+  torch::data::Example<> get(size_t i) override {
+    return {x_[static_cast<std::int64_t>(i)], y_[static_cast<std::int64_t>(i)]};
+  }
+  torch::optional<size_t> size() const override { return static_cast<size_t>(x_.size(0)); }
+
+ private:
+  torch::Tensor x_, y_;
+};
+
 // Discards the trainer's printing; tests that read it use their own ostringstream.
 inline std::ostream& quiet() {
   static std::ostringstream sink;

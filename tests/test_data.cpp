@@ -57,16 +57,6 @@ TEST_CASE("drop_last drops only the short batch", "[data][sampler]") {
 }
 
 namespace {
-// A user's torch::data dataset over the same tensors.
-class PairDataset : public torch::data::datasets::Dataset<PairDataset> {
- public:
-  PairDataset(torch::Tensor x, torch::Tensor y) : x_(std::move(x)), y_(std::move(y)) {}
-  torch::data::Example<> get(size_t i) override { return {x_[static_cast<std::int64_t>(i)], y_[static_cast<std::int64_t>(i)]}; }
-  torch::optional<size_t> size() const override { return static_cast<size_t>(x_.size(0)); }
-
- private:
-  torch::Tensor x_, y_;
-};
 
 template <class Source, class Collate = data::DefaultCollate>
 std::vector<torch::data::Example<>> all_batches(Source source, data::SamplerOptions options, Collate collate = {}) {
@@ -97,7 +87,7 @@ TEST_CASE("the three kinds of data give the same batches", "[data][loader]") {
   CHECK(fast[0].data.sizes() == torch::IntArrayRef{4, 8});
   CHECK(fast[2].data.size(0) == 2);  // the short last batch
 
-  PairDataset dataset(x, y);
+  test::PairDataset dataset(x, y);
   check_same_batches(fast, all_batches(data::as_source(dataset, "d"), options));
 
   std::vector<torch::data::Example<>> examples;
@@ -110,7 +100,7 @@ TEST_CASE("the three kinds of data give the same batches", "[data][loader]") {
   check_same_batches(fast, all_batches(data::as_source(view, "d"), options));
 
   // A dataset mapped with Stack<> collates itself; the loader passes its batches through.
-  auto stacked = PairDataset(x, y).map(torch::data::transforms::Stack<>());
+  auto stacked = test::PairDataset(x, y).map(torch::data::transforms::Stack<>());
   check_same_batches(fast, all_batches(data::as_source(std::move(stacked), "d"), options));
 }
 

@@ -354,18 +354,6 @@ TEST_CASE("evaluate leaves the model's mode as it found it", "[trainer][evaluate
   CHECK_FALSE(model->parameters()[0].grad().defined());  // evaluation ran without autograd
 }
 
-namespace {
-class PairDataset : public torch::data::datasets::Dataset<PairDataset> {
- public:
-  PairDataset(torch::Tensor x, torch::Tensor y) : x_(std::move(x)), y_(std::move(y)) {}
-  torch::data::Example<> get(size_t i) override { return {x_[static_cast<std::int64_t>(i)], y_[static_cast<std::int64_t>(i)]}; }
-  torch::optional<size_t> size() const override { return static_cast<size_t>(x_.size(0)); }
-
- private:
-  torch::Tensor x_, y_;
-};
-}  // namespace
-
 TEST_CASE("training on each kind of data gives bit-identical parameters", "[trainer][data]") {
   const auto data = test::regression_data(30);
   auto train = [&](auto&& dataset) {
@@ -377,7 +365,7 @@ TEST_CASE("training on each kind of data gives bit-identical parameters", "[trai
     return test::flat_parameters(*model);
   };
   const auto from_tensors = train(data);
-  CHECK(torch::equal(from_tensors, train(PairDataset(data.first, data.second))));
+  CHECK(torch::equal(from_tensors, train(test::PairDataset(data.first, data.second))));
   std::vector<std::pair<torch::Tensor, torch::Tensor>> examples;
   for (std::int64_t i = 0; i < 30; ++i) examples.emplace_back(data.first[i], data.second[i]);
   CHECK(torch::equal(from_tensors, train(examples)));
