@@ -67,7 +67,7 @@ acc::DataParallelOptions short_timeout(std::chrono::milliseconds timeout = 20s) 
 }
 }  // namespace
 
-TEST_CASE("the environment of torchrun, OpenMPI and SLURM", "[distributed][environment]") {
+TEST_CASE("the environment of torchrun and OpenMPI and SLURM", "[distributed][environment]") {
   {
     ScopedEnv env({});
     const auto e = acc::distributed::environment_from_env();
@@ -168,7 +168,7 @@ struct GradientLog : acc::DefaultLoop {
 };
 }  // namespace
 
-TEST_CASE("accumulation micro-steps do not synchronise; update steps do", "[distributed][accumulation]") {
+TEST_CASE("accumulation micro-steps do not synchronise but update steps do", "[distributed][accumulation]") {
   const auto data = test::regression_data(32);
   std::vector<torch::nn::Linear> models{test::linear_model(), test::linear_model()};
   auto logs = run_ranks(2, [&](int rank, auto store) {
@@ -219,7 +219,7 @@ TEST_CASE("evaluation on two ranks covers every example once and matches one pro
   }
 }
 
-TEST_CASE("a peer that stops mid-run ends the survivor with an error, not a hang", "[distributed][faults]") {
+TEST_CASE("a peer that stops mid-run ends the survivor with an error and no hang", "[distributed][faults]") {
   const auto data = test::regression_data(32);
   const auto start = std::chrono::steady_clock::now();
   std::vector<torch::nn::Linear> models{test::linear_model(), test::linear_model()};

@@ -63,7 +63,7 @@ TEST_CASE("evaluate rejects a zero batch size", "[options][bad_input]") {
   CHECK_THAT(test::message_of([&] { f.trainer.evaluate(f.data, 0); }), Catch::Contains("per_device_batch_size = 0"));
 }
 
-TEST_CASE("drop_last that leaves no batch is an error, not a silent no-op", "[options][bad_input]") {
+TEST_CASE("drop_last that leaves no batch is an error and not a silent no-op", "[options][bad_input]") {
   Fixture f;
   const auto message = test::message_of([&] { f.trainer.train(f.data, {.per_device_batch_size = 32, .drop_last = true}); });
   CHECK_THAT(message, Catch::Contains("drop_last = true") && Catch::Contains("per_device_batch_size = 32"));

@@ -35,7 +35,7 @@ struct ScopedEnv {
 };
 }  // namespace
 
-TEST_CASE("the autocast guard enables bf16 on the CPU, nests, and restores", "[precision][autocast]") {
+TEST_CASE("the autocast guard enables bf16 on the CPU and nests and restores", "[precision][autocast]") {
   auto linear = torch::nn::Linear(4, 3);
   const auto x = torch::randn({2, 4});
   REQUIRE_FALSE(acc::compat::autocast_enabled(torch::kCPU));
@@ -96,7 +96,7 @@ TEST_CASE("the scaler doubles the scale after growth_interval clean steps", "[pr
   }
 }
 
-TEST_CASE("unscaled gradients equal the true gradients, so clipping sees them", "[precision][scaler]") {
+TEST_CASE("unscaled gradients equal the true gradients so clipping sees them", "[precision][scaler]") {
   ScalerFixture f;
   f.loss().backward();
   const auto reference = f.model->weight.grad().clone();

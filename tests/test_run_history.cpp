@@ -2,7 +2,7 @@
 
 using accelerated::RunHistory;
 
-TEST_CASE("run history records, reads and resets metrics", "[run_history]") {
+TEST_CASE("run history records and reads and resets metrics", "[run_history]") {
   RunHistory history;
   CHECK(history.current_epoch() == 1);
   history.update_metric("train_loss_epoch", 0.5);

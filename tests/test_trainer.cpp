@@ -107,7 +107,7 @@ TEST_CASE("a callback returning true stops cleanly after the current step", "[tr
   CHECK(trainer.callback<StopAfterSteps>().steps == 3);
 }
 
-TEST_CASE("the default callbacks print progress, a plain progress bar and metrics", "[trainer][callbacks]") {
+TEST_CASE("the default callbacks print progress and a plain progress bar and metrics", "[trainer][callbacks]") {
   auto model = test::linear_model();
   torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.01));
   acc::Trainer<> trainer(model, torch::nn::MSELoss(), optimizer);
@@ -169,7 +169,7 @@ TEST_CASE("a loop policy that redefines one step is used for that step only", "[
   CHECK(scaled_eval == Approx(default_eval));
 }
 
-TEST_CASE("gradient accumulation equals one large batch, short last group included", "[trainer][accumulation]") {
+TEST_CASE("gradient accumulation equals one large batch with the short last group included", "[trainer][accumulation]") {
   const auto data = test::regression_data(12);
   auto train = [&](std::int64_t batch, std::int64_t accumulation) {
     auto model = test::linear_model();
@@ -202,7 +202,7 @@ TEST_CASE("gradient accumulation equals one large batch, short last group includ
   CHECK(torch::allclose(grouped, test::flat_parameters(*model), 1e-5, 1e-6));
 }
 
-TEST_CASE("the recorded loss is the unscaled, batch-size-weighted mean", "[trainer][accumulation]") {
+TEST_CASE("the recorded loss is the unscaled batch-size-weighted mean", "[trainer][accumulation]") {
   const auto data = test::regression_data(10);  // batches of 4, 4, 2
   auto model = test::linear_model();
   torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.0));
@@ -230,7 +230,7 @@ struct GradientProbe : acc::DefaultLoop {
 };
 }  // namespace
 
-TEST_CASE("gradients are clipped on update steps only, by value or by norm", "[trainer][clipping]") {
+TEST_CASE("gradients are clipped on update steps only by value or by norm", "[trainer][clipping]") {
   const auto data = std::pair{torch::randn({8, 8}) * 10, torch::randn({8, 1}) * 100};
   SECTION("by value") {
     auto model = test::linear_model();

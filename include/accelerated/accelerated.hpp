@@ -8,6 +8,7 @@
 #include "detail/compat.hpp"
 
 #include "batch.hpp"
+#include "checkpoint.hpp"
 #include "errors.hpp"
 #include "model.hpp"
 #include "run_config.hpp"
@@ -30,10 +31,12 @@
 
 #include "callbacks/accuracy.hpp"
 #include "callbacks/defaults.hpp"
+#include "callbacks/early_stopping.hpp"
 #include "callbacks/events.hpp"
 #include "callbacks/log_metrics.hpp"
 #include "callbacks/print_progress.hpp"
 #include "callbacks/progress_bar.hpp"
+#include "callbacks/save_best_model.hpp"
 #include "callbacks/terminate_on_nan.hpp"
 
 #include "trainer.hpp"

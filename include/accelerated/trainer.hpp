@@ -15,6 +15,8 @@
 #include <array>
 #include <cstdint>
 #include <exception>
+#include <filesystem>
+#include <map>
 #include <iostream>
 #include <memory>
 #include <ostream>
@@ -28,6 +30,7 @@
 
 #include "batch.hpp"
 #include "callbacks/events.hpp"
+#include "checkpoint.hpp"
 #include "concepts.hpp"
 #include "data/loader.hpp"
 #include "data/sources.hpp"
@@ -185,6 +188,24 @@ class Trainer {
   void stop_training(std::string reason = "training stopped on request") {
     stop_requested_ = true;
     stop_reason_ = std::move(reason);
+  }
+
+  // ---- checkpoints ------------------------------------------------------------------------------------------------
+  // Saves the model, the optimizer (unless save_optimizer is false) and `values` (numbers of your own, e.g. the
+  // best metric) to `path`, atomically; in a multi-process run, world process zero writes and every rank waits.
+  void save_checkpoint(const std::filesystem::path& path, const std::map<std::string, double>& values = {},
+                       bool save_optimizer = true) {
+    if (distributed_.rank() == 0) {
+      accelerated::save_checkpoint(path, model_.module(), save_optimizer ? optimizer_ : nullptr, values);
+    }
+    distributed_.barrier();
+  }
+
+  // Loads a checkpoint written by save_checkpoint (every rank reads it) and returns its values. Every key and
+  // shape is checked before anything changes; a mismatch names the entry.
+  std::map<std::string, double> load_checkpoint(const std::filesystem::path& path, bool load_optimizer = true) {
+    distributed_.barrier();
+    return accelerated::load_checkpoint(path, model_.module(), load_optimizer ? optimizer_ : nullptr);
   }
 
   // ---- across processes (no-ops in a single process) -------------------------------------------------------------

@@ -1,0 +1,49 @@
+#pragma once
+// Saves a checkpoint whenever the watched metric reaches a new best (strictly), and by default loads the best one
+// back when training ends, so the trainer's model is the best seen. The checkpoint records the metric under its own
+// name (the Python original switches to the key "loss" after the first save).
+#include <filesystem>
+#include <optional>
+#include <string>
+
+namespace accelerated::callbacks {
+
+struct SaveBestModelOptions {
+  std::filesystem::path save_path = "best_model.pt";
+  std::string watch_metric = "eval_loss_epoch";
+  bool greater_is_better = false;
+  bool reset_on_train = true;
+  bool save_optimizer = true;
+  bool load_saved_checkpoint = true;  // load the best checkpoint at the end of training
+};
+
+class SaveBestModel {
+ public:
+  explicit SaveBestModel(SaveBestModelOptions options = {}) : options_(std::move(options)) {}
+
+  template <class Trainer>
+  void on_training_run_start(Trainer&) {
+    if (options_.reset_on_train) best_.reset();
+  }
+
+  template <class Trainer>
+  void on_training_run_epoch_end(Trainer& trainer) {
+    const double value = trainer.run_history().get_latest_metric(options_.watch_metric);
+    if (best_ && !(options_.greater_is_better ? value > *best_ : value < *best_)) return;
+    best_ = value;
+    trainer.save_checkpoint(options_.save_path, {{options_.watch_metric, value}}, options_.save_optimizer);
+  }
+
+  template <class Trainer>
+  void on_training_run_end(Trainer& trainer) {
+    if (options_.load_saved_checkpoint && best_) trainer.load_checkpoint(options_.save_path, options_.save_optimizer);
+  }
+
+  std::optional<double> best() const { return best_; }
+
+ private:
+  SaveBestModelOptions options_;
+  std::optional<double> best_;
+};
+
+}  // namespace accelerated::callbacks

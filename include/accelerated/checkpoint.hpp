@@ -1,0 +1,134 @@
+#pragma once
+// Checkpoints: a model's parameters and buffers, the optimizer's state, and named numbers of your own, in one
+// versioned file written atomically (a crash while saving leaves the previous file intact). Loading checks every
+// key and shape before it changes anything, and names what does not match: LibTorch's own Module::load would
+// silently resize a parameter to the saved shape.
+#include <torch/nn/module.h>
+#include <torch/optim/optimizer.h>
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "detail/atomic_file.hpp"
+
+namespace accelerated {
+
+inline constexpr std::int64_t checkpoint_format_version = 1;
+
+namespace detail {
+inline std::string shape_of(const torch::Tensor& t) {
+  std::ostringstream out;
+  out << t.sizes();
+  return out.str();
+}
+
+inline void write_module(torch::serialize::OutputArchive& archive, const torch::nn::Module& module) {
+  for (const auto& item : module.named_parameters()) archive.write(item.key(), item.value().detach());
+  for (const auto& item : module.named_buffers()) archive.write(item.key(), item.value(), /*is_buffer=*/true);
+}
+
+inline void read_module(torch::serialize::InputArchive& archive, torch::nn::Module& module, const std::string& file) {
+  std::map<std::string, torch::Tensor> targets, loaded;
+  for (const auto& item : module.named_parameters()) targets.emplace(item.key(), item.value());
+  for (const auto& item : module.named_buffers()) targets.emplace(item.key(), item.value());
+  for (const auto& [key, target] : targets) {  // check everything first: a failed load changes nothing
+    torch::Tensor value;
+    if (!archive.try_read(key, value)) {
+      throw std::runtime_error("accelerated::load_checkpoint: '" + file + "' has no entry 'model/" + key +
+                               "' (a checkpoint of another model?)");
+    }
+    if (value.sizes() != target.sizes()) {
+      throw std::runtime_error("accelerated::load_checkpoint: 'model/" + key + "' has shape " + shape_of(value) +
+                               " in '" + file + "' but " + shape_of(target) + " in the model");
+    }
+    loaded.emplace(key, value);
+  }
+  torch::NoGradGuard no_grad;
+  for (auto& [key, target] : targets) target.copy_(loaded.at(key));
+}
+}  // namespace detail
+
+// Saves `module`, `optimizer` (when given) and `values` to `path`, atomically.
+inline void save_checkpoint(const std::filesystem::path& path, const torch::nn::Module& module,
+                            const torch::optim::Optimizer* optimizer = nullptr,
+                            const std::map<std::string, double>& values = {}) {
+  torch::serialize::OutputArchive archive;
+  archive.write("accelerated_format_version", torch::tensor(checkpoint_format_version, torch::kLong));
+  torch::serialize::OutputArchive model;
+  detail::write_module(model, module);
+  archive.write("model", model);
+  if (optimizer != nullptr) {
+    torch::serialize::OutputArchive state;
+    optimizer->save(state);
+    archive.write("optimizer", state);
+  }
+  torch::serialize::OutputArchive extra;
+  for (const auto& [key, value] : values) extra.write(key, torch::tensor(value, torch::kDouble));
+  archive.write("values", extra);
+  std::ostringstream bytes;
+  archive.save_to(bytes);
+  detail::write_file_atomically(path, bytes.str());
+}
+
+// Loads what save_checkpoint wrote into `module` (and `optimizer`, when given); returns the saved values.
+inline std::map<std::string, double> load_checkpoint(const std::filesystem::path& path, torch::nn::Module& module,
+                                                     torch::optim::Optimizer* optimizer = nullptr) {
+  const std::string file = path.string();
+  if (!std::filesystem::is_regular_file(path)) {
+    throw std::runtime_error("accelerated::load_checkpoint: '" + file + "' does not exist or is not a file");
+  }
+  torch::serialize::InputArchive archive;
+  try {
+    archive.load_from(file);
+  } catch (const std::exception& error) {
+    throw std::runtime_error("accelerated::load_checkpoint: '" + file +
+                             "' is not a readable checkpoint (truncated or corrupt?): " + error.what());
+  }
+  torch::Tensor version;
+  if (!archive.try_read("accelerated_format_version", version)) {
+    throw std::runtime_error("accelerated::load_checkpoint: '" + file +
+                             "' has no 'accelerated_format_version': not a checkpoint written by accelerated");
+  }
+  if (version.item<std::int64_t>() != checkpoint_format_version) {
+    throw std::runtime_error("accelerated::load_checkpoint: '" + file + "' has format version " +
+                             std::to_string(version.item<std::int64_t>()) + "; this library reads version " +
+                             std::to_string(checkpoint_format_version));
+  }
+  torch::serialize::InputArchive model;
+  if (!archive.try_read("model", model)) {
+    throw std::runtime_error("accelerated::load_checkpoint: '" + file + "' has no entry 'model'");
+  }
+  detail::read_module(model, module, file);
+  if (optimizer != nullptr) {
+    torch::serialize::InputArchive state;
+    if (!archive.try_read("optimizer", state)) {
+      throw std::runtime_error("accelerated::load_checkpoint: '" + file + "' has no entry 'optimizer'");
+    }
+    try {
+      optimizer->load(state);
+    } catch (const std::exception& error) {
+      throw std::runtime_error("accelerated::load_checkpoint: entry 'optimizer' of '" + file +
+                               "' does not fit this optimizer: " + error.what());
+    }
+  }
+  std::map<std::string, double> values;
+  torch::serialize::InputArchive extra;
+  if (archive.try_read("values", extra)) {
+    for (const auto& name : extra.keys()) {
+      torch::Tensor value;
+      extra.try_read(name, value);
+      values.emplace(name, value.item<double>());
+    }
+  }
+  return values;
+}
+
+}  // namespace accelerated

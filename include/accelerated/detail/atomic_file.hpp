@@ -1,0 +1,55 @@
+#pragma once
+// Writes a file so that a crash at any moment leaves either the old file or the new one, never a torn one:
+// the bytes go to a temporary file in the same folder, are flushed to disk, and the temporary is renamed over the
+// target (rename is atomic within a file system); then the folder is flushed so the rename itself survives.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+
+namespace accelerated::detail {
+
+inline void write_file_atomically(const std::filesystem::path& path, std::string_view bytes) {
+  auto fail = [&](const std::string& what) {
+    throw std::runtime_error("accelerated: cannot write '" + path.string() + "': " + what + " (" +
+                             std::strerror(errno) + ")");
+  };
+  const auto folder = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
+  if (!std::filesystem::is_directory(folder)) {
+    errno = ENOENT;
+    fail("folder '" + folder.string() + "' does not exist");
+  }
+  const auto temporary = path.string() + ".tmp-" + std::to_string(::getpid());
+  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) fail("cannot create a temporary file");
+  std::size_t done = 0;
+  while (done < bytes.size()) {
+    const auto n = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      ::close(fd);
+      ::unlink(temporary.c_str());
+      fail("write failed");
+    }
+    done += static_cast<std::size_t>(n);
+  }
+  if (::fsync(fd) != 0 || ::close(fd) != 0) {
+    ::unlink(temporary.c_str());
+    fail("flush failed");
+  }
+  if (::rename(temporary.c_str(), path.c_str()) != 0) {
+    ::unlink(temporary.c_str());
+    fail("rename failed");
+  }
+  if (const int dir = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); dir >= 0) {
+    ::fsync(dir);
+    ::close(dir);
+  }
+}
+
+}  // namespace accelerated::detail

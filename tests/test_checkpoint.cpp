@@ -1,0 +1,143 @@
+// Checkpoints (save, load, and every way a load can be refused), SaveBestModel and EarlyStopping.
+#include <filesystem>
+#include <fstream>
+
+#include "helpers.hpp"
+
+namespace acc = accelerated;
+namespace fs = std::filesystem;
+
+namespace {
+fs::path temp_dir(const std::string& name) {
+  auto dir = fs::temp_directory_path() / ("accelerated_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+struct Fixture {
+  torch::nn::Linear model = test::linear_model();
+  torch::optim::Adam optimizer{model->parameters(), torch::optim::AdamOptions(0.01)};
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess> trainer{model, torch::nn::MSELoss(), optimizer};
+  Fixture() { trainer.set_output(test::quiet()); }
+};
+}  // namespace
+
+TEST_CASE("a checkpoint restores the model, the optimizer and the saved values", "[checkpoint]") {
+  const auto dir = temp_dir("checkpoint");
+  const auto data = test::regression_data(32);
+  Fixture a;
+  a.trainer.train(data, {.num_epochs = 2, .per_device_batch_size = 8});
+  a.trainer.save_checkpoint(dir / "ckpt.pt", {{"epoch", 2.0}, {"best", 0.125}});
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    CHECK(entry.path().filename() == "ckpt.pt");  // the temporary file was renamed away
+  }
+
+  Fixture b;
+  CHECK_FALSE(torch::equal(test::flat_parameters(*a.model), test::flat_parameters(*b.model)));
+  const auto values = b.trainer.load_checkpoint(dir / "ckpt.pt");
+  CHECK(torch::equal(test::flat_parameters(*a.model), test::flat_parameters(*b.model)));
+  CHECK(values.at("epoch") == 2.0);
+  CHECK(values.at("best") == 0.125);
+  // The optimizer state came along: one more identical epoch gives identical parameters.
+  a.trainer.train(data, {.num_epochs = 1, .per_device_batch_size = 8, .shuffle = false});
+  b.trainer.train(data, {.num_epochs = 1, .per_device_batch_size = 8, .shuffle = false});
+  CHECK(torch::equal(test::flat_parameters(*a.model), test::flat_parameters(*b.model)));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("bad checkpoints are refused with the entry named and nothing changed", "[checkpoint][bad_input]") {
+  const auto dir = temp_dir("bad_checkpoint");
+  Fixture f;
+  f.trainer.save_checkpoint(dir / "good.pt");
+  const auto before = test::flat_parameters(*f.model);
+
+  CHECK_THROWS_WITH(f.trainer.load_checkpoint(dir / "missing.pt"), Catch::Contains("missing.pt") && Catch::Contains("does not exist"));
+
+  // Another model's shapes.
+  torch::manual_seed(1);
+  auto other = torch::nn::Linear(4, 1);
+  acc::save_checkpoint(dir / "other.pt", *other);
+  auto model = test::linear_model();
+  torch::manual_seed(2);
+  model->weight.data().normal_();
+  const auto untouched = test::flat_parameters(*model);
+  CHECK_THROWS_WITH(acc::load_checkpoint(dir / "other.pt", *model),
+                    Catch::Contains("'model/weight' has shape [1, 4]") && Catch::Contains("[1, 8] in the model"));
+  CHECK(torch::equal(untouched, test::flat_parameters(*model)));  // nothing was loaded
+
+  // A model with a parameter the checkpoint lacks.
+  auto bigger = torch::nn::Sequential(torch::nn::Linear(8, 1));
+  CHECK_THROWS_WITH(acc::load_checkpoint(dir / "good.pt", *bigger), Catch::Contains("no entry 'model/0."));
+
+  // Truncated.
+  std::ifstream in(dir / "good.pt", std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), {});
+  std::ofstream(dir / "truncated.pt", std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size() / 2));
+  CHECK_THROWS_WITH(f.trainer.load_checkpoint(dir / "truncated.pt"), Catch::Contains("not a readable checkpoint"));
+
+  // Not ours, and another format version.
+  torch::serialize::OutputArchive foreign;
+  foreign.write("weights", torch::ones({2}));
+  foreign.save_to((dir / "foreign.pt").string());
+  CHECK_THROWS_WITH(f.trainer.load_checkpoint(dir / "foreign.pt"), Catch::Contains("no 'accelerated_format_version'"));
+  torch::serialize::OutputArchive future;
+  future.write("accelerated_format_version", torch::tensor(99, torch::kLong));
+  future.save_to((dir / "future.pt").string());
+  CHECK_THROWS_WITH(f.trainer.load_checkpoint(dir / "future.pt"), Catch::Contains("format version 99"));
+
+  // An optimizer of another shape of state.
+  acc::save_checkpoint(dir / "no_optimizer.pt", *f.model);
+  CHECK_THROWS_WITH(f.trainer.load_checkpoint(dir / "no_optimizer.pt"), Catch::Contains("no entry 'optimizer'"));
+  CHECK(torch::equal(before, test::flat_parameters(*f.model)));
+
+  // Writing into a folder that does not exist fails and leaves nothing behind.
+  CHECK_THROWS_WITH(f.trainer.save_checkpoint(dir / "nowhere" / "x.pt"), Catch::Contains("does not exist"));
+  fs::remove_all(dir);
+}
+
+namespace {
+// Records the parameters after each epoch, and makes training diverge from epoch 3 on (a huge learning rate).
+struct DivergeFromEpoch3 {
+  std::vector<torch::Tensor> parameters;
+  void on_train_epoch_start(auto& trainer) {
+    if (trainer.run_history().current_epoch() == 3) trainer.optimizer().param_groups()[0].options().set_lr(50.0);
+  }
+  void on_training_run_epoch_end(auto& trainer) { parameters.push_back(test::flat_parameters(trainer.model().module())); }
+};
+}  // namespace
+
+TEST_CASE("SaveBestModel keeps the best epoch and loads it back", "[callbacks][checkpoint]") {
+  const auto dir = temp_dir("best");
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, DivergeFromEpoch3, acc::callbacks::SaveBestModel>
+      trainer(model, torch::nn::MSELoss(), optimizer, {}, acc::callbacks::SaveBestModel({.save_path = dir / "best.pt"}));
+  const auto data = test::regression_data(32);
+  trainer.train(data, {.num_epochs = 5, .per_device_batch_size = 8}, data);
+  const auto& losses = trainer.run_history().get_metric_values("eval_loss_epoch");
+  const auto best = std::min_element(losses.begin(), losses.end()) - losses.begin();
+  CHECK(best == 1);  // epoch 2, before the divergence
+  CHECK(trainer.callback<acc::callbacks::SaveBestModel>().best() == losses[1]);
+  CHECK(torch::equal(test::flat_parameters(*model), trainer.callback<DivergeFromEpoch3>().parameters[1]));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("EarlyStopping stops after patience epochs without improvement", "[callbacks]") {
+  const auto data = test::regression_data(32);
+  auto run = [&](acc::callbacks::EarlyStoppingOptions options, double lr) {
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(lr));
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, acc::callbacks::EarlyStopping>
+        trainer(model, torch::nn::MSELoss(), optimizer, acc::callbacks::EarlyStopping(options));
+    trainer.train(data, {.num_epochs = 10, .per_device_batch_size = 8}, data);
+    return trainer.run_history().get_metric_values("train_loss_epoch").size();
+  };
+  // lr 0: nothing improves after the first epoch; patience 2 stops in epoch 3.
+  CHECK(run({.patience = 2}, 0.0) == 3);
+  // Improving every epoch by more than the threshold: all 10 epochs.
+  CHECK(run({.patience = 1, .threshold = 0.0}, 0.05) == 10);
+  // The other direction: the loss never increases, so "greater is better" never improves.
+  CHECK(run({.patience = 1, .threshold = 0.0, .greater_is_better = true}, 0.05) == 2);
+  CHECK_THROWS_WITH(acc::callbacks::EarlyStopping({.patience = 0}), Catch::Contains("patience = 0"));
+}
