@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Multi-process scaling on this machine: W1 and W2, one epoch each, on 1 process and on 2 (a shell loop on
-# 127.0.0.1). Prints the JSON lines of each run, then one JSON line of ratios (2 processes / 1, samples per second).
+# Multi-process scaling on this machine: W1 and W2, one epoch each, on 1 process (with all hardware threads, and
+# with 1 thread: the same threads per process as the 2-process run) and on 2 processes (a shell loop on 127.0.0.1).
+# Prints the JSON line of each run, then one JSON line of ratios (samples per second).
 # Usage: bench/distributed.sh [build dir=build]
 set -euo pipefail
 build=${1:-build}
 bin=$build/bench/bench_distributed
-declare -A rate
+declare -A rate rate1
 for workload in w1 w2; do
   one=$("$bin" "$workload" | tail -n 1)
   echo "$one"
+  one_thread=$(ACCELERATED_NUM_THREADS=1 "$bin" "$workload" | tail -n 1)
+  echo "$one_thread"
   port=$((20000 + RANDOM % 20000))
   out=$(mktemp)
   for r in 0 1; do
@@ -18,9 +21,14 @@ for workload in w1 w2; do
   two=$(tail -n 1 "$out")
   rm -f "$out"
   echo "$two"
-  rate[$workload]=$(awk -v a="$one" -v b="$two" 'BEGIN {
-    match(a, /"samples_per_s":[0-9.e+]+/); x = substr(a, RSTART + 16, RLENGTH - 16);
-    match(b, /"samples_per_s":[0-9.e+]+/); y = substr(b, RSTART + 16, RLENGTH - 16);
-    printf "%.3f", y / x }')
+  ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN {
+      match(a, /"samples_per_s":[0-9.e+]+/); x = substr(a, RSTART + 16, RLENGTH - 16);
+      match(b, /"samples_per_s":[0-9.e+]+/); y = substr(b, RSTART + 16, RLENGTH - 16);
+      printf "%.3f", y / x }'
+  }
+  rate[$workload]=$(ratio "$one" "$two")
+  rate1[$workload]=$(ratio "$one_thread" "$two")
 done
-printf '{"benchmark":"2 processes / 1, samples/s","w1_ratio":%s,"w2_ratio":%s}\n' "${rate[w1]}" "${rate[w2]}"
+printf '{"benchmark":"2 processes / 1, samples/s","w1_vs_1proc_all_threads":%s,"w2_vs_1proc_all_threads":%s,"w1_vs_1proc_1thread":%s,"w2_vs_1proc_1thread":%s}\n' \
+  "${rate[w1]}" "${rate[w2]}" "${rate1[w1]}" "${rate1[w2]}"
