@@ -29,6 +29,8 @@
 #include "policies/loop.hpp"
 #include "policies/precision.hpp"
 
+#include "schedulers/cosine.hpp"
+
 #include "callbacks/accuracy.hpp"
 #include "callbacks/defaults.hpp"
 #include "callbacks/early_stopping.hpp"

@@ -1,0 +1,45 @@
+#include "helpers.hpp"
+
+namespace acc = accelerated;
+using acc::schedulers::CosineLrScheduler;
+
+TEST_CASE("the cosine schedule warms up, decays and cools down continuously", "[schedulers]") {
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(1.0));
+  // 10 epochs x 10 updates: 20 warm-up, 60 cosine, 20 cool-down.
+  CosineLrScheduler scheduler(optimizer, {.total_num_epochs = 10, .num_update_steps_per_epoch = 10, .lr_min = 0.0,
+                                          .num_warmup_epochs = 2, .warmup_starting_lr = 0.0, .num_cooldown_epochs = 2});
+  auto lr = [&](std::int64_t t) { return scheduler.lrs_at(t)[0]; };
+  CHECK(optimizer.param_groups()[0].options().get_lr() == 0.0);  // set at construction: update 0 is warm-up
+  CHECK(lr(10) == Approx(0.5));
+  CHECK(lr(20) == Approx(1.0));
+  CHECK(lr(50) == Approx(0.5));   // half way through the cosine phase
+  CHECK(lr(79) < 0.001);          // reaches lo at the end of the cosine phase: no jump
+  CHECK(lr(80) == 0.0);
+  CHECK(lr(500) == 0.0);
+  for (std::int64_t t = 21; t < 80; ++t) CHECK(lr(t) <= lr(t - 1));
+  scheduler.step();
+  CHECK(optimizer.param_groups()[0].options().get_lr() == Approx(lr(1)));
+  CHECK(scheduler.num_updates() == 1);
+  CHECK_THROWS_WITH(CosineLrScheduler(optimizer, {.total_num_epochs = 2, .num_warmup_epochs = 1, .num_cooldown_epochs = 1}),
+                    Catch::Contains("num_warmup_epochs + num_cooldown_epochs"));
+}
+
+TEST_CASE("the cosine schedule sizes itself from the run config and steps once per update", "[schedulers][trainer]") {
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1));
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess> trainer(model, torch::nn::MSELoss(), optimizer);
+  trainer.set_output(test::quiet());
+  acc::TrainOptions options{.num_epochs = 3, .per_device_batch_size = 4, .gradient_accumulation_steps = 2};
+  options.create_scheduler_fn = [](torch::optim::Optimizer& o, const acc::RunConfig& config) {
+    return std::make_unique<CosineLrScheduler>(
+        o, acc::schedulers::CosineOptions{.total_num_epochs = config.num_epochs,
+                                          .num_update_steps_per_epoch = config.num_update_steps_per_epoch,
+                                          .min_lr_ratio = 0.1});
+  };
+  trainer.train(test::regression_data(32), options);  // 8 batches, 4 updates per epoch, 12 in all
+  auto* scheduler = dynamic_cast<CosineLrScheduler*>(trainer.scheduler());
+  REQUIRE(scheduler != nullptr);
+  CHECK(scheduler->num_updates() == 12);
+  CHECK(optimizer.param_groups()[0].options().get_lr() == Approx(0.01));  // the end of the schedule: 0.1 x 0.1
+}
