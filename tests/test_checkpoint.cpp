@@ -141,3 +141,49 @@ TEST_CASE("EarlyStopping stops after patience epochs without improvement", "[cal
   CHECK(run({.patience = 1, .threshold = 0.0, .greater_is_better = true}, 0.05) == 2);
   CHECK_THROWS_WITH(acc::callbacks::EarlyStopping({.patience = 0}), Catch::Contains("patience = 0"));
 }
+
+TEST_CASE("metrics go to CSV and JSON lines and the curves to an SVG after every epoch", "[callbacks][files]") {
+  const auto dir = temp_dir("curves");
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, acc::callbacks::MetricsLogger,
+               acc::callbacks::LearningCurves>
+      trainer(model, torch::nn::MSELoss(), optimizer, acc::callbacks::MetricsLogger(dir / "metrics.csv"),
+              acc::callbacks::LearningCurves(dir / "curves.svg"));
+  const auto data = test::regression_data(32);
+  trainer.train(data, {.num_epochs = 3, .per_device_batch_size = 8}, data);
+  trainer.evaluate(data, 8);
+
+  std::ifstream csv(dir / "metrics.csv");
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(csv, line);) lines.push_back(line);
+  REQUIRE(lines.size() == 5);  // header, 3 epochs, the evaluation
+  CHECK(lines[0] == "epoch,phase,eval_loss_epoch,evaluation_loss,train_loss_epoch");
+  CHECK(lines[1].rfind("1,train,", 0) == 0);
+  CHECK(lines[3].rfind("3,train,", 0) == 0);
+  CHECK(lines[4].find(",evaluate,") != std::string::npos);
+  std::ostringstream third_loss;
+  third_loss.precision(10);
+  third_loss << trainer.run_history().get_metric_values("train_loss_epoch")[2];
+  CHECK_THAT(lines[3], Catch::EndsWith("," + third_loss.str()));
+
+  std::ifstream svg_file(dir / "curves.svg");
+  const std::string svg((std::istreambuf_iterator<char>(svg_file)), {});
+  CHECK(svg.rfind("<svg", 0) == 0);
+  CHECK_THAT(svg, Catch::Contains(">loss_epoch</text>") && Catch::Contains(">train_loss_epoch</text>") &&
+                      Catch::Contains(">eval_loss_epoch</text>"));
+  std::size_t polylines = 0;
+  for (auto at = svg.find("<polyline"); at != std::string::npos; at = svg.find("<polyline", at + 1)) ++polylines;
+  CHECK(polylines == 2);
+  CHECK_THAT(svg, Catch::EndsWith("</svg>\n"));
+
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, acc::callbacks::MetricsLogger> json(
+      model, torch::nn::MSELoss(), optimizer,
+      acc::callbacks::MetricsLogger(dir / "metrics.jsonl", acc::callbacks::MetricsLogger::Format::json_lines));
+  json.train(data, {.num_epochs = 2, .per_device_batch_size = 8});
+  std::ifstream jsonl(dir / "metrics.jsonl");
+  std::string first;
+  std::getline(jsonl, first);
+  CHECK_THAT(first, Catch::StartsWith(R"({"epoch":1,"phase":"train","train_loss_epoch":)"));
+  fs::remove_all(dir);
+}

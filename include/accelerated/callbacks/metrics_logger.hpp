@@ -1,0 +1,98 @@
+#pragma once
+// Writes every metric of the run history to a file after each epoch (and after evaluate()): CSV (one row per
+// epoch, one column per metric) or JSON lines (one object per epoch). The whole file is rewritten atomically from the
+// history each time, so it is always complete and a metric that appears late (an eval metric) gets its column.
+// Process zero only.
+#include <algorithm>
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "../detail/atomic_file.hpp"
+#include "../detail/json.hpp"
+
+namespace accelerated::callbacks {
+
+class MetricsLogger {
+ public:
+  enum class Format { csv, json_lines };
+
+  explicit MetricsLogger(std::filesystem::path path, Format format = Format::csv)
+      : path_(std::move(path)), format_(format) {}
+
+  template <class Trainer>
+  void on_training_run_start(Trainer& trainer) {
+    if (trainer.train_options().reset_run_history) rows_.clear();
+  }
+
+  template <class Trainer>
+  void on_training_run_epoch_end(Trainer& trainer) {
+    record(trainer, "train");
+  }
+
+  template <class Trainer>
+  void on_evaluation_run_end(Trainer& trainer) {
+    record(trainer, "evaluate");
+  }
+
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  struct Row {
+    std::int64_t epoch;
+    std::string phase;
+    std::map<std::string, double> values;
+  };
+
+  template <class Trainer>
+  void record(Trainer& trainer, const char* phase) {
+    const auto& history = trainer.run_history();
+    Row row{history.current_epoch(), phase, {}};
+    for (const auto& name : history.get_metric_names()) row.values[name] = history.get_latest_metric(name);
+    rows_.push_back(std::move(row));
+    if (trainer.run_config().is_world_process_zero) detail::write_file_atomically(path_, render());
+  }
+
+  std::string render() const {
+    std::ostringstream out;
+    if (format_ == Format::json_lines) {
+      for (const auto& row : rows_) {
+        detail::JsonObject json(out);
+        json.field("epoch", row.epoch).field("phase", row.phase);
+        for (const auto& [name, value] : row.values) json.field(name, value);
+        json.close();
+        out << '\n';
+      }
+      return out.str();
+    }
+    std::vector<std::string> columns;  // every metric seen, in name order
+    for (const auto& row : rows_) {
+      for (const auto& [name, value] : row.values) {
+        if (std::find(columns.begin(), columns.end(), name) == columns.end()) columns.push_back(name);
+      }
+    }
+    std::sort(columns.begin(), columns.end());
+    out << "epoch,phase";
+    for (const auto& c : columns) out << ',' << c;
+    out << '\n';
+    out.precision(10);
+    for (const auto& row : rows_) {
+      out << row.epoch << ',' << row.phase;
+      for (const auto& c : columns) {
+        out << ',';
+        if (auto it = row.values.find(c); it != row.values.end()) out << it->second;
+      }
+      out << '\n';
+    }
+    return out.str();
+  }
+
+  std::filesystem::path path_;
+  Format format_;
+  std::vector<Row> rows_;
+};
+
+}  // namespace accelerated::callbacks
