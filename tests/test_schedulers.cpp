@@ -43,3 +43,31 @@ TEST_CASE("the cosine schedule sizes itself from the run config and steps once p
   CHECK(scheduler->num_updates() == 12);
   CHECK(optimizer.param_groups()[0].options().get_lr() == Approx(0.01));  // the end of the schedule: 0.1 x 0.1
 }
+
+TEST_CASE("ModelFreezer freezes and unfreezes layer groups", "[finetuning]") {
+  auto model = torch::nn::Sequential(torch::nn::Linear(4, 8), torch::nn::BatchNorm1d(8), torch::nn::ReLU(),
+                                     torch::nn::Linear(8, 2));
+  acc::ModelFreezer freezer(model);
+  CHECK(freezer.num_groups() == 4);
+  freezer.freeze();  // all groups but the last
+  auto groups = freezer.layer_groups();
+  CHECK(groups[0].is_frozen);
+  CHECK_FALSE(groups[1].is_frozen);  // a batch norm stays trainable
+  CHECK_FALSE(groups[2].is_frozen);  // no parameters: never "frozen"
+  CHECK_FALSE(groups[3].is_frozen);
+  CHECK_FALSE(model[0]->as<torch::nn::Linear>()->weight.requires_grad());
+  CHECK(model[1]->as<torch::nn::BatchNorm1d>()->weight.requires_grad());
+  CHECK(freezer.trainable_parameters().size() == 4);  // batch norm weight and bias, last linear weight and bias
+
+  const auto added = freezer.unfreeze(-4, -4);  // negative indices, one group
+  REQUIRE(added.size() == 1);
+  CHECK(added.at(0).size() == 2);
+  CHECK(freezer.unfreeze().empty());  // nothing left to unfreeze
+
+  acc::ModelFreezer with_norms(model, true);
+  with_norms.freeze(-1, 1, /*set_modules_as_eval=*/true);  // a reversed range: groups 1 to 3
+  CHECK(with_norms.layer_groups()[1].is_frozen);
+  CHECK_FALSE(model[1]->is_training());
+  CHECK(with_norms.trainable_parameters().size() == 2);
+  CHECK_THROWS_WITH(with_norms.freeze(0, 4), Catch::Contains("to_index = 4") && Catch::Contains("[-4, 3]"));
+}

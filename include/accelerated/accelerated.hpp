@@ -10,6 +10,7 @@
 #include "batch.hpp"
 #include "checkpoint.hpp"
 #include "errors.hpp"
+#include "finetuning.hpp"
 #include "model.hpp"
 #include "run_config.hpp"
 #include "run_history.hpp"
