@@ -71,3 +71,36 @@ TEST_CASE("ModelFreezer freezes and unfreezes layer groups", "[finetuning]") {
   CHECK(with_norms.trainable_parameters().size() == 2);
   CHECK_THROWS_WITH(with_norms.freeze(0, 4), Catch::Contains("to_index = 4") && Catch::Contains("[-4, 3]"));
 }
+
+TEST_CASE("the WSD schedule warms up, holds, and decays at the end of each period", "[schedulers]") {
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(1.0));
+  using acc::schedulers::WsdLrScheduler;
+  WsdLrScheduler one(optimizer, {.total_steps = 100, .num_warmup_steps = 10, .decay_phase_ratio = 0.2, .lr_min = 0.01,
+                                 .warmup_starting_lr = 0.0});
+  auto lr = [&](const WsdLrScheduler& s, std::int64_t t) { return s.lrs_at(t)[0]; };
+  CHECK(lr(one, 0) == 0.0);
+  CHECK(lr(one, 5) == Approx(0.5));
+  CHECK(lr(one, 10) == 1.0);
+  CHECK(lr(one, 79) == 1.0);                         // stable
+  CHECK(lr(one, 80) == 1.0);                         // decay starts (r = 0)
+  CHECK(lr(one, 100) == Approx(0.01));               // r = 1: lr_min x base
+  CHECK(lr(one, 90) == Approx(0.01 + 0.99 * (1 - std::sqrt(0.5))));  // inverse-sqrt shape
+  CHECK(one.checkpoint_steps() == std::vector<std::int64_t>{100});
+
+  torch::optim::SGD optimizer2(model->parameters(), torch::optim::SGDOptions(1.0));  // `one` set the first one's rate
+  WsdLrScheduler three(optimizer2, {.total_steps = 400, .num_warmup_steps = 0, .decay_phase_ratio = 0.25,
+                                   .num_checkpoints = 3});
+  CHECK(three.checkpoint_steps() == std::vector<std::int64_t>{100, 200, 400});
+  CHECK(lr(three, 74) == 1.0);
+  CHECK(lr(three, 99) < 0.1);                        // the first period decays before its checkpoint
+  CHECK(lr(three, 100) == 1.0);                      // the next period starts stable again
+  CHECK(lr(three, 399) < 0.05);
+
+  CHECK_THROWS_WITH(WsdLrScheduler(optimizer2, {.num_epochs = 2, .num_update_steps_per_epoch = 5, .total_steps = 10}),
+                    Catch::Contains("not both"));
+  CHECK_THROWS_WITH(WsdLrScheduler(optimizer2, {.total_steps = 100, .decay_phase_ratio = 0.5, .num_checkpoints = 2}),
+                    Catch::Contains("1/3"));
+  CHECK_THROWS_WITH(WsdLrScheduler(optimizer2, {.total_steps = 100, .warmup_starting_lr = 2.0}),
+                    Catch::Contains("above the base rate"));
+}

@@ -31,6 +31,7 @@
 #include "policies/precision.hpp"
 
 #include "schedulers/cosine.hpp"
+#include "schedulers/wsd.hpp"
 
 #include "callbacks/accuracy.hpp"
 #include "callbacks/defaults.hpp"
