@@ -220,6 +220,12 @@ TEST_CASE("the Cuda policy reports a missing GPU clearly", "[device][bad_input]"
   CHECK(cuda.device() == torch::Device(torch::kCUDA, 0));
   auto model = test::linear_model();
   CHECK_THROWS_WITH(cuda.place(*model), Catch::Contains("CUDA is not available"));
+  {
+    // Under mpirun there is no LOCAL_RANK: the GPU follows OpenMPI's local rank, as the distributed policy reads it.
+    ScopedEnv rank("OMPI_COMM_WORLD_RANK", "1"), size("OMPI_COMM_WORLD_SIZE", "2"),
+        local("OMPI_COMM_WORLD_LOCAL_RANK", "1"), addr("MASTER_ADDR", "127.0.0.1"), port("MASTER_PORT", "29500");
+    CHECK(acc::Cuda().device() == torch::Device(torch::kCUDA, 1));
+  }
   ScopedEnv env("LOCAL_RANK", "abc");
   CHECK_THROWS_WITH(acc::Cuda(), Catch::Contains("LOCAL_RANK = 'abc'"));
 }

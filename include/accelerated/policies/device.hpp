@@ -1,7 +1,7 @@
 #pragma once
 // Device policies: where the model, the loss module, registered modules and every batch live. The menu:
 //   Cpu         everything on the CPU; to_device is the identity and costs nothing.
-//   Cuda        the GPU of index LOCAL_RANK (set by torchrun and friends), else 0; batches are copied through
+//   Cuda        the GPU of this process's local rank (torchrun, OpenMPI, SLURM), else 0; batches are copied through
 //               pinned memory without blocking.
 //   AutoDevice  Cuda when LibTorch sees a GPU, else Cpu (the trainer's default).
 // A device policy provides, checked by accelerated::DevicePolicy in concepts.hpp:
@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "../detail/to_device.hpp"
+#include "../distributed/environment.hpp"
 
 namespace accelerated {
 
@@ -56,22 +57,18 @@ class Cuda {
     }
     const auto count = static_cast<int>(torch::cuda::device_count());
     if (index_ < 0 || index_ >= count) {
-      throw std::runtime_error("accelerated::Cuda: device index " + std::to_string(index_) + " (from LOCAL_RANK) but " +
+      throw std::runtime_error("accelerated::Cuda: device index " + std::to_string(index_) + " (the local rank) but " +
                                std::to_string(count) + " GPU(s) are visible");
     }
   }
 
  private:
+  // The launcher's local rank, read by the same code as the distributed policy (torchrun's LOCAL_RANK, OpenMPI's
+  // OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID); a lone LOCAL_RANK also picks the GPU of a single process.
   static int local_rank_from_env() {
-    const char* value = std::getenv("LOCAL_RANK");
-    if (value == nullptr || *value == '\0') return 0;
-    try {
-      std::size_t used = 0;
-      const int rank = std::stoi(value, &used);
-      if (used == std::string(value).size() && rank >= 0) return rank;
-    } catch (const std::exception&) {
-    }
-    throw std::invalid_argument(std::string("accelerated::Cuda: LOCAL_RANK = '") + value + "' is not a rank");
+    const auto env = distributed::environment_from_env();
+    if (env.world_size > 1) return static_cast<int>(env.local_rank);
+    return static_cast<int>(distributed::detail::env_int("LOCAL_RANK", 0).value_or(0));
   }
 
   int index_;
