@@ -10,6 +10,8 @@
 #include <torch/optim/optimizer.h>
 #include <torch/optim/schedulers/lr_scheduler.h>
 
+#include "per_update.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <numbers>
@@ -32,10 +34,10 @@ struct CosineOptions {
   std::int64_t num_cooldown_epochs = 0;
 };
 
-class CosineLrScheduler : public torch::optim::LRScheduler {
+class CosineLrScheduler : public PerUpdateScheduler<CosineLrScheduler> {
  public:
   CosineLrScheduler(torch::optim::Optimizer& optimizer, CosineOptions options)
-      : LRScheduler(optimizer), optimizer_ref_(optimizer), options_(options) {
+      : PerUpdateScheduler(optimizer), options_(options) {
     auto fail = [](const std::string& what) {
       throw std::invalid_argument("accelerated::schedulers::CosineLrScheduler: " + what);
     };
@@ -49,8 +51,7 @@ class CosineLrScheduler : public torch::optim::LRScheduler {
       fail("num_warmup_epochs + num_cooldown_epochs must be >= 0 and below total_num_epochs = " +
            std::to_string(options_.total_num_epochs));
     }
-    for (auto& group : optimizer.param_groups()) base_lrs_.push_back(group.options().get_lr());
-    apply(0);
+    start();
   }
 
   // The rate of every group at update t (0-based).
@@ -77,22 +78,8 @@ class CosineLrScheduler : public torch::optim::LRScheduler {
     return lrs;
   }
 
-  std::int64_t num_updates() const { return updates_; }
-
  private:
-  // LRScheduler::step() asks for the rates of the next update.
-  std::vector<double> get_lrs() override { return lrs_at(++updates_); }
-
-  void apply(std::int64_t t) {
-    const auto lrs = lrs_at(t);
-    auto& groups = optimizer_ref_.param_groups();
-    for (std::size_t i = 0; i < groups.size(); ++i) groups[i].options().set_lr(lrs[i]);
-  }
-
-  torch::optim::Optimizer& optimizer_ref_;  // LRScheduler keeps its own reference private
   CosineOptions options_;
-  std::vector<double> base_lrs_;
-  std::int64_t updates_ = 0;
 };
 
 }  // namespace accelerated::schedulers

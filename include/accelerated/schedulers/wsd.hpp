@@ -10,6 +10,8 @@
 #include <torch/optim/optimizer.h>
 #include <torch/optim/schedulers/lr_scheduler.h>
 
+#include "per_update.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -32,10 +34,10 @@ struct WsdOptions {
   std::int64_t num_checkpoints = 1;
 };
 
-class WsdLrScheduler : public torch::optim::LRScheduler {
+class WsdLrScheduler : public PerUpdateScheduler<WsdLrScheduler> {
  public:
   WsdLrScheduler(torch::optim::Optimizer& optimizer, WsdOptions options)
-      : LRScheduler(optimizer), optimizer_ref_(optimizer), options_(options) {
+      : PerUpdateScheduler(optimizer), options_(options) {
     auto fail = [](const std::string& what) {
       throw std::invalid_argument("accelerated::schedulers::WsdLrScheduler: " + what);
     };
@@ -54,7 +56,6 @@ class WsdLrScheduler : public torch::optim::LRScheduler {
       fail("decay_phase_ratio = " + std::to_string(options_.decay_phase_ratio) + " must be <= 1/3 with several checkpoints");
     }
     if (!(options_.lr_min > 0 && options_.lr_min <= 1)) fail("lr_min = " + std::to_string(options_.lr_min) + " must be in (0, 1]");
-    for (auto& group : optimizer.param_groups()) base_lrs_.push_back(group.options().get_lr());
     if (options_.warmup_starting_lr > *std::max_element(base_lrs_.begin(), base_lrs_.end())) {
       fail("warmup_starting_lr = " + std::to_string(options_.warmup_starting_lr) + " is above the base rate");
     }
@@ -65,12 +66,10 @@ class WsdLrScheduler : public torch::optim::LRScheduler {
         checkpoints_.push_back(std::min(total_, (total_ / 4) << i));
       }
     }
-    set(lrs_at(0));
+    start();
   }
 
   const std::vector<std::int64_t>& checkpoint_steps() const { return checkpoints_; }
-  std::int64_t num_updates() const { return updates_; }
-
   std::vector<double> lrs_at(std::int64_t t) const {
     std::int64_t start = 0, end = checkpoints_.back();
     for (const auto c : checkpoints_) {  // the period holding t
@@ -103,20 +102,10 @@ class WsdLrScheduler : public torch::optim::LRScheduler {
   }
 
  private:
-  std::vector<double> get_lrs() override { return lrs_at(++updates_); }
-
-  void set(const std::vector<double>& lrs) {
-    auto& groups = optimizer_ref_.param_groups();
-    for (std::size_t i = 0; i < groups.size(); ++i) groups[i].options().set_lr(lrs[i]);
-  }
-
-  torch::optim::Optimizer& optimizer_ref_;  // LRScheduler keeps its own reference private
   WsdOptions options_;
-  std::vector<double> base_lrs_;
   std::vector<std::int64_t> checkpoints_;
   std::int64_t total_ = 0;
   std::int64_t warmup_ = 0;
-  std::int64_t updates_ = 0;
 };
 
 }  // namespace accelerated::schedulers
