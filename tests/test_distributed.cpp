@@ -3,6 +3,7 @@
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 
 #include <atomic>
+#include <filesystem>
 #include <future>
 #include <thread>
 
@@ -255,4 +256,47 @@ TEST_CASE("one process under DataParallel is a plain single process", "[distribu
   CHECK(torch::equal(trainer.gather(torch::ones({2})), torch::ones({2})));
   CHECK(trainer.all_reduce_sum(2.5) == 2.5);
   trainer.barrier();
+}
+
+namespace {
+struct ThrowAt {
+  std::int64_t at;
+  template <class Trainer>
+  void on_update_step_end(Trainer& trainer) {
+    if (trainer.state().update_step == at) throw std::runtime_error("simulated crash");
+  }
+};
+}  // namespace
+
+TEST_CASE("two ranks resumed from a saved training state end bit-identical", "[distributed][resume]") {
+  namespace cb = acc::callbacks;
+  const auto data = test::regression_data(64, 5);
+  const auto base = std::filesystem::temp_directory_path() / ("accelerated_dp_resume_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(base);
+  // 32 examples per rank, batch 4, accumulation 2: 4 updates per epoch, 8 in all; states after updates 2, 4, 6, 8.
+  auto run = [&](const std::filesystem::path& dir, std::int64_t crash_at) {
+    std::vector<torch::nn::Linear> models{test::linear_model(), test::linear_model()};  // before the threads
+    return run_ranks(2, [&, models](int rank, auto store) {
+      auto model = models[static_cast<std::size_t>(rank)];
+      torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(0.01));
+      acc::Trainer<acc::Cpu, acc::FullPrecision, acc::DataParallel, acc::DefaultLoop, cb::SaveTrainingState, ThrowAt>
+          trainer(model, torch::nn::MSELoss(), optimizer,
+                  cb::SaveTrainingState({.save_dir = dir, .save_every_n_steps = 2}), ThrowAt{crash_at});
+      trainer.distributed() = acc::DataParallel(store, rank, 2, short_timeout());
+      trainer.set_output(test::quiet());
+      acc::TrainOptions options{.num_epochs = 2, .per_device_batch_size = 4, .gradient_accumulation_steps = 2,
+                                .seed = 3};
+      options.resume_from = cb::SaveTrainingState::latest(dir);
+      trainer.train(data, options);
+      return test::flat_parameters(*model);
+    });
+  };
+  const auto reference = run(base / "uninterrupted", 0);
+  CHECK_THROWS_WITH(run(base / "crashed", 5), Catch::Contains("simulated crash"));
+  REQUIRE(cb::SaveTrainingState::latest(base / "crashed")->filename() == "step_4.pt");
+  const auto resumed = run(base / "crashed", 0);
+  CHECK(torch::equal(reference[0], reference[1]));
+  CHECK(torch::equal(resumed[0], reference[0]));
+  CHECK(torch::equal(resumed[1], reference[1]));
+  std::filesystem::remove_all(base);
 }

@@ -15,6 +15,7 @@
 #include "run_config.hpp"
 #include "run_history.hpp"
 #include "train_options.hpp"
+#include "training_state.hpp"
 
 #include "data/collate.hpp"
 #include "data/fashion_mnist.hpp"
@@ -31,6 +32,8 @@
 #include "policies/precision.hpp"
 
 #include "schedulers/cosine.hpp"
+#include "schedulers/param_group_field.hpp"
+#include "schedulers/state.hpp"
 #include "schedulers/wsd.hpp"
 
 #include "callbacks/accuracy.hpp"
@@ -38,11 +41,17 @@
 #include "callbacks/early_stopping.hpp"
 #include "callbacks/events.hpp"
 #include "callbacks/learning_curves.hpp"
+#include "callbacks/limit_batches.hpp"
+#include "callbacks/limit_eval_steps.hpp"
 #include "callbacks/log_metrics.hpp"
 #include "callbacks/metrics_logger.hpp"
+#include "callbacks/model_ema.hpp"
+#include "callbacks/move_modules_to_device.hpp"
 #include "callbacks/print_progress.hpp"
 #include "callbacks/progress_bar.hpp"
 #include "callbacks/save_best_model.hpp"
+#include "callbacks/save_training_state.hpp"
+#include "callbacks/step_based_evaluation.hpp"
 #include "callbacks/terminate_on_nan.hpp"
 
 #include "trainer.hpp"

@@ -54,16 +54,39 @@ inline void read_module(torch::serialize::InputArchive& archive, torch::nn::Modu
   torch::NoGradGuard no_grad;
   for (auto& [key, target] : targets) target.copy_(loaded.at(key));
 }
+
+// Opens `path` as an archive whose `version_key` must equal `version`; errors name `caller` and the file.
+inline torch::serialize::InputArchive open_archive(const std::filesystem::path& path, const std::string& caller,
+                                                   const std::string& noun, const std::string& version_key,
+                                                   std::int64_t version) {
+  const std::string file = path.string();
+  const std::string where = "accelerated::" + caller + ": '" + file + "'";
+  if (!std::filesystem::is_regular_file(path)) throw std::runtime_error(where + " does not exist or is not a file");
+  torch::serialize::InputArchive archive;
+  try {
+    archive.load_from(file);
+  } catch (const std::exception& error) {
+    throw std::runtime_error(where + " is not a readable " + noun + " (truncated or corrupt?): " + error.what());
+  }
+  torch::Tensor saved;
+  if (!archive.try_read(version_key, saved)) {
+    throw std::runtime_error(where + " has no '" + version_key + "': not a file " + caller +
+                             " reads (written by another function or program?)");
+  }
+  if (saved.item<std::int64_t>() != version) {
+    throw std::runtime_error(where + " has format version " + std::to_string(saved.item<std::int64_t>()) +
+                             "; this library reads version " + std::to_string(version));
+  }
+  return archive;
+}
 }  // namespace detail
 
-// Saves `module`, `optimizer` (when given) and `values` to `path`, atomically.
-inline void save_checkpoint(const std::filesystem::path& path, const torch::nn::Module& module,
-                            const torch::optim::Optimizer* optimizer = nullptr,
-                            const std::map<std::string, double>& values = {}) {
-  torch::serialize::OutputArchive archive;
-  archive.write("accelerated_format_version", torch::tensor(checkpoint_format_version, torch::kLong));
+namespace detail {
+// The entries a checkpoint and a training state share: "model", "optimizer" (when given) and "values".
+inline void write_common(torch::serialize::OutputArchive& archive, const torch::nn::Module& module,
+                         const torch::optim::Optimizer* optimizer, const std::map<std::string, double>& values) {
   torch::serialize::OutputArchive model;
-  detail::write_module(model, module);
+  write_module(model, module);
   archive.write("model", model);
   if (optimizer != nullptr) {
     torch::serialize::OutputArchive state;
@@ -73,40 +96,21 @@ inline void save_checkpoint(const std::filesystem::path& path, const torch::nn::
   torch::serialize::OutputArchive extra;
   for (const auto& [key, value] : values) extra.write(key, torch::tensor(value, torch::kDouble));
   archive.write("values", extra);
-  std::ostringstream bytes;
-  archive.save_to(bytes);
-  detail::write_file_atomically(path, bytes.str());
 }
 
-// Loads what save_checkpoint wrote into `module` (and `optimizer`, when given); returns the saved values.
-inline std::map<std::string, double> load_checkpoint(const std::filesystem::path& path, torch::nn::Module& module,
-                                                     torch::optim::Optimizer* optimizer = nullptr) {
-  const std::string file = path.string();
-  if (!std::filesystem::is_regular_file(path)) {
-    throw std::runtime_error("accelerated::load_checkpoint: '" + file + "' does not exist or is not a file");
-  }
-  torch::serialize::InputArchive archive;
-  try {
-    archive.load_from(file);
-  } catch (const std::exception& error) {
-    throw std::runtime_error("accelerated::load_checkpoint: '" + file +
-                             "' is not a readable checkpoint (truncated or corrupt?): " + error.what());
-  }
-  torch::Tensor version;
-  if (!archive.try_read("accelerated_format_version", version)) {
-    throw std::runtime_error("accelerated::load_checkpoint: '" + file +
-                             "' has no 'accelerated_format_version': not a checkpoint written by accelerated");
-  }
-  if (version.item<std::int64_t>() != checkpoint_format_version) {
-    throw std::runtime_error("accelerated::load_checkpoint: '" + file + "' has format version " +
-                             std::to_string(version.item<std::int64_t>()) + "; this library reads version " +
-                             std::to_string(checkpoint_format_version));
-  }
+inline void save_archive(const std::filesystem::path& path, torch::serialize::OutputArchive& archive) {
+  std::ostringstream bytes;
+  archive.save_to(bytes);
+  write_file_atomically(path, bytes.str());
+}
+
+inline std::map<std::string, double> read_common(torch::serialize::InputArchive& archive, torch::nn::Module& module,
+                                                 torch::optim::Optimizer* optimizer, const std::string& file) {
   torch::serialize::InputArchive model;
   if (!archive.try_read("model", model)) {
     throw std::runtime_error("accelerated::load_checkpoint: '" + file + "' has no entry 'model'");
   }
-  detail::read_module(model, module, file);
+  read_module(model, module, file);
   if (optimizer != nullptr) {
     torch::serialize::InputArchive state;
     if (!archive.try_read("optimizer", state)) {
@@ -129,6 +133,25 @@ inline std::map<std::string, double> load_checkpoint(const std::filesystem::path
     }
   }
   return values;
+}
+}  // namespace detail
+
+// Saves `module`, `optimizer` (when given) and `values` to `path`, atomically.
+inline void save_checkpoint(const std::filesystem::path& path, const torch::nn::Module& module,
+                            const torch::optim::Optimizer* optimizer = nullptr,
+                            const std::map<std::string, double>& values = {}) {
+  torch::serialize::OutputArchive archive;
+  archive.write("accelerated_format_version", torch::tensor(checkpoint_format_version, torch::kLong));
+  detail::write_common(archive, module, optimizer, values);
+  detail::save_archive(path, archive);
+}
+
+// Loads what save_checkpoint wrote into `module` (and `optimizer`, when given); returns the saved values.
+inline std::map<std::string, double> load_checkpoint(const std::filesystem::path& path, torch::nn::Module& module,
+                                                     torch::optim::Optimizer* optimizer = nullptr) {
+  auto archive = detail::open_archive(path, "load_checkpoint", "checkpoint", "accelerated_format_version",
+                                      checkpoint_format_version);
+  return detail::read_common(archive, module, optimizer, path.string());
 }
 
 }  // namespace accelerated

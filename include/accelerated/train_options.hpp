@@ -5,6 +5,7 @@
 #include <torch/optim/schedulers/lr_scheduler.h>
 
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -34,6 +35,8 @@ struct TrainOptions {
   bool drop_last = false;        // training data only
   std::uint64_t seed = 42;       // shuffling order of epoch e is a function of (seed, e)
   bool reset_run_history = true;
+  // A training state to continue (Trainer::load_training_state): the run resumes at the saved batch.
+  std::optional<std::filesystem::path> resume_from;
 
   void validate() const {
     auto fail = [](const std::string& option, const std::string& value, const std::string& rule) {

@@ -10,15 +10,18 @@
 #include <torch/utils.h>
 
 #include <boost/hana/at.hpp>
+#include <boost/hana/for_each.hpp>
 #include <boost/hana/length.hpp>
 
 #include <array>
 #include <cstdint>
 #include <exception>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <ostream>
 #include <span>
 #include <stdexcept>
@@ -32,6 +35,8 @@
 #include "callbacks/events.hpp"
 #include "checkpoint.hpp"
 #include "concepts.hpp"
+#include "training_state.hpp"
+#include "schedulers/state.hpp"
 #include "data/loader.hpp"
 #include "data/sources.hpp"
 #include "detail/allocator_tuning.hpp"
@@ -69,9 +74,10 @@ struct loader_batch<NoEvalSet, Otherwise> {
 struct TrainingState {
   std::int64_t step = 0;         // 0-based batch index in the current train or eval epoch
   std::int64_t num_batches = 0;  // batches the current train or eval epoch will run
-  std::int64_t update_step = 0;  // optimizer updates done in this train() call
+  std::int64_t update_step = 0;  // optimizer updates done in this run (a resumed run continues the count)
   double last_loss = 0.0;        // mean loss of the last batch, as recorded (before accumulation scaling)
   bool training = false;         // inside a training epoch (false in eval epochs and evaluate())
+  bool is_update_step = false;   // the current training batch ends with an optimizer update
 };
 
 // Every policy has a default, chosen from the environment: a GPU when LibTorch sees one, the precision named by
@@ -117,6 +123,7 @@ class Trainer {
     if constexpr (policies_ok_) {
       options.validate();
       options_ = options;
+      if (options.resume_from) load_training_state(*options.resume_from);
       constexpr bool has_eval = !std::is_same_v<std::remove_cvref_t<EvalData>, NoEvalSet>;
       auto train_source = data::as_source(std::forward<TrainData>(train_dataset), "train_dataset");
       if constexpr (detail::check_loader_step<Loop, Trainer, decltype(train_source), Collate, true>()) {
@@ -208,6 +215,94 @@ class Trainer {
     return accelerated::load_checkpoint(path, model_.module(), load_optimizer ? optimizer_ : nullptr);
   }
 
+  // Saves the full training state (model, optimizer, scheduler, loss scaler, run history, callbacks' state, every
+  // process's random generators, and the position in the run) with `values`, atomically. Call it outside train(),
+  // or from on_update_step_end, on_training_run_epoch_end or on_training_run_end (callbacks::SaveTrainingState does);
+  // a run resumed from it ends bit-identical to the uninterrupted run on CPU. Every process must call it.
+  void save_training_state(const std::filesystem::path& path, const std::map<std::string, double>& values = {}) {
+    if (save_point_ == SavePoint::inside) {
+      throw std::logic_error("accelerated::Trainer::save_training_state: called in the middle of a step or an eval "
+                             "epoch; call it outside train(), or from on_update_step_end, on_training_run_epoch_end "
+                             "or on_training_run_end");
+    }
+    const auto rng = distributed_.gather(detail::generator_state(torch::kCPU).unsqueeze(0));
+    torch::Tensor cuda_rng;
+    if (device_.device().is_cuda()) cuda_rng = distributed_.gather(detail::generator_state(device_.device()).unsqueeze(0));
+    if (distributed_.rank() == 0) {
+      const auto position = current_position();
+      torch::serialize::OutputArchive archive;
+      archive.write("accelerated_training_state_version", torch::tensor(training_state_format_version, torch::kLong));
+      accelerated::detail::write_common(archive, model_.module(), optimizer_, values);
+      detail::write_position(archive, position);
+      detail::write_history(archive, history_, history_.current_epoch() + (save_point_ == SavePoint::epoch_end ? 1 : 0));
+      if (scheduler_) {
+        torch::serialize::OutputArchive scheduler;
+        schedulers::save_scheduler_state(scheduler, *scheduler_);
+        archive.write("scheduler", scheduler);
+      }
+      if constexpr (requires(torch::serialize::OutputArchive& a) { precision_.save_state(a); }) {
+        torch::serialize::OutputArchive precision;
+        precision_.save_state(precision);
+        archive.write("precision", precision);
+      }
+      for_each_stateful_callback([&](auto& callback, const std::string& key) {
+        torch::serialize::OutputArchive state;
+        callback.save_state(state);
+        archive.write(key, state);
+      });
+      archive.write("rng_cpu", rng);
+      if (cuda_rng.defined()) archive.write("rng_cuda", cuda_rng);
+      accelerated::detail::save_archive(path, archive);
+    }
+    distributed_.barrier();
+  }
+
+  // Loads a training state: the model, the optimizer and the run history at once; the position, scheduler, loss
+  // scaler, callbacks' state and random generators when the next train() starts, which then continues the saved run
+  // (same datasets and options; num_epochs and max_num_train_steps count from the run's start). Returns the values.
+  std::map<std::string, double> load_training_state(const std::filesystem::path& path) {
+    distributed_.barrier();
+    const std::string file = path.string();
+    auto archive = std::make_shared<torch::serialize::InputArchive>(
+        accelerated::detail::open_archive(path, "load_training_state", "training state",
+                                          "accelerated_training_state_version", training_state_format_version));
+    auto position = detail::read_position(*archive, file);
+    auto values = accelerated::detail::read_common(*archive, model_.module(), optimizer_, file);
+    detail::read_history(*archive, history_, file);
+    pending_resume_ = PendingResume{std::move(archive), position, file};
+    return values;
+  }
+
+  // Caps the batches of the current epoch at n (from on_train_epoch_start or on_eval_epoch_start). In a training
+  // epoch the last batch kept ends with an update, as an epoch's last batch always does.
+  void limit_epoch_batches(std::int64_t n) {
+    if (n < 1) {
+      throw std::invalid_argument("accelerated::Trainer::limit_epoch_batches: n = " + std::to_string(n) +
+                                  " must be >= 1");
+    }
+    if (!epoch_starting_) {
+      throw std::logic_error("accelerated::Trainer::limit_epoch_batches: call it from on_train_epoch_start or "
+                             "on_eval_epoch_start");
+    }
+    state_.num_batches = std::min(state_.num_batches, n);
+  }
+
+  // Asks for an evaluation epoch (is_intermediate = true, metric "intermediate_eval_loss") once the current update
+  // has finished; needs an eval set in this train() call. Metrics named intermediate_* are removed after its
+  // on_eval_epoch_end, so the run history stays one value per epoch.
+  void request_evaluation() { evaluation_requested_ = true; }
+
+  // Runs the eval set of this train() call through the model once more, without callbacks (e.g. with other weights
+  // swapped in), and records the global mean loss under `metric`; returns it.
+  double eval_loss_pass(const std::string& metric) {
+    if (!eval_pass_) {
+      throw std::logic_error("accelerated::Trainer::eval_loss_pass: only available inside train() with an eval_dataset");
+    }
+    const auto value = eval_pass_();
+    history_.update_metric(metric, value);
+    return value;
+  }
+
   // ---- across processes (no-ops in a single process) -------------------------------------------------------------
   // Every process's tensor, concatenated along dim 0 in rank order (sizes along dim 0 may differ).
   torch::Tensor gather(const torch::Tensor& tensor) { return distributed_.gather(tensor); }
@@ -280,6 +375,133 @@ class Trainer {
     double total = 0.0;  // sum of loss x batch size
     double count = 0.0;  // sum of batch sizes
   };
+
+  // Where save_training_state may be called: outside a run's epochs, after an update, at an epoch's end.
+  enum class SavePoint { outside, update_end, epoch_end, inside };
+
+  struct PendingResume {
+    std::shared_ptr<torch::serialize::InputArchive> archive;
+    RunPosition position;
+    std::string file;
+  };
+
+  // Calls fn(callback, key) for each callback with save_state/load_state, keyed by its place in the list.
+  template <class Fn>
+  void for_each_stateful_callback(Fn&& fn) {
+    std::size_t index = 0;
+    boost::hana::for_each(callbacks_, [&](auto& callback) {
+      if constexpr (requires(torch::serialize::OutputArchive& a) { callback.save_state(a); }) {
+        fn(callback, "callback_" + std::to_string(index));
+      }
+      ++index;
+    });
+  }
+
+  RunPosition current_position() const {
+    RunPosition p;
+    p.in_run = run_started_;
+    if (!run_started_) return p;
+    p.update_step = state_.update_step;
+    p.epochs_done = epochs_done_ + (save_point_ == SavePoint::epoch_end ? 1 : 0);
+    if (save_point_ == SavePoint::update_end) {
+      p.batches_done = state_.step;
+      p.loss_total = train_tracker_.total;
+      p.loss_count = train_tracker_.count;
+    }
+    p.num_processes = run_config_.num_processes;
+    p.per_device_batch_size = run_config_.train_per_device_batch_size;
+    p.gradient_accumulation_steps = run_config_.gradient_accumulation_steps;
+    p.num_train_batches_per_epoch = run_config_.num_train_batches_per_epoch;
+    p.seed = static_cast<std::int64_t>(options_.seed);
+    p.shuffle = options_.shuffle;
+    return p;
+  }
+
+  // First half of a resume, before the run starts: the run must have the saved shape; the position, the scheduler
+  // and the loss scaler are restored.
+  void resume_run_state(const PendingResume& resume) {
+    const auto& p = resume.position;
+    auto& archive = *resume.archive;
+    auto check = [&](const char* name, std::int64_t here, std::int64_t saved) {
+      if (here != saved) {
+        throw std::invalid_argument("accelerated::Trainer::train: resuming '" + resume.file + "': " + name + " = " +
+                                    std::to_string(here) + " here but " + std::to_string(saved) +
+                                    " in the saved run; an exact resume needs the same datasets and options");
+      }
+    };
+    if (p.in_run) {
+      check("num_processes", run_config_.num_processes, p.num_processes);
+      check("per_device_batch_size", run_config_.train_per_device_batch_size, p.per_device_batch_size);
+      check("gradient_accumulation_steps", run_config_.gradient_accumulation_steps, p.gradient_accumulation_steps);
+      check("batches per epoch (train_dataset size, drop_last)", run_config_.num_train_batches_per_epoch,
+            p.num_train_batches_per_epoch);
+      check("seed", static_cast<std::int64_t>(options_.seed), p.seed);
+      check("shuffle", options_.shuffle, p.shuffle);
+      state_.update_step = p.update_step;
+      epochs_done_ = p.epochs_done;
+      resume_batches_ = p.batches_done;
+      train_tracker_ = {p.loss_total, p.loss_count};
+    }
+    torch::serialize::InputArchive scheduler;
+    const bool saved_scheduler = archive.try_read("scheduler", scheduler);
+    if (saved_scheduler && !scheduler_) {
+      throw std::invalid_argument("accelerated::Trainer::train: resuming '" + resume.file +
+                                  "': it holds a scheduler's state, but this run creates no scheduler "
+                                  "(TrainOptions::create_scheduler_fn)");
+    }
+    if (scheduler_ && p.in_run && !saved_scheduler) {
+      throw std::invalid_argument("accelerated::Trainer::train: resuming '" + resume.file +
+                                  "': the saved run had no scheduler, but this run creates one");
+    }
+    if (saved_scheduler) schedulers::load_scheduler_state(scheduler, *scheduler_);
+    if constexpr (requires(torch::serialize::InputArchive& a) { precision_.load_state(a); }) {
+      torch::serialize::InputArchive precision;
+      if (archive.try_read("precision", precision)) precision_.load_state(precision);
+    }
+  }
+
+  // Second half, once on_training_run_start has run (callbacks reset themselves there): their state and the random
+  // generators, last, so the next random number drawn is the one the saved run would have drawn.
+  void resume_callbacks_and_generators(const PendingResume& resume) {
+    auto& archive = *resume.archive;
+    for_each_stateful_callback([&](auto& callback, const std::string& key) {
+      auto section = detail::read_section(archive, key, resume.file);
+      callback.load_state(section);
+    });
+    const auto rank = distributed_.rank();
+    auto restore = [&](const char* key, torch::Device device) {
+      torch::Tensor states;
+      if (!archive.try_read(key, states)) return;
+      if (states.size(0) <= rank) {
+        throw std::runtime_error("accelerated::load_training_state: '" + resume.file + "' holds '" + key +
+                                 "' for " + std::to_string(states.size(0)) + " processes; this is rank " +
+                                 std::to_string(rank));
+      }
+      detail::set_generator_state(device, states[rank].contiguous());
+    };
+    restore("rng_cpu", torch::kCPU);
+    if (device_.device().is_cuda()) restore("rng_cuda", device_.device());
+  }
+
+  // Calls fn(batch) for batches [first, last) of the current epoch; fn returns false to stop. Loaders with random
+  // access (ours) jump to `first`; others are advanced past the skipped batches.
+  template <class Loader, class Fn>
+  static void for_each_batch(Loader& loader, std::int64_t first, std::int64_t last, Fn&& fn) {
+    if (first >= last) return;
+    if constexpr (requires { loader.batch(first); }) {
+      for (auto b = first; b < last; ++b) {
+        if (!fn(loader.batch(b))) return;
+      }
+    } else {
+      auto it = std::begin(loader);
+      const auto end = std::end(loader);
+      std::int64_t b = 0;
+      for (; b < first && it != end; ++b) ++it;
+      for (; b < last && it != end; ++b, ++it) {
+        if (!fn(*it)) return;
+      }
+    }
+  }
 
   template <class Event, class... Args>
   bool emit(const Args&... args) {
@@ -383,30 +605,52 @@ class Trainer {
       build_run_config(static_cast<std::int64_t>(train_loader.size()), options_.per_device_batch_size,
                        eval_batch_size, options_.gradient_accumulation_steps, options_.gradient_clip_value,
                        options_.gradient_clip_norm);
-      if (options_.reset_run_history) history_.reset();
+      auto resume = std::exchange(pending_resume_, std::nullopt);
+      if (options_.reset_run_history && !resume) history_.reset();
       reset_stop();
       state_ = {};
+      epochs_done_ = 0;
+      resume_batches_ = 0;
+      train_tracker_ = {};
       place_modules();
       distributed_.prepare(model_.module());
       parameters_ = model_->parameters();
       scheduler_ = loop_.create_scheduler(*this);
+      if (resume) resume_run_state(*resume);
+      run_started_ = true;
+      if constexpr (!std::is_same_v<EvalLoader, NoEvalSet>) {
+        eval_pass_ = [this, eval_loader] { return eval_loss_pass_over(*eval_loader); };
+      }
+      struct EndOfRun {  // the eval pass refers to this call's loader
+        Trainer& trainer;
+        ~EndOfRun() {
+          trainer.eval_pass_ = nullptr;
+          trainer.save_point_ = SavePoint::outside;
+        }
+      } end_of_run{*this};
 
       loop_.training_run_start(*this);
       if (emit<events::on_training_run_start>()) stop_training("stop requested by a callback in on_training_run_start");
-      for (std::int64_t epoch = 0; epoch < run_config_.num_epochs; ++epoch) {
+      if (resume) resume_callbacks_and_generators(*resume);
+      for (std::int64_t epoch = epochs_done_; epoch < run_config_.num_epochs; ++epoch) {
         bool reached_max_steps = false;
+        save_point_ = SavePoint::inside;
         try {
           if (stop_requested_) throw StopTrainingError(stop_reason_);
           // The shuffling order follows the run history's epoch, so successive train() calls and resumed runs
           // each see a new order.
           train_loader.set_epoch(history_.current_epoch() - 1);
-          reached_max_steps = run_train_epoch(train_loader);
+          reached_max_steps = run_train_epoch(train_loader, eval_loader, std::exchange(resume_batches_, 0));
           if constexpr (!std::is_same_v<EvalLoader, NoEvalSet>) run_eval_epoch(*eval_loader, "eval_loss_epoch", false);
           loop_.training_run_epoch_end(*this);
+          save_point_ = SavePoint::epoch_end;
           emit_in_epoch<events::on_training_run_epoch_end>();
+          save_point_ = SavePoint::inside;
           history_.increment_epoch();
+          ++epochs_done_;
           if (stop_requested_) throw StopTrainingError(stop_reason_);
         } catch (const StopTrainingError& error) {
+          save_point_ = SavePoint::outside;
           print(error.what());
           emit<events::on_stop_training_error>(error);
           break;
@@ -420,6 +664,7 @@ class Trainer {
                                    std::to_string(history_.current_epoch()) + ", step " +
                                    std::to_string(state_.step + 1) + " (a peer may have stopped or died): " + what);
         }
+        save_point_ = SavePoint::outside;
         if (reached_max_steps) {
           if (options_.max_num_train_steps) {
             print("Reached max_num_train_steps = ", run_config_.max_num_train_steps, "; training stopped");
@@ -427,37 +672,42 @@ class Trainer {
           break;
         }
       }
+      save_point_ = SavePoint::outside;
       loop_.training_run_end(*this);
       emit<events::on_training_run_end>();
       rethrow_pending_error();
     }
   }
 
-  // One training epoch; true when max_num_train_steps was reached.
-  template <class Loader>
-  bool run_train_epoch(Loader& loader) {
+  // One training epoch from batch `first` (not 0 only when resuming); true when max_num_train_steps was reached.
+  template <class Loader, class EvalLoader>
+  bool run_train_epoch(Loader& loader, EvalLoader* eval_loader, std::int64_t first) {
     const auto accumulation = run_config_.gradient_accumulation_steps;
     const auto batches = static_cast<std::int64_t>(loader.size());
     const auto updates_left = run_config_.max_num_train_steps - state_.update_step;
     state_.training = true;
-    state_.step = 0;
-    state_.num_batches = std::min(batches, updates_left * accumulation);
+    state_.step = first;
+    state_.num_batches = std::min(batches, first + updates_left * accumulation);
     loop_.train_epoch_start(*this);
-    LossTracker tracker;
+    if (first == 0) train_tracker_ = {};
+    epoch_starting_ = true;
     emit_in_epoch<events::on_train_epoch_start>();
+    epoch_starting_ = false;
 
-    bool reached_max_steps = false;
-    for (auto&& loaded : loader) {
+    bool reached_max_steps = state_.update_step >= run_config_.max_num_train_steps;
+    for_each_batch(loader, state_.step, state_.num_batches, [&](auto&& loaded) {
       const auto step = state_.step;
+      const auto last = state_.num_batches;
+      const bool update = (step + 1) % accumulation == 0 || step + 1 == last;
+      state_.is_update_step = update;
       emit_in_epoch<events::on_train_step_start>();
       auto&& batch = device_.to_device(std::move(loaded));
-      const bool update = (step + 1) % accumulation == 0 || step + 1 == batches;
       // The last group of an epoch may be short: divide by its real size, so every update averages its batches.
-      const auto group_size = std::min(accumulation, batches - (step - step % accumulation));
+      const auto group_size = std::min(accumulation, last - (step - step % accumulation));
       {
         [[maybe_unused]] auto sync = distributed_.gradient_sync(update);
         auto output = forward<true>(batch);
-        track(tracker, output.loss, output.batch_size);
+        track(train_tracker_, output.loss, output.batch_size);
         emit_in_epoch<events::on_train_step_end>(batch, output, step);
         if (group_size > 1) output.loss = output.loss / static_cast<double>(group_size);
         loop_.backward_step(*this, output.loss);
@@ -470,29 +720,55 @@ class Trainer {
         reached_max_steps = ++state_.update_step >= run_config_.max_num_train_steps;
       }
       ++state_.step;
+      if (update) {
+        save_point_ = SavePoint::update_end;
+        emit_in_epoch<events::on_update_step_end>();
+        save_point_ = SavePoint::inside;
+        if (std::exchange(evaluation_requested_, false)) run_intermediate_evaluation(eval_loader);
+      }
       if (stop_requested_) throw StopTrainingError(stop_reason_);
-      if (reached_max_steps) break;
-    }
+      return !reached_max_steps;
+    });
     loop_.train_epoch_end(*this);
-    history_.update_metric("train_loss_epoch", global_mean(tracker));
+    history_.update_metric("train_loss_epoch", global_mean(train_tracker_));
     emit_in_epoch<events::on_train_epoch_end>();
     state_.training = false;
     return reached_max_steps;
   }
 
+  // An eval epoch in the middle of a training epoch (request_evaluation); the model goes back to training mode
+  // afterwards (the Python original leaves it in eval mode for the rest of the epoch).
+  template <class EvalLoader>
+  void run_intermediate_evaluation(EvalLoader* eval_loader) {
+    if constexpr (std::is_same_v<EvalLoader, NoEvalSet>) {
+      throw std::logic_error("accelerated::Trainer::request_evaluation: this train() call has no eval_dataset");
+    } else {
+      const bool was_training = model_->is_training();
+      run_eval_epoch(*eval_loader, "intermediate_eval_loss", true);
+      // Handlers of on_eval_epoch_end(is_intermediate = true) read intermediate_* metrics; the history keeps epochs.
+      for (const auto& name : history_.get_metric_names()) {
+        if (name.rfind("intermediate_", 0) == 0) history_.delete_metric(name);
+      }
+      model_->train(was_training);
+    }
+  }
+
   template <class Loader>
   void run_eval_epoch(Loader& loader, const std::string& metric, bool is_intermediate) {
-    const bool was_training = state_.training;
+    const auto saved = state_;
+    const auto saved_point = std::exchange(save_point_, SavePoint::inside);
     state_.training = false;
-    const auto saved_step = state_.step;
+    state_.is_update_step = false;
     state_.step = 0;
     state_.num_batches = static_cast<std::int64_t>(loader.size());
     loop_.eval_epoch_start(*this);
     LossTracker tracker;
+    epoch_starting_ = true;
     emit_in_epoch<events::on_eval_epoch_start>(is_intermediate);
+    epoch_starting_ = false;
     {
       torch::NoGradGuard no_grad;
-      for (auto&& loaded : loader) {
+      for_each_batch(loader, 0, state_.num_batches, [&](auto&& loaded) {
         emit_in_epoch<events::on_eval_step_start>();
         auto&& batch = device_.to_device(std::move(loaded));
         auto output = forward<false>(batch);
@@ -500,13 +776,35 @@ class Trainer {
         emit_in_epoch<events::on_eval_step_end>(batch, output);
         ++state_.step;
         if (stop_requested_) throw StopTrainingError(stop_reason_);
-      }
+        return true;
+      });
     }
     loop_.eval_epoch_end(*this);
     history_.update_metric(metric, global_mean(tracker));
     emit_in_epoch<events::on_eval_epoch_end>(is_intermediate);
-    state_.training = was_training;
-    state_.step = saved_step;
+    const auto update_step = state_.update_step;
+    state_ = saved;
+    state_.update_step = update_step;
+    save_point_ = saved_point;
+  }
+
+  // The eval set once more, with no events: eval_loss_pass.
+  template <class Loader>
+  double eval_loss_pass_over(Loader& loader) {
+    const bool was_training = model_->is_training();
+    model_->eval();
+    LossTracker tracker;
+    {
+      torch::NoGradGuard no_grad;
+      for_each_batch(loader, 0, static_cast<std::int64_t>(loader.size()), [&](auto&& loaded) {
+        auto&& batch = device_.to_device(std::move(loaded));
+        auto output = forward<false>(batch);
+        add_loss(tracker, output.loss, output.batch_size);
+        return true;
+      });
+    }
+    model_->train(was_training);
+    return global_mean(tracker);
   }
 
   // The loss step under the precision policy's autocast.
@@ -521,11 +819,15 @@ class Trainer {
   }
 
   void track(LossTracker& tracker, const torch::Tensor& loss, std::int64_t batch_size) {
+    state_.last_loss = add_loss(tracker, loss, batch_size);
+  }
+
+  static double add_loss(LossTracker& tracker, const torch::Tensor& loss, std::int64_t batch_size) {
     // item() reads the value without autograd; no detach() (it would allocate a tensor per step).
     const auto value = loss.dim() == 0 ? loss.template item<double>() : loss.detach().mean().template item<double>();
-    state_.last_loss = value;
     tracker.total += value * static_cast<double>(batch_size);
     tracker.count += static_cast<double>(batch_size);
+    return value;
   }
 
   // The batch-size-weighted mean over every process.
@@ -563,6 +865,17 @@ class Trainer {
   bool stop_requested_ = false;
   std::string stop_reason_;
   std::exception_ptr pending_error_;
+  // training state and resume
+  LossTracker train_tracker_;               // the current training epoch's loss so far
+  std::int64_t epochs_done_ = 0;            // epochs of the current run completed
+  std::int64_t resume_batches_ = 0;         // batches of the first epoch to skip when resuming
+  bool run_started_ = false;                // a train() call has set up the run
+  SavePoint save_point_ = SavePoint::outside;
+  std::optional<PendingResume> pending_resume_;
+  // what callbacks may ask for during a run
+  bool epoch_starting_ = false;             // inside on_train_epoch_start / on_eval_epoch_start
+  bool evaluation_requested_ = false;
+  std::function<double()> eval_pass_;
 };
 
 // `Trainer trainer(model, loss, optimizer, callbacks...)` deduces the callback list with the default policies.

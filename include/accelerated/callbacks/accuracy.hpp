@@ -1,7 +1,7 @@
 #pragma once
 // Classification accuracy over an evaluation epoch, counted on every process and summed across processes, so the
 // recorded value is the global one: "eval_accuracy" during train(), "evaluation_accuracy" during evaluate()
-// ("eval_top5_accuracy" for TopKAccuracy<5>). Model outputs are [batch, classes] scores; targets are class indices.
+// ("eval_top5_accuracy" for TopKAccuracy<5>), "intermediate_eval_accuracy" in evaluations StepBasedEvaluation asks for. Model outputs are [batch, classes] scores; targets are class indices.
 // k is a template parameter so that several k can sit in one trainer (each callback type appears once).
 #include <torch/types.h>
 
@@ -47,12 +47,12 @@ class TopKAccuracy {
   }
 
   template <class Trainer>
-  void on_eval_epoch_end(Trainer& trainer) {
+  void on_eval_epoch_end(Trainer& trainer, bool is_intermediate) {
     auto totals = counts_;
     trainer.distributed().all_reduce_sum(totals);
     if (totals[1] == 0) return;
     const std::string k = K == 1 ? "" : "top" + std::to_string(K) + "_";
-    const std::string prefix = in_evaluation_run_ ? "evaluation_" : "eval_";
+    const std::string prefix = in_evaluation_run_ ? "evaluation_" : is_intermediate ? "intermediate_eval_" : "eval_";
     trainer.run_history().update_metric(prefix + k + "accuracy", totals[0] / totals[1]);
   }
 

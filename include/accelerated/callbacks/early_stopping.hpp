@@ -10,6 +10,7 @@
 #include <string>
 
 #include "../errors.hpp"
+#include "../detail/callback_state.hpp"
 
 namespace accelerated::callbacks {
 
@@ -60,6 +61,15 @@ class EarlyStopping {
 
   std::optional<double> best() const { return best_; }
   std::int64_t epochs_without_improvement() const { return epochs_without_improvement_; }
+
+  void save_state(torch::serialize::OutputArchive& archive) const {
+    detail::write_optional(archive, "best", best_);
+    detail::write_count(archive, "epochs_without_improvement", epochs_without_improvement_);
+  }
+  void load_state(torch::serialize::InputArchive& archive) {
+    best_ = detail::read_optional(archive, "best");
+    epochs_without_improvement_ = detail::read_count(archive, "epochs_without_improvement", "EarlyStopping");
+  }
 
  private:
   EarlyStoppingOptions options_;

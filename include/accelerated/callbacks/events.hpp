@@ -1,5 +1,5 @@
 #pragma once
-// The 15 events of a run and their compile-time dispatch. A callback is any class; it handles an event by having
+// The 16 events of a run and their compile-time dispatch. A callback is any class; it handles an event by having
 // a member function of that name, taking either the trainer alone or the trainer and the event's arguments:
 //
 //   on_init_end(trainer)                 on_training_run_start(trainer)      on_train_epoch_start(trainer)
@@ -9,6 +9,9 @@
 //   on_eval_epoch_end(trainer, is_intermediate)                              on_training_run_epoch_end(trainer)
 //   on_training_run_end(trainer)         on_evaluation_run_start(trainer)    on_evaluation_run_end(trainer)
 //   on_stop_training_error(trainer, const StopTrainingError& error)
+//   on_update_step_end(trainer)          after each optimizer update (and its scheduler step and zero_grad): the
+//                                        place for per-update work such as an EMA, or saving the training state
+//                                        (not in the Python original, whose only step events are per micro-batch)
 //
 // A handler returning exactly `bool` asks the trainer to stop when it returns true (after the current step).
 // An event no callback handles generates no code: dispatch is `if constexpr` over a Boost.Hana tuple.
@@ -73,6 +76,7 @@ ACCELERATED_DEFINE_EVENT(on_training_run_end)
 ACCELERATED_DEFINE_EVENT(on_evaluation_run_start)
 ACCELERATED_DEFINE_EVENT(on_evaluation_run_end)
 ACCELERATED_DEFINE_EVENT(on_stop_training_error)
+ACCELERATED_DEFINE_EVENT(on_update_step_end)
 #undef ACCELERATED_DEFINE_EVENT
 
 // Calls `Event` on every callback of the tuple, in order; true when any handler asked to stop.
@@ -99,6 +103,7 @@ constexpr bool handles_any_event =
     on_eval_step_start::handled_by<Cb, Trainer> || on_eval_step_end::handled_by<Cb, Trainer, EvalBatch, EvalOutput> ||
     on_eval_epoch_end::handled_by<Cb, Trainer, bool> || on_training_run_epoch_end::handled_by<Cb, Trainer> ||
     on_training_run_end::handled_by<Cb, Trainer> || on_evaluation_run_start::handled_by<Cb, Trainer> ||
-    on_evaluation_run_end::handled_by<Cb, Trainer> || on_stop_training_error::handled_by<Cb, Trainer, Error>;
+    on_evaluation_run_end::handled_by<Cb, Trainer> || on_stop_training_error::handled_by<Cb, Trainer, Error> ||
+    on_update_step_end::handled_by<Cb, Trainer>;
 
 }  // namespace accelerated::events

@@ -16,6 +16,12 @@ class LogMetrics {
   void on_training_run_epoch_end(Trainer& trainer) {
     log(trainer, [](const std::string& name) { return name.find("train") == std::string::npos; });
   }
+  // Intermediate evaluations' metrics (intermediate_*) exist only during this event; LogMetrics must be listed after
+  // the callbacks that record them (Accuracy) to see theirs: callbacks::Defaults then goes after Accuracy.
+  template <class Trainer>
+  void on_eval_epoch_end(Trainer& trainer, bool is_intermediate) {
+    if (is_intermediate) log(trainer, [](const std::string& name) { return name.rfind("intermediate_", 0) == 0; });
+  }
   template <class Trainer>
   void on_evaluation_run_end(Trainer& trainer) {
     log(trainer, [](const std::string& name) { return name.rfind("evaluation", 0) == 0; });

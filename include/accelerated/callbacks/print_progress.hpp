@@ -12,8 +12,12 @@ struct PrintProgress {
     trainer.print("Starting epoch ", trainer.run_history().current_epoch());
   }
   template <class Trainer>
-  void on_eval_epoch_start(Trainer& trainer) {
-    trainer.print("Starting eval epoch");
+  void on_eval_epoch_start(Trainer& trainer, bool is_intermediate) {
+    if (is_intermediate) {
+      trainer.print("Starting intermediate eval after update ", trainer.state().update_step);
+    } else {
+      trainer.print("Starting eval epoch");
+    }
   }
   template <class Trainer>
   void on_training_run_end(Trainer& trainer) {

@@ -22,17 +22,20 @@ class ProgressBar {
   void on_train_epoch_end(Trainer& trainer) {
     finish(trainer);
   }
+  // Intermediate evaluations (StepBasedEvaluation) get no bar: they would break the training epoch's bar.
   template <class Trainer>
-  void on_eval_epoch_start(Trainer& trainer) {
-    start(trainer, "eval");
+  void on_eval_epoch_start(Trainer& trainer, bool is_intermediate) {
+    in_intermediate_ = is_intermediate;
+    if (!is_intermediate) start(trainer, "eval");
   }
   template <class Trainer>
   void on_eval_step_end(Trainer& trainer) {
-    advance(trainer);
+    if (!in_intermediate_) advance(trainer);
   }
   template <class Trainer>
-  void on_eval_epoch_end(Trainer& trainer) {
-    finish(trainer);
+  void on_eval_epoch_end(Trainer& trainer, bool is_intermediate) {
+    if (!is_intermediate) finish(trainer);
+    in_intermediate_ = false;
   }
 
  private:
@@ -93,6 +96,7 @@ class ProgressBar {
     return text;
   }
 
+  bool in_intermediate_ = false;
   bool active_ = false;
   bool in_place_ = false;
   const char* label_ = "";

@@ -6,6 +6,8 @@
 #include <optional>
 #include <string>
 
+#include "../detail/callback_state.hpp"
+
 namespace accelerated::callbacks {
 
 struct SaveBestModelOptions {
@@ -40,6 +42,9 @@ class SaveBestModel {
   }
 
   std::optional<double> best() const { return best_; }
+
+  void save_state(torch::serialize::OutputArchive& archive) const { detail::write_optional(archive, "best", best_); }
+  void load_state(torch::serialize::InputArchive& archive) { best_ = detail::read_optional(archive, "best"); }
 
  private:
   SaveBestModelOptions options_;

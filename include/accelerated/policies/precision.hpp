@@ -11,7 +11,9 @@
 //   std::string name() const;                    auto autocast(torch::Device);  (a guard object)
 //   void backward(torch::Tensor& loss);          void unscale_gradients(torch::optim::Optimizer&);
 //   void step(torch::optim::Optimizer&);         bool step_was_skipped() const;
-// and may provide `void check_device(torch::Device) const`, called before a run, to reject a device it cannot use.
+// and may provide `void check_device(torch::Device) const`, called before a run, to reject a device it cannot use,
+// and `save_state(torch::serialize::OutputArchive&) const` / `load_state(torch::serialize::InputArchive&)` for
+// state that must survive a resume (Float16: the loss scale and its growth counter).
 #include <torch/optim/optimizer.h>
 #include <torch/types.h>
 
@@ -70,6 +72,10 @@ class Float16 {
   }
   bool step_was_skipped() const { return skipped_; }
 
+  // The loss scaler's state travels with the training state.
+  void save_state(torch::serialize::OutputArchive& archive) const { scaler_.save(archive); }
+  void load_state(torch::serialize::InputArchive& archive) { scaler_.load(archive); }
+
   precision::GradScaler& scaler() { return scaler_; }
 
  private:
@@ -118,6 +124,13 @@ class AutoPrecision {
     }
   }
   bool step_was_skipped() const { return mode_ == Mode::fp16 && fp16_.step_was_skipped(); }
+
+  void save_state(torch::serialize::OutputArchive& archive) const {
+    if (mode_ == Mode::fp16) fp16_.save_state(archive);
+  }
+  void load_state(torch::serialize::InputArchive& archive) {
+    if (mode_ == Mode::fp16) fp16_.load_state(archive);
+  }
 
   // The loss scaler (used in fp16 mode only).
   precision::GradScaler& scaler() { return fp16_.scaler(); }

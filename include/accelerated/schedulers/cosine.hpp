@@ -18,6 +18,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace accelerated::schedulers {
@@ -32,12 +33,13 @@ struct CosineOptions {
   double warmup_starting_lr = 1e-6;
   std::optional<double> warmup_starting_lr_ratio;  // overrides warmup_starting_lr
   std::int64_t num_cooldown_epochs = 0;
+  ParamGroupField field = fields::lr();  // the number the schedule drives (weight decay, momentum, ...)
 };
 
 class CosineLrScheduler : public PerUpdateScheduler<CosineLrScheduler> {
  public:
   CosineLrScheduler(torch::optim::Optimizer& optimizer, CosineOptions options)
-      : PerUpdateScheduler(optimizer), options_(options) {
+      : PerUpdateScheduler(optimizer, options.field), options_(std::move(options)) {
     auto fail = [](const std::string& what) {
       throw std::invalid_argument("accelerated::schedulers::CosineLrScheduler: " + what);
     };

@@ -18,6 +18,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace accelerated::schedulers {
@@ -32,12 +33,13 @@ struct WsdOptions {
   double warmup_starting_lr = 1e-6;
   bool use_inverse_sqrt_decay = true;
   std::int64_t num_checkpoints = 1;
+  ParamGroupField field = fields::lr();  // the number the schedule drives (weight decay, momentum, ...)
 };
 
 class WsdLrScheduler : public PerUpdateScheduler<WsdLrScheduler> {
  public:
   WsdLrScheduler(torch::optim::Optimizer& optimizer, WsdOptions options)
-      : PerUpdateScheduler(optimizer), options_(options) {
+      : PerUpdateScheduler(optimizer, options.field), options_(std::move(options)) {
     auto fail = [](const std::string& what) {
       throw std::invalid_argument("accelerated::schedulers::WsdLrScheduler: " + what);
     };

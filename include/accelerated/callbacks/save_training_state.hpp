@@ -1,0 +1,117 @@
+#pragma once
+// Saves the full training state (Trainer::save_training_state) into save_dir: every n optimizer updates as
+// step_<update>.pt, every n epochs as epoch_<epoch>.pt, and at the end of training as final.pt. After each save the
+// file `latest` names the newest state (written atomically after the state itself), so
+//   if (auto last = callbacks::SaveTrainingState::latest("training_states")) options.resume_from = *last;
+// resumes a killed run from its last save. max_checkpoints keeps only the newest step_/epoch_ files (final.pt is
+// never removed). List it after callbacks whose state it should capture (EarlyStopping, SaveBestModel, ModelEma).
+// The Python original counts micro-batches for save_every_n_steps; this counts updates, what a resume restarts at.
+#include <algorithm>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+#include <vector>
+
+#include "../detail/atomic_file.hpp"
+
+namespace accelerated::callbacks {
+
+struct SaveTrainingStateOptions {
+  std::filesystem::path save_dir = "training_states";
+  std::optional<std::int64_t> save_every_n_epochs;
+  std::optional<std::int64_t> save_every_n_steps;  // optimizer updates
+  bool save_at_end = true;
+  std::optional<std::int64_t> max_checkpoints;  // keep the newest step_/epoch_ states only
+};
+
+class SaveTrainingState {
+ public:
+  explicit SaveTrainingState(SaveTrainingStateOptions options = {}) : options_(std::move(options)) {
+    auto positive = [](const char* name, const std::optional<std::int64_t>& value) {
+      if (value && *value < 1) {
+        throw std::invalid_argument(std::string("accelerated::callbacks::SaveTrainingState: ") + name + " = " +
+                                    std::to_string(*value) + " must be >= 1");
+      }
+    };
+    positive("save_every_n_epochs", options_.save_every_n_epochs);
+    positive("save_every_n_steps", options_.save_every_n_steps);
+    positive("max_checkpoints", options_.max_checkpoints);
+  }
+
+  // The newest state saved in `save_dir`, if any.
+  static std::optional<std::filesystem::path> latest(const std::filesystem::path& save_dir) {
+    std::ifstream in(save_dir / "latest");
+    std::string name;
+    if (!in || !std::getline(in, name) || name.empty()) return std::nullopt;
+    const auto path = save_dir / name;
+    if (!std::filesystem::is_regular_file(path)) return std::nullopt;
+    return path;
+  }
+
+  template <class Trainer>
+  void on_training_run_start(Trainer& trainer) {
+    if (!trainer.run_config().is_world_process_zero) return;
+    std::error_code error;
+    std::filesystem::create_directories(options_.save_dir, error);
+    if (!std::filesystem::is_directory(options_.save_dir)) {
+      throw std::invalid_argument("accelerated::callbacks::SaveTrainingState: save_dir = '" +
+                                  options_.save_dir.string() + "' is not a folder and cannot be created (" +
+                                  error.message() + ")");
+    }
+  }
+
+  template <class Trainer>
+  void on_update_step_end(Trainer& trainer) {
+    const auto step = trainer.state().update_step;
+    if (options_.save_every_n_steps && step % *options_.save_every_n_steps == 0) {
+      save(trainer, "step_" + std::to_string(step), true);
+    }
+  }
+
+  template <class Trainer>
+  void on_training_run_epoch_end(Trainer& trainer) {
+    const auto epoch = trainer.run_history().current_epoch();
+    if (options_.save_every_n_epochs && epoch % *options_.save_every_n_epochs == 0) {
+      save(trainer, "epoch_" + std::to_string(epoch), true);
+    }
+  }
+
+  template <class Trainer>
+  void on_training_run_end(Trainer& trainer) {
+    if (options_.save_at_end) save(trainer, "final", false);
+  }
+
+ private:
+  template <class Trainer>
+  void save(Trainer& trainer, const std::string& name, bool rotate) {
+    trainer.save_training_state(options_.save_dir / (name + ".pt"),
+                                {{"update_step", static_cast<double>(trainer.state().update_step)}});
+    if (!trainer.run_config().is_world_process_zero) return;
+    accelerated::detail::write_file_atomically(options_.save_dir / "latest", name + ".pt\n");
+    if (rotate && options_.max_checkpoints) remove_oldest();
+  }
+
+  void remove_oldest() const {
+    std::vector<std::filesystem::directory_entry> states;
+    for (const auto& entry : std::filesystem::directory_iterator(options_.save_dir)) {
+      const auto name = entry.path().filename().string();
+      const bool ours = (name.rfind("step_", 0) == 0 || name.rfind("epoch_", 0) == 0) && entry.path().extension() == ".pt";
+      if (ours && entry.is_regular_file()) states.push_back(entry);
+    }
+    if (static_cast<std::int64_t>(states.size()) <= *options_.max_checkpoints) return;
+    std::sort(states.begin(), states.end(), [](const auto& a, const auto& b) {
+      return a.last_write_time() != b.last_write_time() ? a.last_write_time() < b.last_write_time()
+                                                        : a.path() < b.path();
+    });
+    const auto excess = states.size() - static_cast<std::size_t>(*options_.max_checkpoints);
+    for (std::size_t i = 0; i < excess; ++i) std::filesystem::remove(states[i].path());
+  }
+
+  SaveTrainingStateOptions options_;
+};
+
+}  // namespace accelerated::callbacks

@@ -1,0 +1,143 @@
+#pragma once
+// The full training state: everything a checkpoint holds (model, optimizer, your values) plus what an exact resume
+// needs: the scheduler, the precision policy's loss scaler, the run history, the callbacks' own state, the random
+// generators of every process, and the position in the run (epoch, batch inside the epoch, update step, the
+// epoch's loss so far). The data order needs no state of its own: epoch e's order is a function of (seed, e).
+// Trainer::save_training_state / load_training_state write and read it; this header holds the file's pieces.
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
+#include <torch/types.h>
+
+#include <cstdint>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+#include <algorithm>
+
+#include "checkpoint.hpp"
+#include "run_history.hpp"
+
+namespace accelerated {
+
+inline constexpr std::int64_t training_state_format_version = 1;
+
+// Where a run stands, and the run's shape, which a resumed run must share to continue it exactly.
+struct RunPosition {
+  bool in_run = false;               // saved during or after a train() call (else: before any)
+  std::int64_t epochs_done = 0;      // epochs of the run completed
+  std::int64_t batches_done = 0;     // batches of the next epoch already trained (always an update boundary)
+  std::int64_t update_step = 0;      // optimizer updates done in the run
+  double loss_total = 0.0;           // the partial epoch's sum of loss x batch size
+  double loss_count = 0.0;           // and of batch sizes
+  std::int64_t num_processes = 1;
+  std::int64_t per_device_batch_size = 0;
+  std::int64_t gradient_accumulation_steps = 1;
+  std::int64_t num_train_batches_per_epoch = 0;
+  std::int64_t seed = 0;
+  bool shuffle = true;
+};
+
+namespace detail {
+
+inline std::vector<std::pair<const char*, std::int64_t RunPosition::*>> position_integers() {
+  return {{"epochs_done", &RunPosition::epochs_done},
+          {"batches_done", &RunPosition::batches_done},
+          {"update_step", &RunPosition::update_step},
+          {"num_processes", &RunPosition::num_processes},
+          {"per_device_batch_size", &RunPosition::per_device_batch_size},
+          {"gradient_accumulation_steps", &RunPosition::gradient_accumulation_steps},
+          {"num_train_batches_per_epoch", &RunPosition::num_train_batches_per_epoch},
+          {"seed", &RunPosition::seed}};
+}
+
+inline void write_position(torch::serialize::OutputArchive& archive, const RunPosition& p) {
+  torch::serialize::OutputArchive out;
+  for (const auto& [key, member] : position_integers()) out.write(key, torch::tensor(p.*member, torch::kLong));
+  out.write("in_run", torch::tensor(std::int64_t{p.in_run}, torch::kLong));
+  out.write("shuffle", torch::tensor(std::int64_t{p.shuffle}, torch::kLong));
+  out.write("loss_total", torch::tensor(p.loss_total, torch::kDouble));
+  out.write("loss_count", torch::tensor(p.loss_count, torch::kDouble));
+  archive.write("position", out);
+}
+
+// Reads entry `key` of `archive` (inside `section` of `file`), or says which one is missing.
+inline torch::Tensor read_entry(torch::serialize::InputArchive& archive, const std::string& key,
+                                const std::string& section, const std::string& file) {
+  torch::Tensor value;
+  if (!archive.try_read(key, value)) {
+    throw std::runtime_error("accelerated::load_training_state: '" + file + "' has no entry '" + section + "/" + key +
+                             "'");
+  }
+  return value;
+}
+
+inline torch::serialize::InputArchive read_section(torch::serialize::InputArchive& archive, const std::string& key,
+                                                   const std::string& file) {
+  torch::serialize::InputArchive section;
+  if (!archive.try_read(key, section)) {
+    throw std::runtime_error("accelerated::load_training_state: '" + file + "' has no entry '" + key + "'");
+  }
+  return section;
+}
+
+inline RunPosition read_position(torch::serialize::InputArchive& archive, const std::string& file) {
+  auto in = read_section(archive, "position", file);
+  RunPosition p;
+  for (const auto& [key, member] : position_integers()) {
+    p.*member = read_entry(in, key, "position", file).item<std::int64_t>();
+  }
+  p.in_run = read_entry(in, "in_run", "position", file).item<std::int64_t>() != 0;
+  p.shuffle = read_entry(in, "shuffle", "position", file).item<std::int64_t>() != 0;
+  p.loss_total = read_entry(in, "loss_total", "position", file).item<double>();
+  p.loss_count = read_entry(in, "loss_count", "position", file).item<double>();
+  return p;
+}
+
+// Metric names may hold any character, so each is stored as bytes beside its values, by index.
+inline void write_history(torch::serialize::OutputArchive& archive, const RunHistory& history, std::int64_t epoch) {
+  torch::serialize::OutputArchive out;
+  out.write("epoch", torch::tensor(epoch, torch::kLong));
+  const auto names = history.get_metric_names();
+  out.write("count", torch::tensor(static_cast<std::int64_t>(names.size()), torch::kLong));
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    const auto& name = names[i];
+    auto bytes = torch::empty({static_cast<std::int64_t>(name.size())}, torch::kUInt8);
+    std::copy(name.begin(), name.end(), bytes.data_ptr<std::uint8_t>());
+    out.write("name_" + std::to_string(i), bytes);
+    out.write("values_" + std::to_string(i), torch::tensor(history.get_metric_values(name), torch::kDouble));
+  }
+  archive.write("run_history", out);
+}
+
+inline void read_history(torch::serialize::InputArchive& archive, RunHistory& history, const std::string& file) {
+  auto in = read_section(archive, "run_history", file);
+  const auto count = read_entry(in, "count", "run_history", file).item<std::int64_t>();
+  RunHistory loaded;
+  for (std::int64_t i = 0; i < count; ++i) {
+    const auto bytes = read_entry(in, "name_" + std::to_string(i), "run_history", file).contiguous();
+    const auto values = read_entry(in, "values_" + std::to_string(i), "run_history", file).contiguous();
+    const std::string name(bytes.data_ptr<std::uint8_t>(), bytes.data_ptr<std::uint8_t>() + bytes.numel());
+    for (std::int64_t v = 0; v < values.numel(); ++v) loaded.update_metric(name, values.data_ptr<double>()[v]);
+  }
+  loaded.set_epoch(read_entry(in, "epoch", "run_history", file).item<std::int64_t>());
+  loaded.set_metric_name_prefix(history.metric_name_prefix());
+  history = std::move(loaded);
+}
+
+// The default random generator of `device` (CPU, or a CUDA device): dropout, random initialisation, ...
+inline torch::Tensor generator_state(torch::Device device) {
+  auto generator = at::globalContext().defaultGenerator(device);
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  return generator.get_state();
+}
+
+inline void set_generator_state(torch::Device device, const torch::Tensor& state) {
+  auto generator = at::globalContext().defaultGenerator(device);
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  generator.set_state(state);
+}
+
+}  // namespace detail
+}  // namespace accelerated

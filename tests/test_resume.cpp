@@ -1,0 +1,440 @@
+// The full training state and exact resume (in process, and after a real SIGKILL), a write killed half-way, and
+// the callbacks that act per update or per batch: ModelEma, LimitBatches, LimitEvalSteps, StepBasedEvaluation,
+// SaveTrainingState, MoveModulesToDevice; scheduler state and schedules of other param-group fields.
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <random>
+#include <set>
+#include <thread>
+
+#include "helpers.hpp"
+
+extern char** environ;
+
+namespace acc = accelerated;
+namespace cb = accelerated::callbacks;
+namespace fs = std::filesystem;
+
+namespace {
+
+fs::path fresh_dir(const std::string& name) {
+  auto dir = fs::temp_directory_path() / ("accelerated_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+// Dropout (random numbers), Adam (optimizer state), a cosine schedule (scheduler state), accumulation, an eval set,
+// EarlyStopping and an EMA (callback state): everything a resume must restore.
+struct Net : torch::nn::Module {
+  Net() {
+    fc1 = register_module("fc1", torch::nn::Linear(8, 16));
+    fc2 = register_module("fc2", torch::nn::Linear(16, 1));
+  }
+  torch::Tensor forward(torch::Tensor x) { return fc2(torch::dropout(torch::relu(fc1(x)), 0.2, is_training())); }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+};
+
+constexpr std::int64_t kEpochs = 3;
+constexpr std::int64_t kUpdatesPerEpoch = 8;  // 64 examples, batch 4, accumulation 2
+
+// Kills the process (or throws) once the run reaches update `at`.
+struct CrashAt {
+  std::int64_t at;
+  bool sigkill;
+  template <class Trainer>
+  void on_update_step_end(Trainer& trainer) {
+    if (trainer.state().update_step != at) return;
+    if (sigkill) ::raise(SIGKILL);
+    throw std::runtime_error("simulated crash");
+  }
+};
+
+struct Outcome {
+  torch::Tensor parameters;
+  torch::Tensor ema;
+  acc::RunHistory history;
+};
+
+// One run of the scenario in `dir`: resumes from the latest saved state if there is one; crashes at update
+// `crash_at` (0: never). Saves every 3 updates, keeping 2.
+Outcome run_scenario(const fs::path& dir, std::int64_t crash_at, bool sigkill) {
+  const auto train = test::regression_data(64, 3);
+  const auto eval = test::regression_data(20, 4);
+  torch::manual_seed(11);  // a resumed run starts from other weights and other random numbers: the state fixes both
+  if (cb::SaveTrainingState::latest(dir / "states")) torch::manual_seed(999);
+  fs::create_directories(dir);
+  auto model = std::make_shared<Net>();
+  torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(0.01));
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, cb::EarlyStopping, cb::ModelEma,
+               cb::SaveTrainingState, CrashAt>
+      trainer(acc::Model(model), torch::nn::MSELoss(), optimizer,
+              cb::EarlyStopping({.patience = 100, .threshold = 0.0}),
+              cb::ModelEma({.decay = 0.9, .save_path = dir / "ema.pt"}),
+              cb::SaveTrainingState({.save_dir = dir / "states", .save_every_n_steps = 3, .max_checkpoints = 2}),
+              CrashAt{crash_at, sigkill});
+  trainer.set_output(test::quiet());
+  acc::TrainOptions options{.num_epochs = kEpochs, .per_device_batch_size = 4, .gradient_accumulation_steps = 2};
+  options.create_scheduler_fn = [](torch::optim::Optimizer& o, const acc::RunConfig& rc) {
+    return std::make_unique<acc::schedulers::CosineLrScheduler>(
+        o, acc::schedulers::CosineOptions{.total_num_epochs = rc.num_epochs,
+                                          .num_update_steps_per_epoch = rc.num_update_steps_per_epoch,
+                                          .num_warmup_epochs = 1});
+  };
+  options.resume_from = cb::SaveTrainingState::latest(dir / "states");
+  trainer.train(train, options, eval);
+  Outcome out{test::flat_parameters(*model), {}, trainer.run_history()};
+  std::vector<torch::Tensor> ema;
+  for (const auto& t : trainer.callback<cb::ModelEma>().weights()) ema.push_back(t.flatten());
+  out.ema = torch::cat(ema);
+  return out;
+}
+
+void check_same(const Outcome& a, const Outcome& b) {
+  CHECK(torch::equal(a.parameters, b.parameters));
+  CHECK(torch::equal(a.ema, b.ema));
+  CHECK(a.history.current_epoch() == b.history.current_epoch());
+  CHECK(a.history.get_metric_names() == b.history.get_metric_names());
+  for (const auto& name : a.history.get_metric_names()) {
+    INFO(name);
+    CHECK(a.history.get_metric_values(name) == b.history.get_metric_values(name));
+  }
+}
+
+// Runs this test program again with `tag` selecting a hidden test case and `env` added; returns the wait status.
+int run_self(const std::string& tag, const std::vector<std::string>& env, int timeout_s = 120) {
+  std::vector<std::string> storage(env);
+  for (char** e = environ; *e; ++e) storage.emplace_back(*e);
+  std::vector<char*> envp;
+  for (auto& s : storage) envp.push_back(s.data());
+  envp.push_back(nullptr);
+  std::string exe = fs::read_symlink("/proc/self/exe").string();
+  std::string spec = tag;
+  std::string quiet = "--reporter=compact";
+  char* argv[] = {exe.data(), spec.data(), quiet.data(), nullptr};
+  pid_t pid = 0;
+  REQUIRE(::posix_spawn(&pid, exe.c_str(), nullptr, nullptr, argv, envp.data()) == 0);
+  int status = 0;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+  while (::waitpid(pid, &status, WNOHANG) == 0) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, &status, 0);
+      FAIL("the child process did not finish within " << timeout_s << " s");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return status;
+}
+
+const char* env_or_null(const char* name) { return std::getenv(name); }
+
+}  // namespace
+
+TEST_CASE("a run resumed from a state saved mid-epoch ends bit-identical to the uninterrupted run", "[resume]") {
+  const auto base = fresh_dir("resume_inproc");
+  const auto reference = run_scenario(base / "uninterrupted", 0, false);
+  // Crash at update 14 (epoch 2, mid-epoch; last save at 12, so 2 updates are redone) and at 17 (last save at 15).
+  for (const std::int64_t crash_at : {14, 17}) {
+    INFO("crash at update " << crash_at);
+    const auto dir = base / ("crash_" + std::to_string(crash_at));
+    CHECK_THROWS_WITH(run_scenario(dir, crash_at, false), Catch::Contains("simulated crash"));
+    REQUIRE(cb::SaveTrainingState::latest(dir / "states"));
+    check_same(reference, run_scenario(dir, 0, false));
+  }
+  // Rotation kept the 2 newest periodic states, plus final.pt; `latest` names the final one.
+  std::set<std::string> names;
+  for (const auto& e : fs::directory_iterator(base / "uninterrupted" / "states")) names.insert(e.path().filename());
+  CHECK(names == std::set<std::string>{"final.pt", "latest", "step_21.pt", "step_24.pt"});
+  CHECK(cb::SaveTrainingState::latest(base / "uninterrupted" / "states")->filename() == "final.pt");
+  fs::remove_all(base);
+}
+
+// Hidden: the child side of the SIGKILL test (run by run_self).
+TEST_CASE("resume worker", "[.resume_worker]") {
+  const fs::path dir = env_or_null("ACCELERATED_TEST_DIR");
+  const char* kill_at = env_or_null("ACCELERATED_TEST_KILL_AT");
+  const auto outcome = run_scenario(dir, kill_at ? std::atoll(kill_at) : 0, true);
+  torch::save(std::vector<torch::Tensor>{outcome.parameters, outcome.ema}, (dir / "outcome.pt").string());
+}
+
+TEST_CASE("a run killed with SIGKILL at a random update resumes bit-identical", "[resume][fault]") {
+  const auto base = fresh_dir("resume_sigkill");
+  std::random_device device;
+  const auto kill_at = std::uniform_int_distribution<std::int64_t>(1, kEpochs * kUpdatesPerEpoch - 1)(device);
+  INFO("killed at update " << kill_at);
+  const auto ref_dir = base / "uninterrupted", dir = base / "killed";
+  fs::create_directories(ref_dir);
+  fs::create_directories(dir);
+  int status = run_self("[.resume_worker]", {"ACCELERATED_TEST_DIR=" + ref_dir.string()});
+  REQUIRE((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+  status = run_self("[.resume_worker]", {"ACCELERATED_TEST_DIR=" + dir.string(),
+                                          "ACCELERATED_TEST_KILL_AT=" + std::to_string(kill_at)});
+  REQUIRE((WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL));
+  CHECK_FALSE(fs::exists(dir / "outcome.pt"));
+  status = run_self("[.resume_worker]", {"ACCELERATED_TEST_DIR=" + dir.string()});  // resumes from the last state
+  REQUIRE((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+  std::vector<torch::Tensor> expected, resumed;
+  torch::load(expected, (ref_dir / "outcome.pt").string());
+  torch::load(resumed, (dir / "outcome.pt").string());
+  CHECK(torch::equal(expected[0], resumed[0]));
+  CHECK(torch::equal(expected[1], resumed[1]));
+  fs::remove_all(base);
+}
+
+// Hidden: writes checkpoints of a 32 MB model in a loop, each with every weight equal to its iteration number.
+TEST_CASE("checkpoint writer", "[.checkpoint_writer]") {
+  const fs::path dir = env_or_null("ACCELERATED_TEST_DIR");
+  torch::nn::Linear model(2048, 4096);
+  for (int i = 1; i <= 1000; ++i) {
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& p : model->parameters()) p.fill_(static_cast<double>(i));
+    }
+    acc::save_checkpoint(dir / "ckpt.pt", *model, nullptr, {{"iteration", static_cast<double>(i)}});
+  }
+}
+
+TEST_CASE("a process killed while writing a checkpoint leaves the previous one loadable", "[checkpoint][fault]") {
+  const auto dir = fresh_dir("kill_during_write");
+  std::vector<std::string> storage{"ACCELERATED_TEST_DIR=" + dir.string()};
+  for (char** e = environ; *e; ++e) storage.emplace_back(*e);
+  std::vector<char*> envp;
+  for (auto& s : storage) envp.push_back(s.data());
+  envp.push_back(nullptr);
+  std::string exe = fs::read_symlink("/proc/self/exe").string(), spec = "[.checkpoint_writer]";
+  char* argv[] = {exe.data(), spec.data(), nullptr};
+  pid_t pid = 0;
+  REQUIRE(::posix_spawn(&pid, exe.c_str(), nullptr, nullptr, argv, envp.data()) == 0);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (!fs::exists(dir / "ckpt.pt") && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  std::random_device device;
+  std::this_thread::sleep_for(std::chrono::milliseconds(std::uniform_int_distribution<int>(0, 400)(device)));
+  ::kill(pid, SIGKILL);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  REQUIRE(WIFSIGNALED(status));
+  torch::nn::Linear model(2048, 4096);
+  const auto values = acc::load_checkpoint(dir / "ckpt.pt", *model);
+  const double iteration = values.at("iteration");
+  INFO("last complete checkpoint: iteration " << iteration);
+  CHECK(iteration >= 1);
+  for (const auto& p : model->parameters()) CHECK(torch::all(p == iteration).item<bool>());
+  fs::remove_all(dir);
+}
+
+TEST_CASE("bad training states and changed runs are refused by name", "[resume][bad_input]") {
+  const auto dir = fresh_dir("bad_state");
+  const auto data = test::regression_data(32);
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), 0.01);
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess> trainer(model, torch::nn::MSELoss(), optimizer);
+  trainer.set_output(test::quiet());
+  trainer.train(data, {.num_epochs = 1, .per_device_batch_size = 8});
+  trainer.save_training_state(dir / "state.pt");
+  trainer.save_checkpoint(dir / "checkpoint.pt");
+
+  CHECK_THROWS_WITH(trainer.load_training_state(dir / "checkpoint.pt"),
+                    Catch::Contains("no 'accelerated_training_state_version'"));
+  CHECK_THROWS_WITH(trainer.load_training_state(dir / "none.pt"), Catch::Contains("does not exist"));
+  {
+    std::ifstream in(dir / "state.pt", std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), {});
+    std::ofstream(dir / "truncated.pt", std::ios::binary) << bytes.substr(0, bytes.size() / 2);
+  }
+  CHECK_THROWS_WITH(trainer.load_training_state(dir / "truncated.pt"), Catch::Contains("not a readable training state"));
+
+  trainer.load_training_state(dir / "state.pt");
+  CHECK_THROWS_WITH(trainer.train(data, {.num_epochs = 2, .per_device_batch_size = 4}),
+                    Catch::Contains("per_device_batch_size = 4 here but 8 in the saved run"));
+  trainer.load_training_state(dir / "state.pt");
+  acc::TrainOptions with_scheduler{.num_epochs = 2, .per_device_batch_size = 8};
+  with_scheduler.create_scheduler_fn = [](torch::optim::Optimizer& o, const acc::RunConfig&) {
+    return std::make_unique<torch::optim::StepLR>(o, 1);
+  };
+  CHECK_THROWS_WITH(trainer.train(data, with_scheduler), Catch::Contains("the saved run had no scheduler"));
+
+  struct SavesMidStep {
+    void on_train_step_end(acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop,
+                                        SavesMidStep>& trainer) {
+      trainer.save_training_state("never.pt");
+    }
+  };
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, SavesMidStep> mid(
+      model, torch::nn::MSELoss(), optimizer, SavesMidStep{});
+  mid.set_output(test::quiet());
+  CHECK_THROWS_WITH(mid.train(data, {.per_device_batch_size = 8}), Catch::Contains("in the middle of a step"));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("a LibTorch scheduler's step count and our schedules' state round-trip", "[resume][schedulers]") {
+  auto model = test::linear_model();
+  torch::optim::SGD a(model->parameters(), 1.0);
+  torch::optim::StepLR step_lr(a, 2, 0.5);
+  for (int i = 0; i < 3; ++i) step_lr.step();  // LibTorch's StepLR: lr 0.5 after 3 steps; the 5th halves again
+  torch::serialize::OutputArchive out;
+  acc::schedulers::save_scheduler_state(out, step_lr);
+  std::stringstream bytes;
+  out.save_to(bytes);
+
+  torch::optim::SGD b(model->parameters(), 0.5);  // the rate itself travels with the optimizer's state
+  torch::optim::StepLR restored(b, 2, 0.5);
+  torch::serialize::InputArchive in;
+  in.load_from(bytes);
+  acc::schedulers::load_scheduler_state(in, restored);
+  for (int i = 0; i < 2; ++i) {
+    step_lr.step();
+    restored.step();  // without the restored count it would still be at 0.5
+  }
+  CHECK(a.param_groups()[0].options().get_lr() == 0.25);
+  CHECK(b.param_groups()[0].options().get_lr() == 0.25);
+}
+
+TEST_CASE("a schedule can drive another param-group field", "[schedulers]") {
+  auto model = test::linear_model();
+  torch::optim::AdamW optimizer(model->parameters(), torch::optim::AdamWOptions(0.01).weight_decay(0.1));
+  acc::schedulers::CosineLrScheduler schedule(
+      optimizer, {.total_num_epochs = 4, .num_update_steps_per_epoch = 1, .lr_min = 0.0,
+                  .field = acc::schedulers::fields::weight_decay<torch::optim::AdamWOptions>()});
+  auto& options = static_cast<torch::optim::AdamWOptions&>(optimizer.param_groups()[0].options());
+  CHECK(options.weight_decay() == Approx(0.1));
+  schedule.step();
+  schedule.step();
+  CHECK(options.weight_decay() == Approx(0.05));  // half way down the cosine
+  CHECK(options.lr() == 0.01);                    // the rate is left alone
+  CHECK_THROWS_WITH(acc::schedulers::CosineLrScheduler(
+                        optimizer, {.field = acc::schedulers::fields::momentum<torch::optim::SGDOptions>()}),
+                    Catch::Contains("'momentum' was declared for"));
+}
+
+namespace {
+// Counts batches per epoch and notes intermediate evaluations and the model's mode after them.
+struct Recorder {
+  std::vector<std::int64_t> train_batches, eval_batches;
+  std::vector<bool> intermediate;
+  std::int64_t current = 0;
+  bool trained_in_eval_mode = false;
+  template <class T>
+  void on_train_epoch_start(T&) {
+    current = 0;
+  }
+  template <class T>
+  void on_train_step_start(T& trainer) {
+    ++current;
+    if (!trainer.model()->is_training()) trained_in_eval_mode = true;
+  }
+  template <class T>
+  void on_train_epoch_end(T&) {
+    train_batches.push_back(current);
+  }
+  template <class T>
+  void on_eval_epoch_start(T& trainer, bool is_intermediate) {
+    intermediate.push_back(is_intermediate);
+    eval_batches.push_back(0);
+  }
+  template <class T>
+  void on_eval_step_end(T&) {
+    ++eval_batches.back();
+  }
+};
+}  // namespace
+
+TEST_CASE("LimitBatches, StepBasedEvaluation and LimitEvalSteps shape the epochs", "[callbacks]") {
+  const auto train = test::regression_data(64);
+  const auto eval = test::regression_data(40, 2);
+  SECTION("LimitBatches caps train and eval epochs, and the last kept batch updates") {
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), 0.01);
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, cb::LimitBatches, Recorder> t(
+        model, torch::nn::MSELoss(), optimizer, cb::LimitBatches(3), Recorder{});
+    t.set_output(test::quiet());
+    t.train(train, {.num_epochs = 2, .per_device_batch_size = 8, .gradient_accumulation_steps = 2}, eval);
+    const auto& r = t.callback<Recorder>();
+    CHECK(r.train_batches == std::vector<std::int64_t>{3, 3});
+    CHECK(r.eval_batches == std::vector<std::int64_t>{3, 3});
+    CHECK(t.state().update_step == 4);  // 2 updates per epoch: after batch 2 and after the last kept batch
+    CHECK_THROWS_WITH(cb::LimitBatches(0), Catch::Contains("num_batches = 0"));
+  }
+  SECTION("StepBasedEvaluation evaluates every n updates; LimitEvalSteps caps only those") {
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), 0.01);
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, cb::LimitEvalSteps,
+                 cb::StepBasedEvaluation, Recorder>
+        t(model, torch::nn::MSELoss(), optimizer, cb::LimitEvalSteps(2), cb::StepBasedEvaluation(3), Recorder{});
+    t.set_output(test::quiet());
+    t.train(train, {.num_epochs = 1, .per_device_batch_size = 8}, eval);  // 8 updates: evaluations after 3 and 6
+    const auto& r = t.callback<Recorder>();
+    CHECK(r.intermediate == std::vector<bool>{true, true, false});
+    CHECK(r.eval_batches == std::vector<std::int64_t>{2, 2, 5});
+    CHECK_FALSE(r.trained_in_eval_mode);
+    CHECK_FALSE(t.run_history().has_metric("intermediate_eval_loss"));
+  }
+}
+
+namespace {
+struct Snapshots {
+  std::vector<torch::Tensor> after_update;
+  template <class T>
+  void on_update_step_end(T& trainer) {
+    after_update.push_back(test::flat_parameters(trainer.model().module()).clone());
+  }
+};
+}  // namespace
+
+TEST_CASE("ModelEma averages the weights after every update and evaluates them", "[callbacks][ema]") {
+  const auto dir = fresh_dir("ema");
+  const auto train = test::regression_data(32);
+  const auto eval = test::regression_data(16, 2);
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), 0.05);
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, Snapshots, cb::ModelEma> t(
+      model, torch::nn::MSELoss(), optimizer, Snapshots{}, cb::ModelEma({.decay = 0.8, .save_path = dir / "ema.pt"}));
+  t.set_output(test::quiet());
+  const auto initial = test::flat_parameters(*model).clone();
+  t.train(train, {.num_epochs = 2, .per_device_batch_size = 8}, eval);
+
+  auto expected = initial;
+  for (const auto& w : t.callback<Snapshots>().after_update) expected = 0.8 * expected + 0.2 * w;
+  std::vector<torch::Tensor> ema;
+  for (const auto& w : t.callback<cb::ModelEma>().weights()) ema.push_back(w.flatten());
+  CHECK(torch::allclose(torch::cat(ema), expected, 1e-5, 1e-6));
+  CHECK(t.run_history().get_metric_values("ema_model_eval_loss_epoch").size() == 2);
+  // The best EMA weights were saved; apply_to puts the final ones into a model.
+  auto loaded = test::linear_model(99);
+  const auto values = acc::load_checkpoint(dir / "ema.pt", *loaded);
+  CHECK(values.count("ema_model_eval_loss_epoch") == 1);
+  auto applied = test::linear_model(98);
+  t.callback<cb::ModelEma>().apply_to(*applied);
+  CHECK(torch::allclose(test::flat_parameters(*applied), expected, 1e-5, 1e-6));
+  CHECK_THROWS_WITH(cb::ModelEma({.decay = 1.0}), Catch::Contains("decay = 1"));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("MoveModulesToDevice places the modules it is given at each run start", "[callbacks][device]") {
+  struct RecordingCpu : acc::Cpu {
+    std::shared_ptr<std::set<const torch::nn::Module*>> placed = std::make_shared<std::set<const torch::nn::Module*>>();
+    void place(torch::nn::Module& module) const {
+      placed->insert(&module);
+      acc::Cpu::place(module);
+    }
+  };
+  auto model = test::linear_model();
+  torch::nn::Linear metric(3, 3);
+  auto teacher = std::make_shared<Net>();
+  torch::optim::SGD optimizer(model->parameters(), 0.01);
+  acc::Trainer<RecordingCpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, cb::MoveModulesToDevice> t(
+      model, torch::nn::MSELoss(), optimizer, cb::MoveModulesToDevice(metric, teacher));
+  t.set_output(test::quiet());
+  CHECK(t.device_policy().placed->count(metric.get()) == 0);
+  t.train(test::regression_data(16), {.per_device_batch_size = 8});
+  CHECK(t.device_policy().placed->count(metric.get()) == 1);
+  CHECK(t.device_policy().placed->count(teacher.get()) == 1);
+}
