@@ -3,6 +3,9 @@
 #include <accelerated/accelerated.hpp>
 #include <catch2/catch.hpp>
 
+#include <unistd.h>
+
+#include <filesystem>
 #include <sstream>
 #include <string>
 
@@ -39,6 +42,14 @@ class PairDataset : public torch::data::datasets::Dataset<PairDataset> {
  private:
   torch::Tensor x_, y_;
 };
+
+// An empty folder of the system's temporary folder, unique to this process.
+inline std::filesystem::path fresh_dir(const std::string& name) {
+  auto dir = std::filesystem::temp_directory_path() / ("accelerated_" + name + "_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
 
 // Discards the trainer's printing; tests that read it use their own ostringstream.
 inline std::ostream& quiet() {

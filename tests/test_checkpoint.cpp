@@ -8,13 +8,6 @@ namespace acc = accelerated;
 namespace fs = std::filesystem;
 
 namespace {
-fs::path temp_dir(const std::string& name) {
-  auto dir = fs::temp_directory_path() / ("accelerated_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
-
 struct Fixture {
   torch::nn::Linear model = test::linear_model();
   torch::optim::Adam optimizer{model->parameters(), torch::optim::AdamOptions(0.01)};
@@ -24,7 +17,7 @@ struct Fixture {
 }  // namespace
 
 TEST_CASE("a checkpoint restores the model, the optimizer and the saved values", "[checkpoint]") {
-  const auto dir = temp_dir("checkpoint");
+  const auto dir = test::fresh_dir("checkpoint");
   const auto data = test::regression_data(32);
   Fixture a;
   a.trainer.train(data, {.num_epochs = 2, .per_device_batch_size = 8});
@@ -47,7 +40,7 @@ TEST_CASE("a checkpoint restores the model, the optimizer and the saved values",
 }
 
 TEST_CASE("bad checkpoints are refused with the entry named and nothing changed", "[checkpoint][bad_input]") {
-  const auto dir = temp_dir("bad_checkpoint");
+  const auto dir = test::fresh_dir("bad_checkpoint");
   Fixture f;
   f.trainer.save_checkpoint(dir / "good.pt");
   const auto before = test::flat_parameters(*f.model);
@@ -108,7 +101,7 @@ struct DivergeFromEpoch3 {
 }  // namespace
 
 TEST_CASE("SaveBestModel keeps the best epoch and loads it back", "[callbacks][checkpoint]") {
-  const auto dir = temp_dir("best");
+  const auto dir = test::fresh_dir("best");
   auto model = test::linear_model();
   torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
   acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, DivergeFromEpoch3, acc::callbacks::SaveBestModel>
@@ -143,7 +136,7 @@ TEST_CASE("EarlyStopping stops after patience epochs without improvement", "[cal
 }
 
 TEST_CASE("metrics go to CSV and JSON lines and the curves to an SVG after every epoch", "[callbacks][files]") {
-  const auto dir = temp_dir("curves");
+  const auto dir = test::fresh_dir("curves");
   auto model = test::linear_model();
   torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
   acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, acc::callbacks::MetricsLogger,

@@ -136,12 +136,6 @@ TEST_CASE("default collate keeps the example's shape", "[data][collate]") {
 
 // ---- IDX files ---------------------------------------------------------------------------------------------------
 namespace {
-std::filesystem::path temp_dir() {
-  auto dir = std::filesystem::temp_directory_path() / ("accelerated_idx_" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  return dir;
-}
-
 void write_gz(const std::filesystem::path& path, const std::vector<unsigned char>& bytes) {
   gzFile f = gzopen(path.string().c_str(), "wb");
   REQUIRE(f != nullptr);
@@ -160,7 +154,7 @@ std::vector<unsigned char> idx_bytes(std::vector<std::uint32_t> dims, std::size_
 }  // namespace
 
 TEST_CASE("IDX files are read gzipped or plain", "[data][idx]") {
-  const auto dir = temp_dir();
+  const auto dir = test::fresh_dir("idx");
   write_gz(dir / "ok.gz", idx_bytes({3, 2, 2}, 12));
   const auto t = data::read_idx(dir / "ok.gz");
   CHECK(t.sizes() == torch::IntArrayRef{3, 2, 2});
@@ -172,7 +166,7 @@ TEST_CASE("IDX files are read gzipped or plain", "[data][idx]") {
 }
 
 TEST_CASE("bad IDX files are clear errors naming the file", "[data][idx][bad_input]") {
-  const auto dir = temp_dir();
+  const auto dir = test::fresh_dir("idx");
   CHECK_THROWS_WITH(data::read_idx(dir / "missing.gz"), Catch::Contains("missing.gz") && Catch::Contains("does not exist"));
 
   write_gz(dir / "truncated.gz", idx_bytes({10, 28, 28}, 100));

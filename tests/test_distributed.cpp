@@ -271,8 +271,7 @@ struct ThrowAt {
 TEST_CASE("two ranks resumed from a saved training state end bit-identical", "[distributed][resume]") {
   namespace cb = acc::callbacks;
   const auto data = test::regression_data(64, 5);
-  const auto base = std::filesystem::temp_directory_path() / ("accelerated_dp_resume_" + std::to_string(::getpid()));
-  std::filesystem::remove_all(base);
+  const auto base = test::fresh_dir("dp_resume");
   // 32 examples per rank, batch 4, accumulation 2: 4 updates per epoch, 8 in all; states after updates 2, 4, 6, 8.
   auto run = [&](const std::filesystem::path& dir, std::int64_t crash_at) {
     std::vector<torch::nn::Linear> models{test::linear_model(), test::linear_model()};  // before the threads

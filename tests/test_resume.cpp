@@ -23,13 +23,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path fresh_dir(const std::string& name) {
-  auto dir = fs::temp_directory_path() / ("accelerated_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
-
 // Dropout (random numbers), Adam (optimizer state), a cosine schedule (scheduler state), accumulation, an eval set,
 // EarlyStopping and an EMA (callback state): everything a resume must restore.
 struct Net : torch::nn::Module {
@@ -138,7 +131,7 @@ const char* env_or_null(const char* name) { return std::getenv(name); }
 }  // namespace
 
 TEST_CASE("a run resumed from a state saved mid-epoch ends bit-identical to the uninterrupted run", "[resume]") {
-  const auto base = fresh_dir("resume_inproc");
+  const auto base = test::fresh_dir("resume_inproc");
   const auto reference = run_scenario(base / "uninterrupted", 0, false);
   // Crash at update 14 (epoch 2, mid-epoch; last save at 12, so 2 updates are redone) and at 17 (last save at 15).
   for (const std::int64_t crash_at : {14, 17}) {
@@ -165,7 +158,7 @@ TEST_CASE("resume worker", "[.resume_worker]") {
 }
 
 TEST_CASE("a run killed with SIGKILL at a random update resumes bit-identical", "[resume][fault]") {
-  const auto base = fresh_dir("resume_sigkill");
+  const auto base = test::fresh_dir("resume_sigkill");
   std::random_device device;
   const auto kill_at = std::uniform_int_distribution<std::int64_t>(1, kEpochs * kUpdatesPerEpoch - 1)(device);
   INFO("killed at update " << kill_at);
@@ -202,7 +195,7 @@ TEST_CASE("checkpoint writer", "[.checkpoint_writer]") {
 }
 
 TEST_CASE("a process killed while writing a checkpoint leaves the previous one loadable", "[checkpoint][fault]") {
-  const auto dir = fresh_dir("kill_during_write");
+  const auto dir = test::fresh_dir("kill_during_write");
   std::vector<std::string> storage{"ACCELERATED_TEST_DIR=" + dir.string()};
   for (char** e = environ; *e; ++e) storage.emplace_back(*e);
   std::vector<char*> envp;
@@ -232,7 +225,7 @@ TEST_CASE("a process killed while writing a checkpoint leaves the previous one l
 }
 
 TEST_CASE("bad training states and changed runs are refused by name", "[resume][bad_input]") {
-  const auto dir = fresh_dir("bad_state");
+  const auto dir = test::fresh_dir("bad_state");
   const auto data = test::regression_data(32);
   auto model = test::linear_model();
   torch::optim::SGD optimizer(model->parameters(), 0.01);
@@ -390,7 +383,7 @@ struct Snapshots {
 }  // namespace
 
 TEST_CASE("ModelEma averages the weights after every update and evaluates them", "[callbacks][ema]") {
-  const auto dir = fresh_dir("ema");
+  const auto dir = test::fresh_dir("ema");
   const auto train = test::regression_data(32);
   const auto eval = test::regression_data(16, 2);
   auto model = test::linear_model();
@@ -437,4 +430,52 @@ TEST_CASE("MoveModulesToDevice places the modules it is given at each run start"
   t.train(test::regression_data(16), {.per_device_batch_size = 8});
   CHECK(t.device_policy().placed->count(metric.get()) == 1);
   CHECK(t.device_policy().placed->count(teacher.get()) == 1);
+}
+
+namespace {
+// A precision policy with state of its own (as Float16's loss scaler): the updates it has stepped.
+struct CountingPrecision : acc::FullPrecision {
+  std::int64_t steps = 0;
+  void step(torch::optim::Optimizer& optimizer) {
+    ++steps;
+    optimizer.step();
+  }
+  void save_state(torch::serialize::OutputArchive& archive) const {
+    archive.write("steps", torch::tensor(steps, torch::kLong));
+  }
+  void load_state(torch::serialize::InputArchive& archive) {
+    torch::Tensor value;
+    archive.read("steps", value);
+    steps = value.item<std::int64_t>();
+  }
+};
+}  // namespace
+
+TEST_CASE("states saved at epoch ends resume exactly, with the precision policy's state", "[resume][callbacks]") {
+  const auto dir = test::fresh_dir("epoch_states");
+  const auto data = test::regression_data(48);
+  using T = acc::Trainer<acc::Cpu, CountingPrecision, acc::SingleProcess, acc::DefaultLoop, cb::SaveTrainingState>;
+  auto run = [&](std::int64_t epochs, bool resume) {
+    auto model = test::linear_model();
+    torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(0.01));
+    T trainer(model, torch::nn::MSELoss(), optimizer,
+              cb::SaveTrainingState({.save_dir = dir / (resume ? "b" : "a"), .save_every_n_epochs = 1,
+                                     .save_at_end = false, .max_checkpoints = 2}));
+    trainer.set_output(test::quiet());
+    acc::TrainOptions options{.num_epochs = epochs, .per_device_batch_size = 8};
+    if (resume) options.resume_from = dir / "a" / "epoch_2.pt";
+    trainer.train(data, options);
+    return std::tuple{test::flat_parameters(*model), trainer.precision().steps, trainer.run_history()};
+  };
+  const auto [reference, steps, history] = run(4, false);  // 6 updates per epoch
+  std::set<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir / "a")) names.insert(e.path().filename());
+  CHECK(names == std::set<std::string>{"epoch_3.pt", "epoch_4.pt", "latest"});  // epoch_1, epoch_2 rotated away
+  CHECK(steps == 24);
+  fs::copy_file(dir / "a" / "epoch_3.pt", dir / "a" / "epoch_2.pt");  // resume from the end of epoch 3 (of 4)
+  const auto [resumed, resumed_steps, resumed_history] = run(4, true);
+  CHECK(torch::equal(reference, resumed));
+  CHECK(resumed_steps == 24);  // 18 restored + 6 stepped
+  CHECK(resumed_history.get_metric_values("train_loss_epoch") == history.get_metric_values("train_loss_epoch"));
+  fs::remove_all(dir);
 }

@@ -5,16 +5,14 @@
 #include <stdexcept>
 #include <string>
 
+#include "../detail/checks.hpp"
+
 namespace accelerated::callbacks {
 
 class LimitBatches {
  public:
-  explicit LimitBatches(std::int64_t num_batches) : n_(num_batches) {
-    if (n_ < 1) {
-      throw std::invalid_argument("accelerated::callbacks::LimitBatches: num_batches = " + std::to_string(n_) +
-                                  " must be >= 1");
-    }
-  }
+  explicit LimitBatches(std::int64_t num_batches)
+      : n_(detail::require_positive("callbacks::LimitBatches", "num_batches", num_batches)) {}
 
   template <class Trainer>
   void on_train_epoch_start(Trainer& trainer) {

@@ -6,17 +6,15 @@
 #include <stdexcept>
 #include <string>
 
+#include "../detail/checks.hpp"
+
 namespace accelerated::callbacks {
 
 class LimitEvalSteps {
  public:
   explicit LimitEvalSteps(std::int64_t num_eval_steps, bool limit_intermediate_only = true)
-      : n_(num_eval_steps), intermediate_only_(limit_intermediate_only) {
-    if (n_ < 1) {
-      throw std::invalid_argument("accelerated::callbacks::LimitEvalSteps: num_eval_steps = " + std::to_string(n_) +
-                                  " must be >= 1");
-    }
-  }
+      : n_(detail::require_positive("callbacks::LimitEvalSteps", "num_eval_steps", num_eval_steps)),
+        intermediate_only_(limit_intermediate_only) {}
 
   template <class Trainer>
   void on_eval_epoch_start(Trainer& trainer, bool is_intermediate) {

@@ -13,6 +13,8 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+
+#include "../detail/checks.hpp"
 #include <system_error>
 #include <vector>
 
@@ -32,10 +34,7 @@ class SaveTrainingState {
  public:
   explicit SaveTrainingState(SaveTrainingStateOptions options = {}) : options_(std::move(options)) {
     auto positive = [](const char* name, const std::optional<std::int64_t>& value) {
-      if (value && *value < 1) {
-        throw std::invalid_argument(std::string("accelerated::callbacks::SaveTrainingState: ") + name + " = " +
-                                    std::to_string(*value) + " must be >= 1");
-      }
+      if (value) detail::require_positive("callbacks::SaveTrainingState", name, *value);
     };
     positive("save_every_n_epochs", options_.save_every_n_epochs);
     positive("save_every_n_steps", options_.save_every_n_steps);

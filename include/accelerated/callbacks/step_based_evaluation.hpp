@@ -7,16 +7,14 @@
 #include <stdexcept>
 #include <string>
 
+#include "../detail/checks.hpp"
+
 namespace accelerated::callbacks {
 
 class StepBasedEvaluation {
  public:
-  explicit StepBasedEvaluation(std::int64_t eval_every_n_steps) : n_(eval_every_n_steps) {
-    if (n_ < 1) {
-      throw std::invalid_argument("accelerated::callbacks::StepBasedEvaluation: eval_every_n_steps = " +
-                                  std::to_string(n_) + " must be >= 1");
-    }
-  }
+  explicit StepBasedEvaluation(std::int64_t eval_every_n_steps)
+      : n_(detail::require_positive("callbacks::StepBasedEvaluation", "eval_every_n_steps", eval_every_n_steps)) {}
 
   template <class Trainer>
   void on_update_step_end(Trainer& trainer) {
