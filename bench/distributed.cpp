@@ -35,6 +35,7 @@ void run(const std::string& name, Model model, torch::optim::Optimizer& optimize
   acc::detail::JsonObject out(json);
   out.field("benchmark", name)
       .field("processes", rc.num_processes)
+      .field("transport", trainer.distributed().transport())
       .field("threads_per_process", at::get_num_threads())
       .field("epoch_s", epoch_s)
       .field("samples_per_s", static_cast<double>(data.size()) / epoch_s)

@@ -61,10 +61,17 @@ auto run_ranks(int world, Body body) {
   return results;
 }
 
-acc::DataParallelOptions short_timeout(std::chrono::milliseconds timeout = 20s) {
+acc::DataParallelOptions short_timeout(std::chrono::milliseconds timeout = 20s,
+                                       acc::distributed::Transport transport = acc::distributed::Transport::automatic) {
   acc::DataParallelOptions options;
   options.timeout = timeout;
+  options.transport = transport;
   return options;
+}
+
+// Ranks as threads are on one machine, so the automatic transport is shared memory; some tests also run over Gloo.
+std::string name_of(acc::distributed::Transport t) {
+  return t == acc::distributed::Transport::gloo ? "gloo" : "shared memory";
 }
 }  // namespace
 
@@ -134,11 +141,13 @@ TEST_CASE("two ranks end bit-identical and match one process on the combined bat
   std::vector<torch::nn::Linear> models{test::linear_model(), test::linear_model()};
   torch::manual_seed(99);
   models[1]->weight.data().normal_();  // a different init on rank 1: the broadcast fixes it
+  const auto transport = GENERATE(acc::distributed::Transport::shared_memory, acc::distributed::Transport::gloo);
+  INFO("transport: " << name_of(transport));
   auto params = run_ranks(2, [&](int rank, auto store) {
     auto model = models[rank];
     torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
     ParallelTrainer trainer(model, torch::nn::MSELoss(), optimizer);
-    trainer.distributed() = acc::DataParallel(store, rank, 2, short_timeout());
+    trainer.distributed() = acc::DataParallel(store, rank, 2, short_timeout(20s, transport));
     trainer.set_output(test::quiet());
     trainer.train(data, {.num_epochs = 3, .per_device_batch_size = 4, .seed = 11});
     CHECK(trainer.run_config().num_processes == 2);
@@ -221,6 +230,8 @@ TEST_CASE("evaluation on two ranks covers every example once and matches one pro
 }
 
 TEST_CASE("a peer that stops mid-run ends the survivor with an error and no hang", "[distributed][faults]") {
+  const auto transport = GENERATE(acc::distributed::Transport::shared_memory, acc::distributed::Transport::gloo);
+  INFO("transport: " << name_of(transport));
   const auto data = test::regression_data(32);
   const auto start = std::chrono::steady_clock::now();
   std::vector<torch::nn::Linear> models{test::linear_model(), test::linear_model()};
@@ -228,7 +239,7 @@ TEST_CASE("a peer that stops mid-run ends the survivor with an error and no hang
     auto model = models[rank];
     torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
     ParallelTrainer trainer(model, torch::nn::MSELoss(), optimizer);
-    trainer.distributed() = acc::DataParallel(store, rank, 2, short_timeout(2s));
+    trainer.distributed() = acc::DataParallel(store, rank, 2, short_timeout(2s, transport));
     trainer.set_output(test::quiet());
     // Rank 1 trains one epoch and leaves; rank 0 wants three.
     try {
@@ -298,4 +309,38 @@ TEST_CASE("two ranks resumed from a saved training state end bit-identical", "[d
   CHECK(torch::equal(resumed[0], reference[0]));
   CHECK(torch::equal(resumed[1], reference[1]));
   std::filesystem::remove_all(base);
+}
+
+TEST_CASE("the shared-memory group's collectives on 3 ranks, across chunk boundaries", "[distributed][shared_memory]") {
+  using Group = acc::distributed::SharedMemoryGroup;
+  auto results = run_ranks(3, [](int rank, auto store) {
+    auto group = c10::make_intrusive<Group>(store, rank, 3, 10s, /*chunk_bytes=*/256);  // 64 floats a chunk
+    std::vector<torch::Tensor> floats{torch::arange(1000, torch::kFloat) * (rank + 1)};
+    group->allreduce(floats)->wait();
+    std::vector<torch::Tensor> doubles{torch::full({7}, 0.5 * rank, torch::kDouble),
+                                       torch::ones({10, 6}, torch::kLong).t()};  // two at once, one non-contiguous
+    group->allreduce(doubles)->wait();
+    std::vector<torch::Tensor> broadcast{torch::full({300}, static_cast<double>(rank), torch::kFloat)};
+    c10d::BroadcastOptions from_2;
+    from_2.rootRank = 2;
+    group->broadcast(broadcast, from_2)->wait();
+    std::vector<std::vector<torch::Tensor>> gathered(1);
+    for (int r = 0; r < 3; ++r) gathered[0].push_back(torch::empty({100}, torch::kInt));
+    std::vector<torch::Tensor> mine{torch::full({100}, rank, torch::kInt)};
+    group->allgather(gathered, mine)->wait();
+    group->barrier()->wait();
+    c10d::AllreduceOptions max;
+    max.reduceOp = c10d::ReduceOp::MAX;
+    const auto refused = test::message_of([&] { group->allreduce(floats, max); });
+    return std::tuple{floats[0], doubles[0], doubles[1], broadcast[0], torch::cat(gathered[0]), refused};
+  });
+  for (const auto& [floats, doubles, longs, broadcast, gathered, refused] : results) {
+    CHECK(torch::equal(floats, torch::arange(1000, torch::kFloat) * 6));
+    CHECK(torch::equal(doubles, torch::full({7}, 1.5, torch::kDouble)));
+    CHECK(torch::equal(longs, torch::full({6, 10}, 3, torch::kLong)));
+    CHECK(torch::equal(broadcast, torch::full({300}, 2.0, torch::kFloat)));
+    CHECK(torch::equal(gathered, torch::cat({torch::zeros({100}, torch::kInt), torch::ones({100}, torch::kInt),
+                                             torch::full({100}, 2, torch::kInt)})));
+    CHECK_THAT(refused, Catch::Contains("only ReduceOp::SUM"));
+  }
 }

@@ -7,6 +7,9 @@
 #include <c10/core/DeviceType.h>
 #include <c10/core/ScalarType.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#if TORCH_VERSION_MAJOR >= 2
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#endif
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
 #include <chrono>
@@ -115,25 +118,37 @@ inline bool has_fused_amp_kernels(c10::DeviceType device) {
 // only code that builds a process group needs the Gloo headers.
 namespace accelerated::compat {
 
-template <class Gloo>
-c10::intrusive_ptr<c10d::ProcessGroup> as_process_group(const c10::intrusive_ptr<Gloo>& gloo,
+// What a process group implementation derives from (distributed/shared_memory_group.hpp).
+#if ACCELERATED_TORCH_AT_LEAST(2, 0)
+using ProcessGroupBase = c10d::Backend;
+#else
+using ProcessGroupBase = c10d::ProcessGroup;
+#endif
+
+// `backend` (Gloo, or one of ours when `custom`) as the ProcessGroup the reducer and the collectives take.
+template <class Backend>
+c10::intrusive_ptr<c10d::ProcessGroup> as_process_group(const c10::intrusive_ptr<Backend>& backend,
                                                         [[maybe_unused]] const c10::intrusive_ptr<c10d::Store>& store,
                                                         [[maybe_unused]] std::int64_t rank,
                                                         [[maybe_unused]] std::int64_t world_size,
-                                                        [[maybe_unused]] std::chrono::milliseconds timeout) {
+                                                        [[maybe_unused]] std::chrono::milliseconds timeout,
+                                                        [[maybe_unused]] bool custom = false) {
+#if ACCELERATED_TORCH_AT_LEAST(2, 0)
+  const auto type = custom ? c10d::ProcessGroup::BackendType::CUSTOM : c10d::ProcessGroup::BackendType::GLOO;
+#endif
 #if ACCELERATED_TORCH_AT_LEAST(2, 6)
   auto group = c10::make_intrusive<c10d::ProcessGroup>(store, static_cast<int>(rank), static_cast<int>(world_size));
-  group->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, gloo);
-  group->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
+  group->setBackend(c10::DeviceType::CPU, type, backend);
+  group->setDefaultBackend(type);
   return group;
 #elif ACCELERATED_TORCH_AT_LEAST(2, 0)
-  auto options = c10::make_intrusive<c10d::ProcessGroup::Options>("gloo", timeout);
+  auto options = c10::make_intrusive<c10d::ProcessGroup::Options>(custom ? "custom" : "gloo", timeout);
   auto group =
       c10::make_intrusive<c10d::ProcessGroup>(store, static_cast<int>(rank), static_cast<int>(world_size), options);
-  group->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, gloo);
+  group->setBackend(c10::DeviceType::CPU, type, backend);
   return group;
 #else
-  return gloo;
+  return backend;
 #endif
 }
 

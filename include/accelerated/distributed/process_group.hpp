@@ -12,8 +12,12 @@
 #include <stdexcept>
 #include <string>
 
+#include <fstream>
+#include <unistd.h>
+
 #include "../detail/compat.hpp"
 #include "environment.hpp"
+#include "shared_memory_group.hpp"
 
 namespace accelerated::distributed {
 
@@ -40,6 +44,65 @@ inline c10::intrusive_ptr<c10d::ProcessGroup> make_gloo_group(const c10::intrusi
   auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(store, static_cast<int>(rank), static_cast<int>(world_size),
                                                           options);
   return compat::as_process_group(gloo, store, rank, world_size, timeout);
+}
+
+// How ranks talk: shared memory when they all run on this machine (automatic, the default), else Gloo over TCP.
+// ACCELERATED_TRANSPORT=gloo|shared_memory overrides the default from outside a program.
+enum class Transport { automatic, gloo, shared_memory };
+
+inline Transport transport_from_env(Transport fallback) {
+  const char* value = std::getenv("ACCELERATED_TRANSPORT");
+  if (value == nullptr || *value == '\0') return fallback;
+  const std::string text = value;
+  if (text == "gloo") return Transport::gloo;
+  if (text == "shared_memory") return Transport::shared_memory;
+  if (text == "automatic") return Transport::automatic;
+  throw std::invalid_argument("accelerated::distributed: ACCELERATED_TRANSPORT = '" + text +
+                              "' is not one of gloo, shared_memory, automatic");
+}
+
+// This machine, as the ranks compare it: host name and boot id (containers on one host share the boot id, but
+// not necessarily /dev/shm, so the host name is part of it).
+inline std::string machine_identity() {
+  char host[256] = {};
+  ::gethostname(host, sizeof host - 1);
+  std::string boot;
+  std::ifstream("/proc/sys/kernel/random/boot_id") >> boot;
+  return std::string(host) + "/" + boot;
+}
+
+// True when every rank reports the same machine (through the store, bounded by its timeout).
+inline bool all_ranks_on_one_machine(const c10::intrusive_ptr<c10d::Store>& store, std::int64_t rank,
+                                     std::int64_t world_size) {
+  const auto me = machine_identity();
+  store->set("machine/" + std::to_string(rank), std::vector<std::uint8_t>(me.begin(), me.end()));
+  bool same = true;
+  for (std::int64_t r = 0; r < world_size; ++r) {
+    const auto theirs = store->get("machine/" + std::to_string(r));
+    same = same && std::string(theirs.begin(), theirs.end()) == me;
+  }
+  return same;
+}
+
+// The process group of a run: shared memory or Gloo, as `transport` (or ACCELERATED_TRANSPORT) says.
+inline c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(const c10::intrusive_ptr<c10d::Store>& store,
+                                                                 std::int64_t rank, std::int64_t world_size,
+                                                                 std::chrono::milliseconds timeout,
+                                                                 const std::string& master_addr, Transport transport) {
+  transport = transport_from_env(transport);
+  const bool shared = transport == Transport::shared_memory ||
+                      (transport == Transport::automatic && all_ranks_on_one_machine(store, rank, world_size));
+  if (shared) {
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("shared_memory", store);
+    try {
+      auto group = c10::make_intrusive<SharedMemoryGroup>(prefixed, static_cast<int>(rank),
+                                                          static_cast<int>(world_size), timeout);
+      return compat::as_process_group(group, store, rank, world_size, timeout, /*custom=*/true);
+    } catch (const SharedMemoryUnavailable&) {
+      if (transport == Transport::shared_memory) throw;  // asked for by name: say why it cannot be
+    }
+  }
+  return make_gloo_group(store, rank, world_size, timeout, master_addr);
 }
 
 // The TCPStore of the environment, wrapped in a prefix so that our keys never meet a launcher's.

@@ -1,7 +1,8 @@
 #pragma once
 // Distributed policies: how many processes train together and how they agree. The menu:
 //   SingleProcess    one process; every call below is a no-op.
-//   DataParallel     one process per CPU (or GPU) over a c10d Gloo process group: rank 0's parameters and buffers
+//   DataParallel     one process per CPU (or GPU) over a c10d process group (shared memory when every rank is on
+//                    this machine, Gloo otherwise): rank 0's parameters and buffers
 //                    are broadcast at the start of each run, gradients are averaged by c10d::Reducer (bucketed
 //                    all-reduce overlapping backward) on update steps only, metrics are summed over processes.
 //                    Rendezvous from torchrun, OpenMPI or SLURM variables (distributed/environment.hpp).
@@ -53,6 +54,8 @@ struct DataParallelOptions {
   std::chrono::milliseconds timeout = std::chrono::minutes(5);  // any wait: rendezvous, collectives, a dead peer
 #if ACCELERATED_HAS_GLOO
   distributed::GradientSyncOptions gradient_sync;
+  // Shared memory when every rank runs on this machine, Gloo otherwise (ACCELERATED_TRANSPORT overrides it).
+  distributed::Transport transport = distributed::Transport::automatic;
 #endif
 };
 
@@ -68,7 +71,8 @@ class DataParallel {
 #if ACCELERATED_HAS_GLOO
     auto store = distributed::make_store(env_, options_.timeout);
     group_ = guarded("joining the process group", [&] {
-      return distributed::make_gloo_group(store, env_.rank, env_.world_size, options_.timeout, env_.master_addr);
+      return distributed::make_process_group(store, env_.rank, env_.world_size, options_.timeout, env_.master_addr,
+                                             options_.transport);
     });
 #else
     throw std::runtime_error("accelerated::DataParallel: WORLD_SIZE = " + std::to_string(env_.world_size) +
@@ -90,7 +94,8 @@ class DataParallel {
     env_.launcher = "store";
     if (world_size > 1) {
       group_ = guarded("joining the process group", [&] {
-        return distributed::make_gloo_group(store, rank, world_size, options_.timeout);
+        return distributed::make_process_group(store, rank, world_size, options_.timeout, "127.0.0.1",
+                                               options_.transport);
       });
     }
   }
@@ -100,6 +105,14 @@ class DataParallel {
   std::int64_t rank() const { return env_.rank; }
   std::int64_t local_rank() const { return env_.local_rank; }
   const distributed::Environment& environment() const { return env_; }
+
+  // What the ranks talk through: "accelerated_shared_memory", "gloo", or "none" for a single process.
+  std::string transport() const {
+#if ACCELERATED_HAS_GLOO
+    if (group_) return group_->getBackendName();
+#endif
+    return "none";
+  }
 
   // At the start of every run: rank 0's parameters and buffers everywhere, and the reducer for this model.
   void prepare(torch::nn::Module& module) {

@@ -1,0 +1,287 @@
+#pragma once
+// A c10d process group for ranks on one machine, over POSIX shared memory: what DataParallel uses when every rank
+// runs on this host (DataParallelOptions::transport). Gloo sends even a 1,000-float all-reduce through TCP and its
+// own threads (~0.5 ms on loopback here); here it is a copy into a shared buffer, two spin barriers and a copy out.
+//
+// Layout of the segment: one cache line per rank (its barrier generation, its pid, "left the group"), then two
+// buffer sets used alternately (so a rank still reading set A cannot be overwritten before everyone passed the next
+// barrier), each with one chunk per rank and one result chunk. An all-reduce of a chunk: every rank copies its part
+// in; barrier; rank r sums slice r of every rank's chunk, in rank order, into the result (so every rank gets the
+// same bits); barrier; every rank copies the result out. Tensors of any size go through chunk by chunk.
+//
+// Waits are bounded: a peer whose process is gone, or which left the group, is reported at once; otherwise a wait
+// ends with an error after the group's timeout. The segment is unlinked as soon as every rank has mapped it, so a
+// crash leaves nothing in /dev/shm.
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <torch/csrc/distributed/c10d/Store.hpp>
+#include <torch/csrc/distributed/c10d/Types.hpp>
+#include <torch/csrc/distributed/c10d/Work.hpp>
+#include <torch/types.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "../detail/compat.hpp"
+
+namespace accelerated::distributed {
+
+namespace detail {
+
+// A Work that is already done (every operation here completes before it returns), with the future the reducer
+// reads its result from.
+class CompletedWork : public c10d::Work {
+ public:
+  explicit CompletedWork(std::vector<at::Tensor> result)
+      : result_(std::move(result)),
+        future_(c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()))) {
+    future_->markCompleted(c10::IValue(result_));
+  }
+  bool isCompleted() override { return true; }
+  bool isSuccess() const override { return true; }
+  bool wait(std::chrono::milliseconds = std::chrono::milliseconds(0)) override { return true; }
+  std::vector<at::Tensor> result() override { return result_; }
+  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
+
+ private:
+  std::vector<at::Tensor> result_;
+  c10::intrusive_ptr<c10::ivalue::Future> future_;
+};
+
+struct alignas(64) RankLine {
+  std::atomic<std::uint64_t> generation;
+  std::atomic<std::int64_t> pid;
+  std::atomic<std::uint32_t> left;
+};
+
+}  // namespace detail
+
+// Thrown on every rank when rank 0 could not set up the segment (no /dev/shm, no room): the caller may use Gloo.
+struct SharedMemoryUnavailable : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+class SharedMemoryGroup : public compat::ProcessGroupBase {
+ public:
+  // Every rank calls this with the same store (a PrefixStore of the run's); rank 0 creates the segment.
+  SharedMemoryGroup(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
+                    std::chrono::milliseconds timeout, std::size_t chunk_bytes = 0)
+      : compat::ProcessGroupBase(rank, size), timeout_(timeout) {
+    // Two sets of (size + 1) chunks; kept under ~48 MB so that Docker's default 64 MB /dev/shm holds it.
+    chunk_ = chunk_bytes ? chunk_bytes : std::min<std::size_t>(4u << 20, (48u << 20) / (2 * (size + 1)));
+    chunk_ -= chunk_ % 64;
+    header_ = sizeof(detail::RankLine) * static_cast<std::size_t>(size);
+    bytes_ = header_ + 2 * static_cast<std::size_t>(size + 1) * chunk_;
+    std::string name;
+    if (rank == 0) {
+      std::random_device random;
+      name = "/accelerated-" + std::to_string(::getpid()) + "-" + std::to_string(random());
+      // On failure the other ranks learn it through an empty name, so that every rank can fall back together.
+      auto unavailable = [&](const std::string& what) {
+        const std::string reason = what + " (" + std::strerror(errno) + ")";
+        store->set("shm_name", std::vector<std::uint8_t>{});
+        throw SharedMemoryUnavailable("accelerated::distributed::SharedMemoryGroup: " + reason);
+      };
+      const int fd = ::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+      if (fd < 0) unavailable("cannot create shared memory '" + name + "'");
+      // Reserve the pages now: a full /dev/shm is then this error, not a SIGBUS in the middle of training.
+      const int reserved = ::posix_fallocate(fd, 0, static_cast<off_t>(bytes_));
+      if (reserved != 0) {
+        ::close(fd);
+        ::shm_unlink(name.c_str());
+        errno = reserved;
+        unavailable("cannot reserve " + std::to_string(bytes_ >> 20) + " MB of shared memory in /dev/shm");
+      }
+      map(fd);
+      store->set("shm_name", std::vector<std::uint8_t>(name.begin(), name.end()));
+    } else {
+      store->wait({"shm_name"}, timeout_);
+      const auto bytes = store->get("shm_name");
+      if (bytes.empty()) throw SharedMemoryUnavailable("accelerated::distributed::SharedMemoryGroup: rank 0 could not set it up");
+      name.assign(bytes.begin(), bytes.end());
+      const int fd = ::shm_open(name.c_str(), O_RDWR, 0600);
+      if (fd < 0) fail("cannot open shared memory '" + name + "'");
+      map(fd);
+    }
+    line(rank).pid.store(::getpid());
+    // Once every rank has mapped the segment its name is no longer needed: unlink it, so nothing outlives the run.
+    if (store->add("shm_mapped", 1) == size) {
+      ::shm_unlink(name.c_str());
+    }
+    barrier_wait("joining");
+  }
+
+  ~SharedMemoryGroup() override {
+    if (base_ != nullptr) {
+      line(getRank()).left.store(1);
+      ::munmap(base_, bytes_);
+    }
+  }
+
+  const std::string getBackendName() const override { return "accelerated_shared_memory"; }
+
+  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& tensors,
+                                           const c10d::AllreduceOptions& opts = c10d::AllreduceOptions()) override {
+    if (opts.reduceOp != c10d::ReduceOp::SUM) {
+      throw std::invalid_argument("accelerated::distributed::SharedMemoryGroup: only ReduceOp::SUM is supported");
+    }
+    for (auto& tensor : tensors) {
+      each_chunk(tensor, [&](const at::Tensor& part) {
+        const auto n = part.numel();
+        const auto set = next_set();
+        slot(set, getRank(), part).copy_(part);
+        barrier_wait("all_reduce");
+        const auto lo = n * getRank() / getSize(), hi = n * (getRank() + 1) / getSize();
+        if (hi > lo) {
+          auto result = slot(set, getSize(), part).slice(0, lo, hi);
+          result.copy_(slot(set, 0, part).slice(0, lo, hi));
+          for (int r = 1; r < getSize(); ++r) result.add_(slot(set, r, part).slice(0, lo, hi));
+        }
+        barrier_wait("all_reduce");
+        part.copy_(slot(set, getSize(), part));
+      });
+    }
+    return c10::make_intrusive<detail::CompletedWork>(tensors);
+  }
+
+  c10::intrusive_ptr<c10d::Work> broadcast(std::vector<at::Tensor>& tensors,
+                                           const c10d::BroadcastOptions& opts = c10d::BroadcastOptions()) override {
+    const auto root = static_cast<int>(opts.rootRank);
+    for (auto& tensor : tensors) {
+      each_chunk(tensor, [&](const at::Tensor& part) {
+        const auto set = next_set();
+        if (getRank() == root) slot(set, getSize(), part).copy_(part);
+        barrier_wait("broadcast");
+        if (getRank() != root) part.copy_(slot(set, getSize(), part));
+      });
+    }
+    return c10::make_intrusive<detail::CompletedWork>(tensors);
+  }
+
+  c10::intrusive_ptr<c10d::Work> allgather(std::vector<std::vector<at::Tensor>>& outputs,
+                                           std::vector<at::Tensor>& inputs,
+                                           const c10d::AllgatherOptions& = c10d::AllgatherOptions()) override {
+    if (inputs.size() != 1 || outputs.size() != 1 || static_cast<int>(outputs[0].size()) != getSize()) {
+      throw std::invalid_argument("accelerated::distributed::SharedMemoryGroup::allgather: one input and one output "
+                                  "per rank expected");
+    }
+    auto input = inputs[0].contiguous().view(-1);
+    std::vector<at::Tensor> flat_outputs;
+    for (auto& output : outputs[0]) {
+      if (output.numel() != input.numel() || output.scalar_type() != input.scalar_type()) {
+        throw std::invalid_argument("accelerated::distributed::SharedMemoryGroup::allgather: outputs must match the "
+                                    "input's size and type");
+      }
+      flat_outputs.push_back(output.is_contiguous() ? output.view(-1) : output.contiguous().view(-1));
+    }
+    const auto per_chunk = static_cast<std::int64_t>(chunk_ / input.element_size());
+    for (std::int64_t offset = 0; offset < input.numel(); offset += per_chunk) {
+      const auto n = std::min(per_chunk, input.numel() - offset);
+      const auto part = input.slice(0, offset, offset + n);
+      const auto set = next_set();
+      slot(set, getRank(), part).copy_(part);
+      barrier_wait("allgather");
+      for (int r = 0; r < getSize(); ++r) flat_outputs[r].slice(0, offset, offset + n).copy_(slot(set, r, part));
+    }
+    barrier_wait("allgather");  // nobody reuses a slot before everyone has read it
+    for (std::size_t r = 0; r < flat_outputs.size(); ++r) {
+      if (!outputs[0][r].is_contiguous()) outputs[0][r].copy_(flat_outputs[r].view_as(outputs[0][r]));
+    }
+    return c10::make_intrusive<detail::CompletedWork>(outputs[0]);
+  }
+
+  c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions& = c10d::BarrierOptions()) override {
+    barrier_wait("barrier");
+    return c10::make_intrusive<detail::CompletedWork>(std::vector<at::Tensor>{});
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& what) const {
+    throw std::runtime_error("accelerated::distributed::SharedMemoryGroup: rank " + std::to_string(getRank()) + ": " +
+                             what + " (" + std::strerror(errno) + ")");
+  }
+
+  void map(int fd) {
+    void* base = ::mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    ::close(fd);
+    if (base == MAP_FAILED) fail("cannot map " + std::to_string(bytes_) + " bytes of shared memory");
+    base_ = static_cast<char*>(base);
+  }
+
+  detail::RankLine& line(int rank) { return reinterpret_cast<detail::RankLine*>(base_)[rank]; }
+
+  int next_set() { return static_cast<int>(operations_++ & 1); }
+
+  // Chunk `index` (0..size-1: a rank's; size: the result) of buffer set `set`, as a tensor shaped like `like`.
+  at::Tensor slot(int set, int index, const at::Tensor& like) {
+    char* at = base_ + header_ + (static_cast<std::size_t>(set) * (getSize() + 1) + index) * chunk_;
+    return torch::from_blob(at, {like.numel()}, like.options().device(torch::kCPU));
+  }
+
+  // Calls fn on chunk-sized flat pieces of `tensor` (a contiguous copy is written back for others).
+  template <class Fn>
+  void each_chunk(at::Tensor& tensor, Fn&& fn) {
+    if (!tensor.device().is_cpu()) {
+      throw std::invalid_argument("accelerated::distributed::SharedMemoryGroup: tensors must be on the CPU, not " +
+                                  tensor.device().str());
+    }
+    auto flat = tensor.is_contiguous() ? tensor.view(-1) : tensor.contiguous().view(-1);
+    const auto per_chunk = static_cast<std::int64_t>(chunk_ / flat.element_size());
+    for (std::int64_t offset = 0; offset < flat.numel(); offset += per_chunk) {
+      fn(flat.slice(0, offset, std::min(flat.numel(), offset + per_chunk)));
+    }
+    if (!tensor.is_contiguous()) tensor.copy_(flat.view_as(tensor));
+  }
+
+  // Every rank raises its generation, then waits until all have reached it: spinning briefly, then yielding.
+  void barrier_wait(const char* what) {
+    const auto generation = ++generation_;
+    line(getRank()).generation.store(generation, std::memory_order_release);
+    const auto start = std::chrono::steady_clock::now();
+    for (int r = 0; r < getSize(); ++r) {
+      auto& peer = line(r);
+      for (std::uint64_t spins = 0; peer.generation.load(std::memory_order_acquire) < generation; ++spins) {
+        if (spins < 2000) continue;
+        std::this_thread::yield();
+        if (spins % 1024 != 0) continue;
+        if (peer.left.load() != 0) peer_gone(what, r, "left the group");
+        const auto pid = peer.pid.load();
+        if (pid > 0 && pid != ::getpid() && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) {
+          peer_gone(what, r, "process " + std::to_string(pid) + " is gone");
+        }
+        if (std::chrono::steady_clock::now() - start > timeout_) {
+          peer_gone(what, r, "did not arrive within " + std::to_string(timeout_.count()) + " ms");
+        }
+      }
+    }
+  }
+
+  [[noreturn]] void peer_gone(const char* what, int peer, const std::string& why) const {
+    // Not prefixed "accelerated::", so that the trainer adds where the run was (as it does for Gloo's errors).
+    throw std::runtime_error("shared-memory process group: rank " + std::to_string(getRank()) + " waiting in " + what +
+                             ": rank " + std::to_string(peer) + " " + why);
+  }
+
+  std::chrono::milliseconds timeout_;
+  std::size_t chunk_ = 0;
+  std::size_t header_ = 0;
+  std::size_t bytes_ = 0;
+  char* base_ = nullptr;
+  std::uint64_t generation_ = 0;
+  std::uint64_t operations_ = 0;
+};
+
+}  // namespace accelerated::distributed
