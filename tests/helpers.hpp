@@ -3,7 +3,14 @@
 #include <accelerated/accelerated.hpp>
 #include <catch2/catch.hpp>
 
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <chrono>
+#include <thread>
+#include <vector>
 
 #include <filesystem>
 #include <sstream>
@@ -49,6 +56,35 @@ inline std::filesystem::path fresh_dir(const std::string& name) {
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
   return dir;
+}
+
+// Starts this test program again, running the hidden test cases tagged `tag`, with `env` added to the environment.
+inline pid_t spawn_self(const std::string& tag, const std::vector<std::string>& env) {
+  std::vector<std::string> storage(env);
+  for (char** e = environ; *e; ++e) storage.emplace_back(*e);
+  std::vector<char*> envp;
+  for (auto& s : storage) envp.push_back(s.data());
+  envp.push_back(nullptr);
+  std::string exe = std::filesystem::read_symlink("/proc/self/exe").string(), spec = tag, reporter = "--reporter=compact";
+  char* argv[] = {exe.data(), spec.data(), reporter.data(), nullptr};
+  pid_t pid = 0;
+  REQUIRE(::posix_spawn(&pid, exe.c_str(), nullptr, nullptr, argv, envp.data()) == 0);
+  return pid;
+}
+
+// The wait status of `pid`; kills it and fails the test if it runs longer than `timeout`.
+inline int wait_for(pid_t pid, std::chrono::seconds timeout = std::chrono::seconds(120)) {
+  int status = 0;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (::waitpid(pid, &status, WNOHANG) == 0) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, &status, 0);
+      FAIL("child process " << pid << " did not finish within " << timeout.count() << " s");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return status;
 }
 
 // Discards the trainer's printing; tests that read it use their own ostringstream.

@@ -2,7 +2,11 @@
 // environment and fault cases. Every wait is bounded by a short timeout, so a broken test fails instead of hanging.
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 
+#include <signal.h>
+
 #include <atomic>
+#include <fstream>
+#include <random>
 #include <filesystem>
 #include <future>
 #include <thread>
@@ -343,4 +347,55 @@ TEST_CASE("the shared-memory group's collectives on 3 ranks, across chunk bounda
                                              torch::full({100}, 2, torch::kInt)})));
     CHECK_THAT(refused, Catch::Contains("only ReduceOp::SUM"));
   }
+}
+
+namespace {
+// Rank 1 dies (SIGKILL, no goodbye) at update 5.
+struct KillRankOneAtUpdateFive {
+  template <class Trainer>
+  void on_update_step_end(Trainer& trainer) {
+    if (trainer.distributed().rank() == 1 && trainer.state().update_step == 5) ::raise(SIGKILL);
+  }
+};
+}  // namespace
+
+// Hidden: one rank of the test below, a real process launched like a shell loop would.
+TEST_CASE("data-parallel worker", "[.dp_worker]") {
+  const auto data = test::regression_data(64);
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), 0.05);
+  std::string outcome = "finished";
+  try {
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::DataParallel, acc::DefaultLoop, KillRankOneAtUpdateFive> trainer(
+        model, torch::nn::MSELoss(), optimizer, KillRankOneAtUpdateFive{});
+    trainer.set_output(test::quiet());
+    trainer.train(data, {.num_epochs = 3, .per_device_batch_size = 4});
+  } catch (const std::exception& e) {
+    outcome = e.what();
+  }
+  std::ofstream(std::getenv("ACCELERATED_TEST_OUT")) << outcome;
+}
+
+TEST_CASE("a rank killed mid-run ends the other process with an error at once", "[distributed][faults]") {
+  const std::string transport = GENERATE("shared_memory", "gloo");
+  INFO("transport: " << transport);
+  const auto dir = test::fresh_dir("dp_kill_" + transport);
+  const auto port = std::to_string(20000 + std::random_device{}() % 20000);
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<pid_t> pids;
+  for (int rank = 0; rank < 2; ++rank) {
+    pids.push_back(test::spawn_self(
+        "[.dp_worker]", {"RANK=" + std::to_string(rank), "WORLD_SIZE=2", "MASTER_ADDR=127.0.0.1", "MASTER_PORT=" + port,
+                         "ACCELERATED_TRANSPORT=" + transport,
+                         "ACCELERATED_TEST_OUT=" + (dir / ("rank" + std::to_string(rank))).string()}));
+  }
+  const int survivor = test::wait_for(pids[0], 90s);
+  const int killed = test::wait_for(pids[1], 90s);
+  CHECK((WIFSIGNALED(killed) && WTERMSIG(killed) == SIGKILL));
+  CHECK((WIFEXITED(survivor) && WEXITSTATUS(survivor) == 0));
+  std::ifstream in(dir / "rank0");
+  const std::string message((std::istreambuf_iterator<char>(in)), {});
+  CHECK_THAT(message, Catch::Contains("rank 0 of 2 failed") && Catch::Contains("a peer may have stopped or died"));
+  CHECK(std::chrono::steady_clock::now() - start < 30s);  // seen at once, not after the 5-minute timeout
+  std::filesystem::remove_all(dir);
 }

@@ -15,8 +15,6 @@
 
 #include "helpers.hpp"
 
-extern char** environ;
-
 namespace acc = accelerated;
 namespace cb = accelerated::callbacks;
 namespace fs = std::filesystem;
@@ -101,29 +99,8 @@ void check_same(const Outcome& a, const Outcome& b) {
 }
 
 // Runs this test program again with `tag` selecting a hidden test case and `env` added; returns the wait status.
-int run_self(const std::string& tag, const std::vector<std::string>& env, int timeout_s = 120) {
-  std::vector<std::string> storage(env);
-  for (char** e = environ; *e; ++e) storage.emplace_back(*e);
-  std::vector<char*> envp;
-  for (auto& s : storage) envp.push_back(s.data());
-  envp.push_back(nullptr);
-  std::string exe = fs::read_symlink("/proc/self/exe").string();
-  std::string spec = tag;
-  std::string quiet = "--reporter=compact";
-  char* argv[] = {exe.data(), spec.data(), quiet.data(), nullptr};
-  pid_t pid = 0;
-  REQUIRE(::posix_spawn(&pid, exe.c_str(), nullptr, nullptr, argv, envp.data()) == 0);
-  int status = 0;
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
-  while (::waitpid(pid, &status, WNOHANG) == 0) {
-    if (std::chrono::steady_clock::now() > deadline) {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, &status, 0);
-      FAIL("the child process did not finish within " << timeout_s << " s");
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  return status;
+int run_self(const std::string& tag, const std::vector<std::string>& env) {
+  return test::wait_for(test::spawn_self(tag, env));
 }
 
 const char* env_or_null(const char* name) { return std::getenv(name); }
@@ -196,15 +173,7 @@ TEST_CASE("checkpoint writer", "[.checkpoint_writer]") {
 
 TEST_CASE("a process killed while writing a checkpoint leaves the previous one loadable", "[checkpoint][fault]") {
   const auto dir = test::fresh_dir("kill_during_write");
-  std::vector<std::string> storage{"ACCELERATED_TEST_DIR=" + dir.string()};
-  for (char** e = environ; *e; ++e) storage.emplace_back(*e);
-  std::vector<char*> envp;
-  for (auto& s : storage) envp.push_back(s.data());
-  envp.push_back(nullptr);
-  std::string exe = fs::read_symlink("/proc/self/exe").string(), spec = "[.checkpoint_writer]";
-  char* argv[] = {exe.data(), spec.data(), nullptr};
-  pid_t pid = 0;
-  REQUIRE(::posix_spawn(&pid, exe.c_str(), nullptr, nullptr, argv, envp.data()) == 0);
+  const pid_t pid = test::spawn_self("[.checkpoint_writer]", {"ACCELERATED_TEST_DIR=" + dir.string()});
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   while (!fs::exists(dir / "ckpt.pt") && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));

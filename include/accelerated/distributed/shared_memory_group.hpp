@@ -29,6 +29,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <fstream>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -246,7 +247,9 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
     if (!tensor.is_contiguous()) tensor.copy_(flat.view_as(tensor));
   }
 
-  // Every rank raises its generation, then waits until all have reached it: spinning briefly, then yielding.
+  // Every rank raises its generation, then waits until all have reached it: spinning (a peer usually arrives within
+  // microseconds), then yielding, then sleeping 100 us at a time, so a long wait (a peer saving a checkpoint) does
+  // not burn a core; every 1024 rounds it checks that the peer still exists and the clock.
   void barrier_wait(const char* what) {
     const auto generation = ++generation_;
     line(getRank()).generation.store(generation, std::memory_order_release);
@@ -255,11 +258,15 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
       auto& peer = line(r);
       for (std::uint64_t spins = 0; peer.generation.load(std::memory_order_acquire) < generation; ++spins) {
         if (spins < 2000) continue;
-        std::this_thread::yield();
-        if (spins % 1024 != 0) continue;
+        if (spins < 4000) {
+          std::this_thread::yield();
+        } else {
+          std::this_thread::sleep_for(std::chrono::microseconds(100));
+        }
+        if (spins % 64 != 0) continue;
         if (peer.left.load() != 0) peer_gone(what, r, "left the group");
-        const auto pid = peer.pid.load();
-        if (pid > 0 && pid != ::getpid() && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) {
+        const auto pid = static_cast<pid_t>(peer.pid.load());
+        if (pid > 0 && pid != ::getpid() && !process_alive(pid)) {
           peer_gone(what, r, "process " + std::to_string(pid) + " is gone");
         }
         if (std::chrono::steady_clock::now() - start > timeout_) {
@@ -267,6 +274,18 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
         }
       }
     }
+  }
+
+  // A killed process stays a zombie until its parent reaps it: that counts as gone.
+  static bool process_alive(pid_t pid) {
+    if (::kill(pid, 0) != 0 && errno == ESRCH) return false;
+    std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+    std::string text;
+    std::getline(stat, text);
+    const auto paren = text.rfind(')');
+    if (paren == std::string::npos || paren + 2 >= text.size()) return true;  // no /proc: trust kill()
+    const char state = text[paren + 2];
+    return state != 'Z' && state != 'X';
   }
 
   [[noreturn]] void peer_gone(const char* what, int peer, const std::string& why) const {
