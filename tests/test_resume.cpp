@@ -448,3 +448,25 @@ TEST_CASE("states saved at epoch ends resume exactly, with the precision policy'
   CHECK(resumed_history.get_metric_values("train_loss_epoch") == history.get_metric_values("train_loss_epoch"));
   fs::remove_all(dir);
 }
+
+namespace {
+struct StopInEval {
+  template <class T>
+  void on_eval_step_end(T&) {
+    throw acc::StopTrainingError("stopped in an eval step");
+  }
+};
+}  // namespace
+
+TEST_CASE("a stop inside an evaluation leaves the trainer able to save its state", "[resume]") {
+  const auto dir = test::fresh_dir("stop_in_eval");
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), 0.01);
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, StopInEval> trainer(
+      model, torch::nn::MSELoss(), optimizer, StopInEval{});
+  trainer.set_output(test::quiet());
+  trainer.evaluate(test::regression_data(16), 4);
+  trainer.train(test::regression_data(16), {.per_device_batch_size = 4}, test::regression_data(8, 2));
+  CHECK_NOTHROW(trainer.save_training_state(dir / "state.pt"));
+  fs::remove_all(dir);
+}

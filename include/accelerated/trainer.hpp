@@ -68,6 +68,20 @@ template <class Otherwise>
 struct loader_batch<NoEvalSet, Otherwise> {
   using type = Otherwise;
 };
+
+// Sets a variable for a scope and puts the old value back on the way out, also when an exception passes.
+template <class T>
+class ScopedValue {
+ public:
+  ScopedValue(T& variable, T value) : variable_(variable), saved_(std::exchange(variable, std::move(value))) {}
+  ~ScopedValue() { variable_ = std::move(saved_); }
+  ScopedValue(const ScopedValue&) = delete;
+  ScopedValue& operator=(const ScopedValue&) = delete;
+
+ private:
+  T& variable_;
+  T saved_;
+};
 }  // namespace detail
 
 // Where the run is. Read by callbacks (progress, NaN messages); everything here is per process.
@@ -643,9 +657,10 @@ class Trainer {
           reached_max_steps = run_train_epoch(train_loader, eval_loader, std::exchange(resume_batches_, 0));
           if constexpr (!std::is_same_v<EvalLoader, NoEvalSet>) run_eval_epoch(*eval_loader, "eval_loss_epoch", false);
           loop_.training_run_epoch_end(*this);
-          save_point_ = SavePoint::epoch_end;
-          emit_in_epoch<events::on_training_run_epoch_end>();
-          save_point_ = SavePoint::inside;
+          {
+            detail::ScopedValue point(save_point_, SavePoint::epoch_end);
+            emit_in_epoch<events::on_training_run_epoch_end>();
+          }
           history_.increment_epoch();
           ++epochs_done_;
           if (stop_requested_) throw StopTrainingError(stop_reason_);
@@ -690,9 +705,10 @@ class Trainer {
     state_.num_batches = std::min(batches, first + updates_left * accumulation);
     loop_.train_epoch_start(*this);
     if (first == 0) train_tracker_ = {};
-    epoch_starting_ = true;
-    emit_in_epoch<events::on_train_epoch_start>();
-    epoch_starting_ = false;
+    {
+      detail::ScopedValue starting(epoch_starting_, true);
+      emit_in_epoch<events::on_train_epoch_start>();
+    }
 
     bool reached_max_steps = state_.update_step >= run_config_.max_num_train_steps;
     for_each_batch(loader, state_.step, state_.num_batches, [&](auto&& loaded) {
@@ -721,9 +737,10 @@ class Trainer {
       }
       ++state_.step;
       if (update) {
-        save_point_ = SavePoint::update_end;
-        emit_in_epoch<events::on_update_step_end>();
-        save_point_ = SavePoint::inside;
+        {
+          detail::ScopedValue point(save_point_, SavePoint::update_end);
+          emit_in_epoch<events::on_update_step_end>();
+        }
         if (std::exchange(evaluation_requested_, false)) run_intermediate_evaluation(eval_loader);
       }
       if (stop_requested_) throw StopTrainingError(stop_reason_);
@@ -756,16 +773,17 @@ class Trainer {
   template <class Loader>
   void run_eval_epoch(Loader& loader, const std::string& metric, bool is_intermediate) {
     const auto saved = state_;
-    const auto saved_point = std::exchange(save_point_, SavePoint::inside);
+    detail::ScopedValue point(save_point_, SavePoint::inside);
     state_.training = false;
     state_.is_update_step = false;
     state_.step = 0;
     state_.num_batches = static_cast<std::int64_t>(loader.size());
     loop_.eval_epoch_start(*this);
     LossTracker tracker;
-    epoch_starting_ = true;
-    emit_in_epoch<events::on_eval_epoch_start>(is_intermediate);
-    epoch_starting_ = false;
+    {
+      detail::ScopedValue starting(epoch_starting_, true);
+      emit_in_epoch<events::on_eval_epoch_start>(is_intermediate);
+    }
     {
       torch::NoGradGuard no_grad;
       for_each_batch(loader, 0, state_.num_batches, [&](auto&& loaded) {
@@ -785,7 +803,6 @@ class Trainer {
     const auto update_step = state_.update_step;
     state_ = saved;
     state_.update_step = update_step;
-    save_point_ = saved_point;
   }
 
   // The eval set once more, with no events: eval_loss_pass.
