@@ -232,19 +232,17 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
     return torch::from_blob(at, {like.numel()}, like.options().device(torch::kCPU));
   }
 
-  // Calls fn on chunk-sized flat pieces of `tensor` (a contiguous copy is written back for others).
+  // Calls fn on chunk-sized flat pieces of `tensor`. A non-contiguous tensor goes through a contiguous copy, and a
+  // GPU tensor through a host copy (correct, not fast: for GPUs a NCCL group is the tool), both written back.
   template <class Fn>
   void each_chunk(at::Tensor& tensor, Fn&& fn) {
-    if (!tensor.device().is_cpu()) {
-      throw std::invalid_argument("accelerated::distributed::SharedMemoryGroup: tensors must be on the CPU, not " +
-                                  tensor.device().str());
-    }
-    auto flat = tensor.is_contiguous() ? tensor.view(-1) : tensor.contiguous().view(-1);
+    const bool direct = tensor.device().is_cpu() && tensor.is_contiguous();
+    auto flat = direct ? tensor.view(-1) : tensor.to(torch::kCPU).contiguous().view(-1);
     const auto per_chunk = static_cast<std::int64_t>(chunk_ / flat.element_size());
     for (std::int64_t offset = 0; offset < flat.numel(); offset += per_chunk) {
       fn(flat.slice(0, offset, std::min(flat.numel(), offset + per_chunk)));
     }
-    if (!tensor.is_contiguous()) tensor.copy_(flat.view_as(tensor));
+    if (!direct) tensor.copy_(flat.view(tensor.sizes()));
   }
 
   // Every rank raises its generation, then waits until all have reached it: spinning (a peer usually arrives within
