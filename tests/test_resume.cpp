@@ -190,6 +190,11 @@ TEST_CASE("a process killed while writing a checkpoint leaves the previous one l
   INFO("last complete checkpoint: iteration " << iteration);
   CHECK(iteration >= 1);
   for (const auto& p : model->parameters()) CHECK(torch::all(p == iteration).item<bool>());
+  // The next save removes the killed writer's temporary, if it left one.
+  acc::save_checkpoint(dir / "ckpt.pt", *model);
+  std::vector<std::string> left;
+  for (const auto& e : fs::directory_iterator(dir)) left.push_back(e.path().filename());
+  CHECK(left == std::vector<std::string>{"ckpt.pt"});
   fs::remove_all(dir);
 }
 

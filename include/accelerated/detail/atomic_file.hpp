@@ -2,10 +2,13 @@
 // Writes a file so that a crash at any moment leaves either the old file or the new one, never a torn one:
 // the bytes go to a temporary file in the same folder, are flushed to disk, and the temporary is renamed over the
 // target (rename is atomic within a file system); then the folder is flushed so the rename itself survives.
+// A temporary left by a writer that was killed half-way is removed by the next successful write of that file.
 #include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <stdexcept>
@@ -13,6 +16,19 @@
 #include <string_view>
 
 namespace accelerated::detail {
+
+// Temporaries of `path` left by writers that were killed half-way (their process no longer exists).
+inline void remove_stale_temporaries(const std::filesystem::path& path) {
+  const auto folder = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
+  const auto prefix = path.filename().string() + ".tmp-";
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator(folder, error)) {
+    const auto name = entry.path().filename().string();
+    if (name.rfind(prefix, 0) != 0) continue;
+    const auto pid = std::strtol(name.c_str() + prefix.size(), nullptr, 10);
+    if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) std::filesystem::remove(entry.path(), error);
+  }
+}
 
 inline void write_file_atomically(const std::filesystem::path& path, std::string_view bytes) {
   auto fail = [&](const std::string& what) {
@@ -50,6 +66,7 @@ inline void write_file_atomically(const std::filesystem::path& path, std::string
     ::fsync(dir);
     ::close(dir);
   }
+  remove_stale_temporaries(path);
 }
 
 }  // namespace accelerated::detail
