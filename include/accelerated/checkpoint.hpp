@@ -35,18 +35,19 @@ inline void write_module(torch::serialize::OutputArchive& archive, const torch::
   for (const auto& item : module.named_buffers()) archive.write(item.key(), item.value(), /*is_buffer=*/true);
 }
 
-inline void read_module(torch::serialize::InputArchive& archive, torch::nn::Module& module, const std::string& file) {
+inline void read_module(torch::serialize::InputArchive& archive, torch::nn::Module& module, const std::string& file,
+                        const std::string& caller) {
   std::map<std::string, torch::Tensor> targets, loaded;
   for (const auto& item : module.named_parameters()) targets.emplace(item.key(), item.value());
   for (const auto& item : module.named_buffers()) targets.emplace(item.key(), item.value());
   for (const auto& [key, target] : targets) {  // check everything first: a failed load changes nothing
     torch::Tensor value;
     if (!archive.try_read(key, value)) {
-      throw std::runtime_error("accelerated::load_checkpoint: '" + file + "' has no entry 'model/" + key +
+      throw std::runtime_error("accelerated::" + caller + ": '" + file + "' has no entry 'model/" + key +
                                "' (a checkpoint of another model?)");
     }
     if (value.sizes() != target.sizes()) {
-      throw std::runtime_error("accelerated::load_checkpoint: 'model/" + key + "' has shape " + shape_of(value) +
+      throw std::runtime_error("accelerated::" + caller + ": 'model/" + key + "' has shape " + shape_of(value) +
                                " in '" + file + "' but " + shape_of(target) + " in the model");
     }
     loaded.emplace(key, value);
@@ -104,22 +105,23 @@ inline void save_archive(const std::filesystem::path& path, torch::serialize::Ou
   write_file_atomically(path, bytes.str());
 }
 
+// `caller` names the loading function in errors.
 inline std::map<std::string, double> read_common(torch::serialize::InputArchive& archive, torch::nn::Module& module,
-                                                 torch::optim::Optimizer* optimizer, const std::string& file) {
+                                                 torch::optim::Optimizer* optimizer, const std::string& file,
+                                                 const std::string& caller) {
+  const std::string where = "accelerated::" + caller + ": ";
   torch::serialize::InputArchive model;
-  if (!archive.try_read("model", model)) {
-    throw std::runtime_error("accelerated::load_checkpoint: '" + file + "' has no entry 'model'");
-  }
-  read_module(model, module, file);
+  if (!archive.try_read("model", model)) throw std::runtime_error(where + "'" + file + "' has no entry 'model'");
+  read_module(model, module, file, caller);
   if (optimizer != nullptr) {
     torch::serialize::InputArchive state;
     if (!archive.try_read("optimizer", state)) {
-      throw std::runtime_error("accelerated::load_checkpoint: '" + file + "' has no entry 'optimizer'");
+      throw std::runtime_error(where + "'" + file + "' has no entry 'optimizer'");
     }
     try {
       optimizer->load(state);
     } catch (const std::exception& error) {
-      throw std::runtime_error("accelerated::load_checkpoint: entry 'optimizer' of '" + file +
+      throw std::runtime_error(where + "entry 'optimizer' of '" + file +
                                "' does not fit this optimizer: " + error.what());
     }
   }
@@ -151,7 +153,7 @@ inline std::map<std::string, double> load_checkpoint(const std::filesystem::path
                                                      torch::optim::Optimizer* optimizer = nullptr) {
   auto archive = detail::open_archive(path, "load_checkpoint", "checkpoint", "accelerated_format_version",
                                       checkpoint_format_version);
-  return detail::read_common(archive, module, optimizer, path.string());
+  return detail::read_common(archive, module, optimizer, path.string(), "load_checkpoint");
 }
 
 }  // namespace accelerated

@@ -40,6 +40,7 @@
 #include "data/loader.hpp"
 #include "data/sources.hpp"
 #include "detail/allocator_tuning.hpp"
+#include "detail/checks.hpp"
 #include "detail/thread_default.hpp"
 #include "detail/callback_list.hpp"
 #include "errors.hpp"
@@ -91,7 +92,6 @@ struct TrainingState {
   std::int64_t update_step = 0;  // optimizer updates done in this run (a resumed run continues the count)
   double last_loss = 0.0;        // mean loss of the last batch, as recorded (before accumulation scaling)
   bool training = false;         // inside a training epoch (false in eval epochs and evaluate())
-  bool is_update_step = false;   // the current training batch ends with an optimizer update
 };
 
 // Every policy has a default, chosen from the environment: a GPU when LibTorch sees one, the precision named by
@@ -281,7 +281,7 @@ class Trainer {
         accelerated::detail::open_archive(path, "load_training_state", "training state",
                                           "accelerated_training_state_version", training_state_format_version));
     auto position = detail::read_position(*archive, file);
-    auto values = accelerated::detail::read_common(*archive, model_.module(), optimizer_, file);
+    auto values = accelerated::detail::read_common(*archive, model_.module(), optimizer_, file, "load_training_state");
     detail::read_history(*archive, history_, file);
     pending_resume_ = PendingResume{std::move(archive), position, file};
     return values;
@@ -290,10 +290,7 @@ class Trainer {
   // Caps the batches of the current epoch at n (from on_train_epoch_start or on_eval_epoch_start). In a training
   // epoch the last batch kept ends with an update, as an epoch's last batch always does.
   void limit_epoch_batches(std::int64_t n) {
-    if (n < 1) {
-      throw std::invalid_argument("accelerated::Trainer::limit_epoch_batches: n = " + std::to_string(n) +
-                                  " must be >= 1");
-    }
+    detail::require_positive("Trainer::limit_epoch_batches", "n", n);
     if (!epoch_starting_) {
       throw std::logic_error("accelerated::Trainer::limit_epoch_batches: call it from on_train_epoch_start or "
                              "on_eval_epoch_start");
@@ -432,8 +429,8 @@ class Trainer {
   }
 
   // First half of a resume, before the run starts: the run must have the saved shape; the position, the scheduler
-  // and the loss scaler are restored.
-  void resume_run_state(const PendingResume& resume) {
+  // and the loss scaler are restored. Returns the batches of the first epoch already trained.
+  std::int64_t resume_run_state(const PendingResume& resume) {
     const auto& p = resume.position;
     auto& archive = *resume.archive;
     auto check = [&](const char* name, std::int64_t here, std::int64_t saved) {
@@ -453,7 +450,6 @@ class Trainer {
       check("shuffle", options_.shuffle, p.shuffle);
       state_.update_step = p.update_step;
       epochs_done_ = p.epochs_done;
-      resume_batches_ = p.batches_done;
       train_tracker_ = {p.loss_total, p.loss_count};
     }
     torch::serialize::InputArchive scheduler;
@@ -472,6 +468,7 @@ class Trainer {
       torch::serialize::InputArchive precision;
       if (archive.try_read("precision", precision)) precision_.load_state(precision);
     }
+    return p.in_run ? p.batches_done : 0;
   }
 
   // Second half, once on_training_run_start has run (callbacks reset themselves there): their state and the random
@@ -624,23 +621,19 @@ class Trainer {
       reset_stop();
       state_ = {};
       epochs_done_ = 0;
-      resume_batches_ = 0;
       train_tracker_ = {};
       place_modules();
       distributed_.prepare(model_.module());
       parameters_ = model_->parameters();
       scheduler_ = loop_.create_scheduler(*this);
-      if (resume) resume_run_state(*resume);
+      std::int64_t first_batch = resume ? resume_run_state(*resume) : 0;
       run_started_ = true;
       if constexpr (!std::is_same_v<EvalLoader, NoEvalSet>) {
         eval_pass_ = [this, eval_loader] { return eval_loss_pass_over(*eval_loader); };
       }
       struct EndOfRun {  // the eval pass refers to this call's loader
         Trainer& trainer;
-        ~EndOfRun() {
-          trainer.eval_pass_ = nullptr;
-          trainer.save_point_ = SavePoint::outside;
-        }
+        ~EndOfRun() { trainer.eval_pass_ = nullptr; }
       } end_of_run{*this};
 
       loop_.training_run_start(*this);
@@ -648,13 +641,13 @@ class Trainer {
       if (resume) resume_callbacks_and_generators(*resume);
       for (std::int64_t epoch = epochs_done_; epoch < run_config_.num_epochs; ++epoch) {
         bool reached_max_steps = false;
-        save_point_ = SavePoint::inside;
         try {
+          detail::ScopedValue point(save_point_, SavePoint::inside);  // back to outside when the epoch is left
           if (stop_requested_) throw StopTrainingError(stop_reason_);
           // The shuffling order follows the run history's epoch, so successive train() calls and resumed runs
           // each see a new order.
           train_loader.set_epoch(history_.current_epoch() - 1);
-          reached_max_steps = run_train_epoch(train_loader, eval_loader, std::exchange(resume_batches_, 0));
+          reached_max_steps = run_train_epoch(train_loader, eval_loader, std::exchange(first_batch, 0));
           if constexpr (!std::is_same_v<EvalLoader, NoEvalSet>) run_eval_epoch(*eval_loader, "eval_loss_epoch", false);
           loop_.training_run_epoch_end(*this);
           {
@@ -665,7 +658,6 @@ class Trainer {
           ++epochs_done_;
           if (stop_requested_) throw StopTrainingError(stop_reason_);
         } catch (const StopTrainingError& error) {
-          save_point_ = SavePoint::outside;
           print(error.what());
           emit<events::on_stop_training_error>(error);
           break;
@@ -679,7 +671,6 @@ class Trainer {
                                    std::to_string(history_.current_epoch()) + ", step " +
                                    std::to_string(state_.step + 1) + " (a peer may have stopped or died): " + what);
         }
-        save_point_ = SavePoint::outside;
         if (reached_max_steps) {
           if (options_.max_num_train_steps) {
             print("Reached max_num_train_steps = ", run_config_.max_num_train_steps, "; training stopped");
@@ -687,7 +678,6 @@ class Trainer {
           break;
         }
       }
-      save_point_ = SavePoint::outside;
       loop_.training_run_end(*this);
       emit<events::on_training_run_end>();
       rethrow_pending_error();
@@ -715,7 +705,6 @@ class Trainer {
       const auto step = state_.step;
       const auto last = state_.num_batches;
       const bool update = (step + 1) % accumulation == 0 || step + 1 == last;
-      state_.is_update_step = update;
       emit_in_epoch<events::on_train_step_start>();
       auto&& batch = device_.to_device(std::move(loaded));
       // The last group of an epoch may be short: divide by its real size, so every update averages its batches.
@@ -775,7 +764,6 @@ class Trainer {
     const auto saved = state_;
     detail::ScopedValue point(save_point_, SavePoint::inside);
     state_.training = false;
-    state_.is_update_step = false;
     state_.step = 0;
     state_.num_batches = static_cast<std::int64_t>(loader.size());
     loop_.eval_epoch_start(*this);
@@ -800,9 +788,7 @@ class Trainer {
     loop_.eval_epoch_end(*this);
     history_.update_metric(metric, global_mean(tracker));
     emit_in_epoch<events::on_eval_epoch_end>(is_intermediate);
-    const auto update_step = state_.update_step;
     state_ = saved;
-    state_.update_step = update_step;
   }
 
   // The eval set once more, with no events: eval_loss_pass.
@@ -885,7 +871,6 @@ class Trainer {
   // training state and resume
   LossTracker train_tracker_;               // the current training epoch's loss so far
   std::int64_t epochs_done_ = 0;            // epochs of the current run completed
-  std::int64_t resume_batches_ = 0;         // batches of the first epoch to skip when resuming
   bool run_started_ = false;                // a train() call has set up the run
   SavePoint save_point_ = SavePoint::outside;
   std::optional<PendingResume> pending_resume_;

@@ -46,8 +46,8 @@ class EarlyStopping {
   template <class Trainer>
   void on_training_run_epoch_end(Trainer& trainer) {
     const double value = trainer.run_history().get_latest_metric(options_.watch_metric);
-    const bool better = !best_ || (options_.greater_is_better ? value > *best_ : value < *best_);
-    if (better && (!best_ || std::abs(value - *best_) > options_.threshold)) {
+    if (detail::improves(best_, value, options_.greater_is_better) &&
+        (!best_ || std::abs(value - *best_) > options_.threshold)) {
       best_ = value;
       epochs_without_improvement_ = 0;
       return;

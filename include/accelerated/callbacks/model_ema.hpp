@@ -78,7 +78,7 @@ class ModelEma {
     if (!options_.evaluate_during_training || is_intermediate || !in_training_run_) return;  // not in evaluate()
     with_ema_weights(trainer.model().module(), [&] {
       const double value = trainer.eval_loss_pass(options_.metric);
-      if (best_ && !(options_.greater_is_better ? value > *best_ : value < *best_)) return;
+      if (!detail::improves(best_, value, options_.greater_is_better)) return;
       best_ = value;
       trainer.save_checkpoint(options_.save_path, {{options_.metric, value}}, /*save_optimizer=*/false);
     });

@@ -31,7 +31,7 @@ class SaveBestModel {
   template <class Trainer>
   void on_training_run_epoch_end(Trainer& trainer) {
     const double value = trainer.run_history().get_latest_metric(options_.watch_metric);
-    if (best_ && !(options_.greater_is_better ? value > *best_ : value < *best_)) return;
+    if (!detail::improves(best_, value, options_.greater_is_better)) return;
     best_ = value;
     trainer.save_checkpoint(options_.save_path, {{options_.watch_metric, value}}, options_.save_optimizer);
   }

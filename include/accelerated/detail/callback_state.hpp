@@ -1,5 +1,6 @@
 #pragma once
-// Small numbers a callback keeps across a resume (a best value, a counter), written into its training-state entry.
+// Small numbers a callback keeps across a resume (a best value, a counter), written into its training-state entry,
+// and the "new best?" test the callbacks that keep a best value share.
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
 #include <torch/types.h>
@@ -10,6 +11,11 @@
 #include <string>
 
 namespace accelerated::detail {
+
+// Whether `value` beats `best` (strictly, in the direction greater_is_better says); anything beats no best yet.
+inline bool improves(std::optional<double> best, double value, bool greater_is_better) {
+  return !best || (greater_is_better ? value > *best : value < *best);
+}
 
 inline void write_optional(torch::serialize::OutputArchive& archive, const std::string& key, std::optional<double> value) {
   if (value) archive.write(key, torch::tensor(*value, torch::kDouble));

@@ -7,13 +7,13 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdlib>
+#include <fstream>
 #include <stdexcept>
 #include <string>
-
-#include <fstream>
-#include <unistd.h>
 
 #include "../detail/compat.hpp"
 #include "environment.hpp"

@@ -13,7 +13,6 @@
 // ends with an error after the group's timeout. The segment is unlinked as soon as every rank has mapped it, so a
 // crash leaves nothing in /dev/shm.
 #include <fcntl.h>
-#include <sched.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -197,7 +196,6 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
       barrier_wait("allgather");
       for (int r = 0; r < getSize(); ++r) flat_outputs[r].slice(0, offset, offset + n).copy_(slot(set, r, part));
     }
-    barrier_wait("allgather");  // nobody reuses a slot before everyone has read it
     for (std::size_t r = 0; r < flat_outputs.size(); ++r) {
       if (!outputs[0][r].is_contiguous()) outputs[0][r].copy_(flat_outputs[r].view_as(outputs[0][r]));
     }
