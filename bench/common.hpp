@@ -29,26 +29,40 @@ inline double median(std::vector<double> values) {
 }
 
 // The hand-written loop the trainer is compared with: what a LibTorch user writes without a library, doing the
-// same math (shuffled batches gathered with index_select, forward, loss, backward, step, running loss).
+// same math (shuffled batches gathered with index_select, forward, loss, backward, step, running loss). On a GPU,
+// batches go through pinned memory without blocking; `sync_free` keeps the running loss on the device (what a
+// careful GPU user writes), so the comparison with the trainer's sync-free step is fair.
 template <class Model, class Optimizer, class Loss>
 double hand_written_epoch(Model& model, Optimizer& optimizer, Loss loss_fn, const torch::Tensor& inputs,
-                          const torch::Tensor& targets, std::int64_t batch_size, std::uint64_t seed) {
+                          const torch::Tensor& targets, std::int64_t batch_size, std::uint64_t seed,
+                          torch::Device device = torch::kCPU, bool sync_free = false) {
   torch::manual_seed(seed);
   const auto order = torch::randperm(inputs.size(0), torch::kLong);
   model->train();
   double loss_sum = 0;
+  torch::Tensor device_sum;
   std::int64_t seen = 0;
   for (std::int64_t start = 0; start < inputs.size(0); start += batch_size) {
     const auto index = order.narrow(0, start, std::min(batch_size, inputs.size(0) - start));
-    const auto x = inputs.index_select(0, index);
-    const auto y = targets.index_select(0, index);
+    auto x = inputs.index_select(0, index);
+    auto y = targets.index_select(0, index);
+    if (!device.is_cpu()) {
+      x = x.pin_memory().to(device, /*non_blocking=*/true);
+      y = y.pin_memory().to(device, /*non_blocking=*/true);
+    }
     optimizer.zero_grad();
     auto loss = loss_fn(model->forward(x), y);
     loss.backward();
     optimizer.step();
-    loss_sum += loss.template item<double>() * static_cast<double>(x.size(0));
+    if (sync_free) {
+      const auto weighted = loss.detach() * static_cast<double>(x.size(0));
+      device_sum = device_sum.defined() ? device_sum.add_(weighted) : weighted;
+    } else {
+      loss_sum += loss.template item<double>() * static_cast<double>(x.size(0));
+    }
     seen += x.size(0);
   }
+  if (device_sum.defined()) loss_sum = device_sum.template item<double>();
   return loss_sum / static_cast<double>(seen);
 }
 

@@ -2,6 +2,8 @@
 // hand-written loop on tensors, and torch::data::make_data_loader with Stack<>. The trainer's first epoch against
 // its second shows the first-epoch (allocator) penalty. Prints one JSON line; speed ratios use each one's best epoch.
 // Usage: bench_w2_cnn [fashion-mnist folder] [rounds=2]
+// On a machine with a GPU (the trainer's AutoDevice picks it) the hand-written loop runs there too, sync-free: its
+// running loss stays on the device, as the trainer's does.
 // Run once more with ACCELERATED_ALLOCATOR_TUNING=0 to see what the allocator tuning buys.
 #include "common.hpp"
 
@@ -22,11 +24,14 @@ class FashionDataset : public torch::data::datasets::Dataset<FashionDataset> {
 int main(int argc, char** argv) {
   const std::string folder = argc > 1 ? argv[1] : acc::data::fashion_mnist_default_folder;
   const int rounds = argc > 2 ? std::stoi(argv[2]) : 2;
+  const torch::Device device = acc::AutoDevice().device();
+  const bool gpu = device.is_cuda();
   const auto train_set = acc::data::load_fashion_mnist(folder, acc::data::Split::train);
   constexpr std::int64_t batch = 64;
-  auto make = [] {
+  auto make = [&] {
     torch::manual_seed(0);
     bench::QuickstartNet model;
+    model->to(device);
     return model;
   };
 
@@ -49,13 +54,14 @@ int main(int argc, char** argv) {
   for (int round = 0; round < rounds; ++round) {
     trainer.train(train_set, {.num_epochs = 1, .per_device_batch_size = batch, .reset_run_history = false});
     hand_s.push_back(bench::time_it([&] {
-      bench::hand_written_epoch(hand_model, hand_optimizer, loss_fn, train_set.inputs(), train_set.targets(), batch, round);
+      bench::hand_written_epoch(hand_model, hand_optimizer, loss_fn, train_set.inputs(), train_set.targets(), batch, round,
+                                device, /*sync_free=*/gpu);
     }));
     loader_s.push_back(bench::time_it([&] {
       loader_model->train();
       for (auto& b : *loader) {
         loader_optimizer.zero_grad();
-        auto loss = loss_fn(loader_model(b.data), b.target);
+        auto loss = loss_fn(loader_model(b.data.to(device)), b.target.to(device));
         loss.backward();
         loader_optimizer.step();
         (void)loss.item<double>();
@@ -73,7 +79,9 @@ int main(int argc, char** argv) {
   out.field("benchmark", "W2 quickstart cnn, fashion-mnist 60000, batch 64, 1 epoch per round")
       .field("rounds", rounds)
       .field("threads", at::get_num_threads())
-      .field("allocator_tuned", acc::allocator_tuning.applied)
+      .field("device", device.str())
+      .field("hand_written_sync_free", gpu)
+      .field("allocator_tuned", acc::allocator_tuning().applied)
       .field("trainer_epoch_s", trainer_s)
       .field("hand_written_tensors_epoch_s", hand_s)
       .field("make_data_loader_stack_epoch_s", loader_s)

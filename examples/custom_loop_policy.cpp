@@ -19,7 +19,7 @@ struct LabelSmoothingLoop : acc::DefaultLoop {
   }
 };
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   const std::string folder = argc > 1 ? argv[1] : acc::data::fashion_mnist_default_folder;
   const std::int64_t max_steps = argc > 2 ? std::stoll(argv[2]) : 300;
   auto train_set = acc::data::load_fashion_mnist(folder, acc::data::Split::train);
@@ -33,4 +33,8 @@ int main(int argc, char** argv) {
       model, torch::nn::CrossEntropyLoss(), optimizer, acc::callbacks::Defaults{}, acc::callbacks::Accuracy{});
   trainer.train(train_set, {.num_epochs = 1, .per_device_batch_size = 64, .max_num_train_steps = max_steps}, test_set);
   std::cout << trainer.run_history().latest_json() << std::endl;
+} catch (const std::exception& error) {
+  // A failure (a bad path, a peer that died in a multi-process run) ends with its message and exit code 1.
+  std::cerr << "custom_loop_policy: " << error.what() << std::endl;
+  return 1;
 }

@@ -32,7 +32,7 @@ acc::data::TensorDataset classes(const acc::data::TensorDataset& data, std::int6
   return {data.inputs().index_select(0, keep), data.targets().index_select(0, keep) - first};
 }
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   const std::string folder = argc > 1 ? argv[1] : acc::data::fashion_mnist_default_folder;
   const auto train = acc::data::load_fashion_mnist(folder, acc::data::Split::train);
   const auto test = acc::data::load_fashion_mnist(folder, acc::data::Split::test);
@@ -64,4 +64,8 @@ int main(int argc, char** argv) {
   trainer.train(target_train, options, target_test);
   std::cout << R"({"eval_accuracy_frozen_backbone":)" << frozen_accuracy
             << R"(,"eval_accuracy":)" << trainer.run_history().get_latest_metric("eval_accuracy") << "}" << std::endl;
+} catch (const std::exception& error) {
+  // A failure (a bad path, a peer that died in a multi-process run) ends with its message and exit code 1.
+  std::cerr << "finetune: " << error.what() << std::endl;
+  return 1;
 }

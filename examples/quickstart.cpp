@@ -13,7 +13,7 @@ struct NetImpl : nn::Module {
 };
 TORCH_MODULE(Net);
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   namespace acc = accelerated;
   const std::string folder = argc > 1 ? argv[1] : acc::data::fashion_mnist_default_folder;
   auto train_set = acc::data::load_fashion_mnist(folder, acc::data::Split::train);
@@ -27,4 +27,8 @@ int main(int argc, char** argv) {
   trainer.train(train_set, {.num_epochs = 3, .per_device_batch_size = 64, .eval_per_device_batch_size = 1000}, test_set);
   trainer.evaluate(test_set, 1000);
   std::cout << trainer.run_history().latest_json() << std::endl;
+} catch (const std::exception& error) {
+  // A failure (a bad path, a peer that died in a multi-process run) ends with its message and exit code 1.
+  std::cerr << "quickstart: " << error.what() << std::endl;
+  return 1;
 }

@@ -9,7 +9,7 @@ namespace acc = accelerated;
 namespace cb = accelerated::callbacks;
 namespace nn = torch::nn;
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   const std::filesystem::path states = argc > 1 ? argv[1] : "resume_states";
   const std::string folder = argc > 2 ? argv[2] : acc::data::fashion_mnist_default_folder;
   auto train_set = acc::data::load_fashion_mnist(folder, acc::data::Split::train);
@@ -40,4 +40,8 @@ int main(int argc, char** argv) {
   trainer.train(train_set, options, test_set);
   trainer.evaluate(test_set, 1000);
   std::cout << trainer.run_history().latest_json() << std::endl;
+} catch (const std::exception& error) {
+  // A failure (a bad path, a peer that died in a multi-process run) ends with its message and exit code 1.
+  std::cerr << "resume: " << error.what() << std::endl;
+  return 1;
 }

@@ -1,7 +1,7 @@
 #pragma once
 // Small models, data and trainers shared by the tests.
 #include <accelerated/accelerated.hpp>
-#include <catch2/catch.hpp>
+#include "catch.hpp"
 
 #include <signal.h>
 #include <spawn.h>

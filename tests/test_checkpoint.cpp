@@ -1,4 +1,6 @@
 // Checkpoints (save, load, and every way a load can be refused), SaveBestModel and EarlyStopping.
+#include <sys/resource.h>
+
 #include <filesystem>
 #include <fstream>
 
@@ -179,4 +181,49 @@ TEST_CASE("metrics go to CSV and JSON lines and the curves to an SVG after every
   std::getline(jsonl, first);
   CHECK_THAT(first, Catch::StartsWith(R"({"epoch":1,"phase":"train","train_loss_epoch":)"));
   fs::remove_all(dir);
+}
+
+TEST_CASE("saving streams the archive to disk instead of holding copies of it in memory", "[checkpoint]") {
+  auto peak_mb = [] {
+    rusage usage{};
+    ::getrusage(RUSAGE_SELF, &usage);
+    return static_cast<double>(usage.ru_maxrss) / 1024.0;
+  };
+  const auto dir = test::fresh_dir("checkpoint_memory");
+  torch::nn::Linear big(4096, 16384);  // 64 M floats: 256 MB of weights
+  torch::NoGradGuard no_grad;
+  big->weight.fill_(1.0);  // touch every page, so the weights count in the peak before the save
+  const double before = peak_mb();
+  acc::save_checkpoint(dir / "big.pt", *big);
+  const double growth = peak_mb() - before;
+  INFO("peak resident memory grew by " << growth << " MB while saving 256 MB");
+  CHECK(growth < 96.0);  // holding the archive in memory (once or twice) grows it by 256-512 MB
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("a save whose folder is a file says so", "[checkpoint]") {
+  const auto dir = test::fresh_dir("checkpoint_not_a_folder");
+  std::ofstream(dir / "file") << "x";
+  auto model = test::linear_model();
+  CHECK_THROWS_WITH(acc::save_checkpoint(dir / "file" / "x.pt", *model), Catch::Contains("is a file, not a folder"));
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("a checkpoint that fails to load leaves the model and the optimizer as they were", "[checkpoint]") {
+  const auto dir = test::fresh_dir("checkpoint_transaction");
+  auto saved_model = test::linear_model(1);
+  torch::optim::SGD sgd(saved_model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  acc::save_checkpoint(dir / "sgd.pt", *saved_model, &sgd);
+  auto model = test::linear_model(2);  // other weights than the saved ones
+  const auto before = test::flat_parameters(*model);
+  REQUIRE_FALSE(torch::equal(before, test::flat_parameters(*saved_model)));
+  torch::optim::Adam adam(model->parameters(), torch::optim::AdamOptions(0.01));
+  CHECK_THROWS_WITH(acc::load_checkpoint(dir / "sgd.pt", *model, &adam),
+                    Catch::Contains("holds the state of a torch::optim::SGD, but this optimizer is a torch::optim::Adam"));
+  CHECK(torch::equal(test::flat_parameters(*model), before));
+  // A failure after the weights were read (an optimizer of another shape) puts them back too.
+  torch::optim::SGD other(std::vector<torch::Tensor>{model->weight}, torch::optim::SGDOptions(0.1).momentum(0.9));
+  CHECK_THROWS_WITH(acc::load_checkpoint(dir / "sgd.pt", *model, &other), Catch::Contains("does not fit this optimizer"));
+  CHECK(torch::equal(test::flat_parameters(*model), before));
+  std::filesystem::remove_all(dir);
 }

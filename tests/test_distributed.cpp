@@ -136,7 +136,43 @@ TEST_CASE("an unreachable master ends the rank with an error within the timeout"
   const auto start = std::chrono::steady_clock::now();
   const auto message = test::message_of([] { acc::DataParallel parallel(short_timeout(1500ms)); });
   CHECK_THAT(message, Catch::Contains("could not reach the rendezvous store at 127.0.0.1:9"));
+  // A store this LibTorch cannot make at all (LibTorch 2.4+ without libuv, before the fallback) is another error.
+  CHECK_THAT(message, !Catch::Contains("libuv"));
   CHECK(std::chrono::steady_clock::now() - start < 30s);
+}
+
+TEST_CASE("a store this LibTorch cannot make is reported as itself, not as an unreachable master",
+          "[distributed][faults]") {
+  acc::distributed::Environment env;
+  env.rank = 0;
+  env.world_size = 2;
+  env.master_addr = "127.0.0.1";
+  env.master_port = 29511;
+  const auto libuv = acc::distributed::describe_store_failure(
+      env, 1500ms, true, "use_libuv was requested but PyTorch was build without libuv support");
+  CHECK_THAT(libuv, Catch::Contains("could not create the rendezvous store at 127.0.0.1:29511 (serving it)") &&
+                        Catch::Contains("built without libuv"));
+  CHECK_THAT(libuv, !Catch::Contains("could not reach"));
+  env.rank = 1;
+  const auto refused = acc::distributed::describe_store_failure(
+      env, 1500ms, false, "The client socket has timed out after 1500ms while trying to connect to (127.0.0.1, 29511).");
+  CHECK_THAT(refused, Catch::Contains("could not reach the rendezvous store at 127.0.0.1:29511 within 1500 ms"));
+}
+
+TEST_CASE("a real store serves and connects on this LibTorch (libuv or not)", "[distributed]") {
+  c10d::TCPStoreOptions options;
+  options.port = 0;  // any free port
+  options.isServer = true;
+  options.numWorkers = 1;
+  options.waitWorkers = false;
+  options.timeout = 5s;
+  auto server = acc::compat::make_tcp_store("127.0.0.1", options);
+  server->set("key", std::vector<std::uint8_t>{42});
+  c10d::TCPStoreOptions client_options = options;
+  client_options.isServer = false;
+  client_options.port = server->getPort();
+  auto client = acc::compat::make_tcp_store("127.0.0.1", client_options);
+  CHECK(client->get("key") == std::vector<std::uint8_t>{42});
 }
 
 TEST_CASE("two ranks end bit-identical and match one process on the combined batch", "[distributed][training]") {
@@ -154,21 +190,25 @@ TEST_CASE("two ranks end bit-identical and match one process on the combined bat
     trainer.distributed() = acc::DataParallel(store, rank, 2, short_timeout(20s, transport));
     trainer.set_output(test::quiet());
     trainer.train(data, {.num_epochs = 3, .per_device_batch_size = 4, .seed = 11});
-    CHECK(trainer.run_config().num_processes == 2);
-    CHECK(trainer.run_config().is_world_process_zero == (rank == 0));
-    return std::pair{test::flat_parameters(*model), trainer.run_history().get_metric_values("train_loss_epoch")};
+    // Assertions stay on the test's own thread (Catch2 v3 before 3.9 is not thread-safe): return what to check.
+    const bool config_ok = trainer.run_config().num_processes == 2 &&
+                           trainer.run_config().is_world_process_zero == (rank == 0);
+    return std::tuple{test::flat_parameters(*model), trainer.run_history().get_metric_values("train_loss_epoch"),
+                      config_ok};
   });
-  CHECK(torch::equal(params[0].first, params[1].first));  // bit-identical on both ranks
-  CHECK(params[0].second == params[1].second);            // the recorded loss is global, the same everywhere
+  CHECK(std::get<2>(params[0]));
+  CHECK(std::get<2>(params[1]));
+  CHECK(torch::equal(std::get<0>(params[0]), std::get<0>(params[1])));  // bit-identical on both ranks
+  CHECK(std::get<1>(params[0]) == std::get<1>(params[1]));  // the recorded loss is global, the same everywhere
 
   auto model = test::linear_model();
   torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
   acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess> single(model, torch::nn::MSELoss(), optimizer);
   single.set_output(test::quiet());
   single.train(data, {.num_epochs = 3, .per_device_batch_size = 8, .seed = 11});
-  CHECK(torch::allclose(params[0].first, test::flat_parameters(*model), 1e-5, 1e-6));
+  CHECK(torch::allclose(std::get<0>(params[0]), test::flat_parameters(*model), 1e-5, 1e-6));
   const auto single_losses = single.run_history().get_metric_values("train_loss_epoch");
-  for (std::size_t e = 0; e < 3; ++e) CHECK(params[0].second[e] == Approx(single_losses[e]).epsilon(1e-5));
+  for (std::size_t e = 0; e < 3; ++e) CHECK(std::get<1>(params[0])[e] == Approx(single_losses[e]).epsilon(1e-5));
 }
 
 namespace {
@@ -257,6 +297,36 @@ TEST_CASE("a peer that stops mid-run ends the survivor with an error and no hang
   CHECK_THAT(outcomes[0], Catch::Contains("rank 0 of 2 failed") && Catch::Contains("a peer may have stopped or died"));
   CHECK_THAT(outcomes[0], Catch::Contains("epoch 2"));
   CHECK(std::chrono::steady_clock::now() - start < 60s);
+}
+
+TEST_CASE("a non-finite loss on one rank stops every rank at the same step and names that rank",
+          "[distributed][faults]") {
+  const auto transport = GENERATE(acc::distributed::Transport::shared_memory, acc::distributed::Transport::gloo);
+  INFO("transport: " << name_of(transport));
+  auto clean = test::regression_data(32);
+  auto broken = clean;
+  broken.second = broken.second.clone();
+  broken.second[21] = std::nan("");  // only rank 1 trains on it
+  std::vector<torch::nn::Linear> models{test::linear_model(), test::linear_model()};
+  const auto start = std::chrono::steady_clock::now();
+  auto outcomes = run_ranks(2, [&](int rank, auto store) {
+    auto model = models[rank];
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+    ParallelTrainer trainer(model, torch::nn::MSELoss(), optimizer);
+    trainer.distributed() = acc::DataParallel(store, rank, 2, short_timeout(20s, transport));
+    trainer.set_output(test::quiet());
+    std::string message = "no error";
+    try {
+      trainer.train(rank == 1 ? broken : clean, {.num_epochs = 2, .per_device_batch_size = 4, .shuffle = false});
+    } catch (const std::exception& error) {
+      message = error.what();
+    }
+    return std::pair{message, trainer.state().update_step};
+  });
+  CHECK_THAT(outcomes[0].first, Catch::Contains("non-finite train loss") && Catch::Contains("on rank 1"));
+  CHECK(outcomes[0].first == outcomes[1].first);    // the same error on both ranks
+  CHECK(outcomes[0].second == outcomes[1].second);  // stopped after the same update
+  CHECK(std::chrono::steady_clock::now() - start < 20s);  // no rank waited for a timeout
 }
 
 TEST_CASE("one process under DataParallel is a plain single process", "[distributed]") {

@@ -454,6 +454,52 @@ TEST_CASE("states saved at epoch ends resume exactly, with the precision policy'
   fs::remove_all(dir);
 }
 
+TEST_CASE("SaveTrainingState keeps the newest states by update step whatever their names and file times",
+          "[resume][callbacks]") {
+  const auto dir = test::fresh_dir("rotation");
+  // Left by an earlier run: step_10 is newer than step_9 by its step, but older by its file time and its name.
+  for (const char* name : {"step_10.pt", "step_9.pt"}) std::ofstream(dir / name) << "x";
+  fs::last_write_time(dir / "step_10.pt", fs::last_write_time(dir / "step_9.pt") - std::chrono::hours(1));
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.01));
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, cb::SaveTrainingState> trainer(
+      model, torch::nn::MSELoss(), optimizer,
+      cb::SaveTrainingState({.save_dir = dir, .save_every_n_steps = 4, .save_at_end = false, .max_checkpoints = 2}));
+  trainer.set_output(test::quiet());
+  trainer.train(test::regression_data(16), {.num_epochs = 1, .per_device_batch_size = 4});  // 4 updates: step_4
+  std::set<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.insert(e.path().filename());
+  // step_4 is the newest save and `latest` names it: kept although its step is the smallest.
+  CHECK(names == std::set<std::string>{"latest", "step_10.pt", "step_4.pt"});
+  fs::remove_all(dir);
+}
+
+TEST_CASE("a training state saved after evaluate() resumes the training run", "[resume]") {
+  const auto dir = test::fresh_dir("state_after_evaluate");
+  const auto data = test::regression_data(32);
+  auto run = [&](bool resume) {
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess> trainer(model, torch::nn::MSELoss(), optimizer);
+    trainer.set_output(test::quiet());
+    acc::TrainOptions options{.num_epochs = 2, .per_device_batch_size = 4};
+    if (resume) {
+      options.resume_from = dir / "state.pt";
+    } else {
+      options.num_epochs = 1;
+    }
+    trainer.train(data, options);
+    if (!resume) {
+      trainer.evaluate(data, 16);  // another batch size and no training batches: not the run's shape
+      trainer.save_training_state(dir / "state.pt");
+    }
+    return test::flat_parameters(*model);
+  };
+  run(false);
+  CHECK_NOTHROW(run(true));
+  fs::remove_all(dir);
+}
+
 namespace {
 struct StopInEval {
   template <class T>

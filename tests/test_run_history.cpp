@@ -1,3 +1,5 @@
+#include <sched.h>
+
 #include "helpers.hpp"
 
 using accelerated::RunHistory;
@@ -58,10 +60,50 @@ TEST_CASE("run config serialises every field", "[run_config]") {
   CHECK_THAT(json, Catch::Contains(R"("mixed_precision":"no")"));
 }
 
-TEST_CASE("the allocator is tuned at start-up on glibc", "[performance]") {
+// Run in a child process of its own, so that no earlier test case has built a trainer yet.
+TEST_CASE("allocator tuning (child)", "[.allocator_child]") {
+  REQUIRE_FALSE(accelerated::detail::allocator_tuning_done());  // including the headers changed nothing
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1));
+  accelerated::Trainer<> trainer(model, torch::nn::MSELoss(), optimizer);
+  REQUIRE(accelerated::detail::allocator_tuning_done());
 #if defined(__GLIBC__)
-  CHECK(accelerated::allocator_tuning.applied);
+  REQUIRE(accelerated::allocator_tuning().applied);
 #else
-  CHECK_FALSE(accelerated::allocator_tuning.applied);
+  REQUIRE_FALSE(accelerated::allocator_tuning().applied);
 #endif
+}
+
+TEST_CASE("the allocator is tuned when the first trainer is built, not at start-up", "[performance]") {
+  const int status = test::wait_for(test::spawn_self("[.allocator_child]", {}));
+  CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+}
+
+// Each in a child process of its own, where no trainer was built yet.
+TEST_CASE("thread default (child: affinity)", "[.threads_affinity_child]") {
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(0, &one);
+  REQUIRE(::sched_setaffinity(0, sizeof one, &one) == 0);  // as `taskset -c 0` would
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1));
+  accelerated::Trainer<> trainer(model, torch::nn::MSELoss(), optimizer);
+  REQUIRE(at::get_num_threads() == 1);
+}
+
+TEST_CASE("thread default (child: the user chose)", "[.threads_user_child]") {
+  at::set_num_threads(3);
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1));
+  accelerated::Trainer<> trainer(model, torch::nn::MSELoss(), optimizer);
+  REQUIRE(at::get_num_threads() == 3);
+}
+
+TEST_CASE("the thread default follows CPU affinity and keeps a set_num_threads the user made", "[performance]") {
+  for (const char* tag : {"[.threads_affinity_child]", "[.threads_user_child]"}) {
+    INFO(tag);
+    // Without the launcher's and the user's thread variables, so that the default applies.
+    const int status = test::wait_for(test::spawn_self(tag, {"ACCELERATED_NUM_THREADS=", "OMP_NUM_THREADS="}));
+    CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+  }
 }

@@ -72,9 +72,9 @@ TEST_CASE("every event and step fires in the reference order", "[trainer][events
       "eval_epoch_start", "on_eval_epoch_start 0", "on_eval_step_start", "on_eval_step_end", "on_eval_step_start",
       "on_eval_step_end", "eval_epoch_end", "on_eval_epoch_end",
       "training_run_epoch_end", "on_training_run_epoch_end",
-      // epoch 2: stopped inside the first step, before its backward
+      // epoch 2: stopped inside the first step, before its backward; the unfinished group's gradients are dropped
       "train_epoch_start", "on_train_epoch_start 2", "on_train_step_start", "on_train_step_end 0",
-      "on_stop_training_error early stop",
+      "optimizer_zero_grad", "on_stop_training_error early stop",
       "training_run_end", "on_training_run_end",
       // evaluate()
       "evaluation_run_start", "on_evaluation_run_start", "eval_epoch_start", "on_eval_epoch_start 0",
@@ -411,4 +411,49 @@ TEST_CASE("accuracy is counted over the whole eval set", "[trainer][callbacks]")
   const double top2 = std::get<1>(scores.topk(2, 1)).eq(y.unsqueeze(1)).any(1).sum().item<double>() / 10.0;
   CHECK(trainer.run_history().get_latest_metric("evaluation_accuracy") == Approx(top1));
   CHECK(trainer.run_history().get_latest_metric("evaluation_top2_accuracy") == Approx(top2));
+}
+
+namespace {
+struct StopAtStep {
+  std::int64_t at;
+  template <class Trainer>
+  void on_train_step_end(Trainer& trainer) {
+    if (trainer.state().step + 1 == at) throw acc::StopTrainingError("stop at a micro-step");
+  }
+};
+}  // namespace
+
+TEST_CASE("a stop between accumulation micro-steps leaves no gradient for the next train()", "[trainer][stop]") {
+  const auto data = test::regression_data(32);
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+  auto trainer = acc::make_trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess>(
+      model, torch::nn::MSELoss(), optimizer, StopAtStep{6});  // updates after steps 4 and 8: step 6 is mid-group
+  trainer.set_output(test::quiet());
+  trainer.train(data, {.num_epochs = 1, .per_device_batch_size = 2, .gradient_accumulation_steps = 4});
+  CHECK(trainer.state().update_step == 1);
+  for (const auto& p : model->parameters()) {
+    CHECK((!p.grad().defined() || p.grad().abs().sum().item<double>() == 0.0));
+  }
+}
+
+TEST_CASE("a LibTorch error in the model or the loss says where it happened and keeps its message", "[trainer][errors]") {
+  auto model = torch::nn::Linear(8, 3);
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+  auto trainer = acc::make_trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess>(model, torch::nn::CrossEntropyLoss(),
+                                                                                     optimizer);
+  trainer.set_output(test::quiet());
+  auto labels = torch::zeros({16}, torch::kLong);
+  labels[9] = 7;  // 3 classes: out of range, in batch 3 of 4
+  const auto inputs = torch::randn({16, 8});
+  std::string message;
+  try {
+    trainer.train(std::pair{inputs, labels}, {.num_epochs = 1, .per_device_batch_size = 4, .shuffle = false});
+  } catch (const acc::StepError& error) {
+    message = error.what();
+    CHECK_THROWS_AS(std::rethrow_if_nested(error), c10::Error);  // the original is nested
+  }
+  CHECK_THAT(message, Catch::Contains("the train step at epoch 1, step 3 of 4 failed") &&
+                          Catch::Contains("out of bounds"));
+  CHECK_THAT(message, !Catch::Contains("frame #"));  // no C++ backtrace
 }

@@ -9,8 +9,11 @@
 #include <torch/serialize/output-archive.h>
 #include <torch/types.h>
 
+#include <c10/util/Type.h>
+
 #include <cstdint>
 #include <filesystem>
+#include <typeinfo>
 #include <map>
 #include <sstream>
 #include <stdexcept>
@@ -83,6 +86,54 @@ inline torch::serialize::InputArchive open_archive(const std::filesystem::path& 
 }  // namespace detail
 
 namespace detail {
+// "torch::optim::SGD": saved beside the optimizer's state, so that loading it into another kind of optimizer is
+// refused by name (LibTorch itself fails with an internal assertion).
+inline std::string optimizer_type(const torch::optim::Optimizer& optimizer) {
+  return c10::demangle(typeid(optimizer).name());
+}
+
+// What a load may change, copied so that a load that fails half-way puts it back: the model's parameters and
+// buffers, and the optimizer's state (through its own serialisation, in memory).
+class LoadTransaction {
+ public:
+  LoadTransaction(torch::nn::Module& module, torch::optim::Optimizer* optimizer) : module_(module), optimizer_(optimizer) {
+    torch::NoGradGuard no_grad;
+    for (const auto& t : module.parameters()) saved_.push_back(t.detach().clone());
+    for (const auto& t : module.buffers()) saved_.push_back(t.detach().clone());
+    if (optimizer_ != nullptr) {
+      torch::serialize::OutputArchive state;
+      optimizer_->save(state);
+      state.save_to(optimizer_state_);
+    }
+  }
+  void commit() { committed_ = true; }
+  ~LoadTransaction() {
+    if (committed_) return;
+    try {
+      torch::NoGradGuard no_grad;
+      std::size_t i = 0;
+      for (auto& t : module_.parameters()) t.copy_(saved_[i++]);
+      for (auto& t : module_.buffers()) t.copy_(saved_[i++]);
+      if (optimizer_ != nullptr) {
+        torch::serialize::InputArchive state;
+        std::istringstream in(optimizer_state_.str());
+        state.load_from(in);
+        optimizer_->load(state);
+      }
+    } catch (...) {  // never throw from a destructor; the first error is the one to report
+    }
+  }
+  LoadTransaction(const LoadTransaction&) = delete;
+  LoadTransaction& operator=(const LoadTransaction&) = delete;
+
+ private:
+  torch::nn::Module& module_;
+  torch::optim::Optimizer* optimizer_;
+  std::vector<torch::Tensor> saved_;
+  std::ostringstream optimizer_state_;
+  bool committed_ = false;
+};
+
 // The entries a checkpoint and a training state share: "model", "optimizer" (when given) and "values".
 inline void write_common(torch::serialize::OutputArchive& archive, const torch::nn::Module& module,
                          const torch::optim::Optimizer* optimizer, const std::map<std::string, double>& values) {
@@ -93,16 +144,16 @@ inline void write_common(torch::serialize::OutputArchive& archive, const torch::
     torch::serialize::OutputArchive state;
     optimizer->save(state);
     archive.write("optimizer", state);
+    archive.write("optimizer_type", c10::IValue(optimizer_type(*optimizer)));
   }
   torch::serialize::OutputArchive extra;
   for (const auto& [key, value] : values) extra.write(key, torch::tensor(value, torch::kDouble));
   archive.write("values", extra);
 }
 
+// The archive is serialised straight into the temporary file: no copy of it is held in memory.
 inline void save_archive(const std::filesystem::path& path, torch::serialize::OutputArchive& archive) {
-  std::ostringstream bytes;
-  archive.save_to(bytes);
-  write_file_atomically(path, bytes.str());
+  write_atomically(path, [&](const std::string& temporary) { archive.save_to(temporary); });
 }
 
 // `caller` names the loading function in errors.
@@ -112,12 +163,22 @@ inline std::map<std::string, double> read_common(torch::serialize::InputArchive&
   const std::string where = "accelerated::" + caller + ": ";
   torch::serialize::InputArchive model;
   if (!archive.try_read("model", model)) throw std::runtime_error(where + "'" + file + "' has no entry 'model'");
-  read_module(model, module, file, caller);
+  torch::serialize::InputArchive state;
   if (optimizer != nullptr) {
-    torch::serialize::InputArchive state;
     if (!archive.try_read("optimizer", state)) {
       throw std::runtime_error(where + "'" + file + "' has no entry 'optimizer'");
     }
+    c10::IValue saved_type;
+    if (archive.try_read("optimizer_type", saved_type) && saved_type.isString() &&
+        saved_type.toStringRef() != optimizer_type(*optimizer)) {
+      throw std::runtime_error(where + "'" + file + "' holds the state of a " + saved_type.toStringRef() +
+                               ", but this optimizer is a " + optimizer_type(*optimizer));
+    }
+  }
+  // Nothing is changed unless everything loads: a failure puts the model and the optimizer back as they were.
+  LoadTransaction transaction(module, optimizer);
+  read_module(model, module, file, caller);
+  if (optimizer != nullptr) {
     try {
       optimizer->load(state);
     } catch (const std::exception& error) {
@@ -125,6 +186,7 @@ inline std::map<std::string, double> read_common(torch::serialize::InputArchive&
                                "' does not fit this optimizer: " + error.what());
     }
   }
+  transaction.commit();
   std::map<std::string, double> values;
   torch::serialize::InputArchive extra;
   if (archive.try_read("values", extra)) {

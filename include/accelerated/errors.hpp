@@ -19,4 +19,12 @@ class NonFiniteLossError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// A LibTorch error (c10::Error: a label out of range, a shape mismatch, a CUDA failure) raised by the model or the
+// loss, with where it happened: train or eval, epoch, step, and the rank in a multi-process run. The message keeps
+// LibTorch's own (without its C++ backtrace); the original exception is nested (std::rethrow_if_nested).
+class StepError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 }  // namespace accelerated

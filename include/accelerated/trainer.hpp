@@ -41,9 +41,11 @@
 #include "data/sources.hpp"
 #include "detail/allocator_tuning.hpp"
 #include "detail/checks.hpp"
+#include "detail/clip_gradients.hpp"
 #include "detail/thread_default.hpp"
 #include "detail/callback_list.hpp"
 #include "errors.hpp"
+#include "loss_meter.hpp"
 #include "model.hpp"
 #include "policies/device.hpp"
 #include "policies/distributed.hpp"
@@ -90,7 +92,8 @@ struct TrainingState {
   std::int64_t step = 0;         // 0-based batch index in the current train or eval epoch
   std::int64_t num_batches = 0;  // batches the current train or eval epoch will run
   std::int64_t update_step = 0;  // optimizer updates done in this run (a resumed run continues the count)
-  double last_loss = 0.0;        // mean loss of the last batch, as recorded (before accumulation scaling)
+  LossValue last_loss;           // mean loss of the last batch (before accumulation scaling); on a GPU it is read
+                                 // from the device only when used as a double
   bool training = false;         // inside a training epoch (false in eval epochs and evaluate())
 };
 
@@ -121,6 +124,7 @@ class Trainer {
         optimizer_(&optimizer),
         callbacks_(detail::make_callback_tuple(std::move(callbacks)...)) {
     if constexpr (policies_ok_) {
+      allocator_tuning();
       detail::apply_thread_default();
       place_modules();
       emit<events::on_init_end>();
@@ -382,11 +386,6 @@ class Trainer {
   }
 
  private:
-  struct LossTracker {
-    double total = 0.0;  // sum of loss x batch size
-    double count = 0.0;  // sum of batch sizes
-  };
-
   // Where save_training_state may be called: outside a run's epochs, after an update, at an epoch's end.
   enum class SavePoint { outside, update_end, epoch_end, inside };
 
@@ -408,7 +407,7 @@ class Trainer {
     });
   }
 
-  RunPosition current_position() const {
+  RunPosition current_position() {
     RunPosition p;
     p.in_run = run_started_;
     if (!run_started_) return p;
@@ -416,13 +415,14 @@ class Trainer {
     p.epochs_done = epochs_done_ + (save_point_ == SavePoint::epoch_end ? 1 : 0);
     if (save_point_ == SavePoint::update_end) {
       p.batches_done = state_.step;
-      p.loss_total = train_tracker_.total;
-      p.loss_count = train_tracker_.count;
+      p.loss_total = train_tracker_.total();
+      p.loss_count = train_tracker_.count();
     }
-    p.num_processes = run_config_.num_processes;
-    p.per_device_batch_size = run_config_.train_per_device_batch_size;
-    p.gradient_accumulation_steps = run_config_.gradient_accumulation_steps;
-    p.num_train_batches_per_epoch = run_config_.num_train_batches_per_epoch;
+    // The training run's shape, also after an evaluate() (which sets run_config() to the evaluation's).
+    p.num_processes = train_config_.num_processes;
+    p.per_device_batch_size = train_config_.train_per_device_batch_size;
+    p.gradient_accumulation_steps = train_config_.gradient_accumulation_steps;
+    p.num_train_batches_per_epoch = train_config_.num_train_batches_per_epoch;
     p.seed = static_cast<std::int64_t>(options_.seed);
     p.shuffle = options_.shuffle;
     return p;
@@ -450,7 +450,7 @@ class Trainer {
       check("shuffle", options_.shuffle, p.shuffle);
       state_.update_step = p.update_step;
       epochs_done_ = p.epochs_done;
-      train_tracker_ = {p.loss_total, p.loss_count};
+      train_tracker_.restore(p.loss_total, p.loss_count);
     }
     torch::serialize::InputArchive scheduler;
     const bool saved_scheduler = archive.try_read("scheduler", scheduler);
@@ -616,12 +616,13 @@ class Trainer {
       build_run_config(static_cast<std::int64_t>(train_loader.size()), options_.per_device_batch_size,
                        eval_batch_size, options_.gradient_accumulation_steps, options_.gradient_clip_value,
                        options_.gradient_clip_norm);
+      train_config_ = run_config_;
       auto resume = std::exchange(pending_resume_, std::nullopt);
       if (options_.reset_run_history && !resume) history_.reset();
       reset_stop();
       state_ = {};
       epochs_done_ = 0;
-      train_tracker_ = {};
+      train_tracker_.reset();
       place_modules();
       distributed_.prepare(model_.module());
       parameters_ = model_->parameters();
@@ -658,18 +659,31 @@ class Trainer {
           ++epochs_done_;
           if (stop_requested_) throw StopTrainingError(stop_reason_);
         } catch (const StopTrainingError& error) {
+          // A stop between an update's micro-steps leaves their gradients half accumulated: drop them, so that
+          // nothing of this run leaks into the next train() call.
+          loop_.optimizer_zero_grad(*this);
           print(error.what());
           emit<events::on_stop_training_error>(error);
           break;
+        } catch (const StepError&) {
+          throw;  // already says where
+        } catch (const c10::Error& error) {
+          // A LibTorch error outside the loss step (backward, the optimizer, a collective inside backward: CUDA
+          // and NCCL failures are c10::Errors, not std::runtime_errors).
+          if (!run_config_.is_distributed) throw;
+          std::throw_with_nested(StepError(where("train") + ": " + error.what_without_backtrace()));
         } catch (const std::runtime_error& error) {
           // In a multi-process run, the reducer's all-reduce inside backward fails (Gloo: "Connection closed by
-          // peer", or a timeout) when a peer is gone: say which rank, where, and why that is likely.
+          // peer", or a timeout) when a peer is gone: say which rank, where, and why that is likely. A collective
+          // of the distributed policy (from the loop or a callback) already says which rank and why.
           const std::string what = error.what();
-          if (!run_config_.is_distributed || what.rfind("accelerated::", 0) == 0) throw;
+          const bool collective = what.rfind("accelerated::DataParallel", 0) == 0;
+          if (!run_config_.is_distributed || (!collective && what.rfind("accelerated::", 0) == 0)) throw;
           throw std::runtime_error("accelerated::Trainer: rank " + std::to_string(distributed_.rank()) + " of " +
                                    std::to_string(run_config_.num_processes) + " failed at epoch " +
                                    std::to_string(history_.current_epoch()) + ", step " +
-                                   std::to_string(state_.step + 1) + " (a peer may have stopped or died): " + what);
+                                   std::to_string(state_.step + 1) +
+                                   (collective ? ": " : " (a peer may have stopped or died): ") + what);
         }
         if (reached_max_steps) {
           if (options_.max_num_train_steps) {
@@ -694,7 +708,7 @@ class Trainer {
     state_.step = first;
     state_.num_batches = std::min(batches, first + updates_left * accumulation);
     loop_.train_epoch_start(*this);
-    if (first == 0) train_tracker_ = {};
+    if (first == 0) train_tracker_.reset();
     {
       detail::ScopedValue starting(epoch_starting_, true);
       emit_in_epoch<events::on_train_epoch_start>();
@@ -767,7 +781,7 @@ class Trainer {
     state_.step = 0;
     state_.num_batches = static_cast<std::int64_t>(loader.size());
     loop_.eval_epoch_start(*this);
-    LossTracker tracker;
+    LossMeter tracker;
     {
       detail::ScopedValue starting(epoch_starting_, true);
       emit_in_epoch<events::on_eval_epoch_start>(is_intermediate);
@@ -796,13 +810,13 @@ class Trainer {
   double eval_loss_pass_over(Loader& loader) {
     const bool was_training = model_->is_training();
     model_->eval();
-    LossTracker tracker;
+    LossMeter tracker;
     {
       torch::NoGradGuard no_grad;
       for_each_batch(loader, 0, static_cast<std::int64_t>(loader.size()), [&](auto&& loaded) {
         auto&& batch = device_.to_device(std::move(loaded));
         auto output = forward<false>(batch);
-        add_loss(tracker, output.loss, output.batch_size);
+        tracker.add(output.loss, output.batch_size);
         return true;
       });
     }
@@ -811,31 +825,40 @@ class Trainer {
   }
 
   // The loss step under the precision policy's autocast.
+  // A LibTorch error in it is raised again as a StepError that says where (try/catch costs nothing until a throw).
   template <bool Training, class Batch>
   auto forward(Batch& batch) {
     [[maybe_unused]] auto autocast = precision_.autocast(device_.device());
-    if constexpr (Training) {
-      return loop_.calculate_train_batch_loss(*this, batch);
-    } else {
-      return loop_.calculate_eval_batch_loss(*this, batch);
+    try {
+      if constexpr (Training) {
+        return loop_.calculate_train_batch_loss(*this, batch);
+      } else {
+        return loop_.calculate_eval_batch_loss(*this, batch);
+      }
+    } catch (const c10::Error& error) {
+      std::throw_with_nested(StepError(where(Training ? "train" : "eval") + ": " + error.what_without_backtrace()));
     }
   }
 
-  void track(LossTracker& tracker, const torch::Tensor& loss, std::int64_t batch_size) {
-    state_.last_loss = add_loss(tracker, loss, batch_size);
+  // "accelerated: the train step at epoch 2, step 5 of 10 (rank 1 of 2) failed"
+  std::string where(const char* phase) const {
+    std::string text = std::string("accelerated: the ") + phase + " step at epoch " +
+                       std::to_string(history_.current_epoch()) + ", step " + std::to_string(state_.step + 1) +
+                       " of " + std::to_string(state_.num_batches);
+    if (distributed_.num_processes() > 1) {
+      text += " (rank " + std::to_string(distributed_.rank()) + " of " +
+              std::to_string(distributed_.num_processes()) + ")";
+    }
+    return text + " failed";
   }
 
-  static double add_loss(LossTracker& tracker, const torch::Tensor& loss, std::int64_t batch_size) {
-    // item() reads the value without autograd; no detach() (it would allocate a tensor per step).
-    const auto value = loss.dim() == 0 ? loss.template item<double>() : loss.detach().mean().template item<double>();
-    tracker.total += value * static_cast<double>(batch_size);
-    tracker.count += static_cast<double>(batch_size);
-    return value;
+  void track(LossMeter& tracker, const torch::Tensor& loss, std::int64_t batch_size) {
+    state_.last_loss = tracker.add(loss, batch_size);
   }
 
   // The batch-size-weighted mean over every process.
-  double global_mean(const LossTracker& tracker) {
-    std::array<double, 2> sums{tracker.total, tracker.count};
+  double global_mean(LossMeter& tracker) {
+    std::array<double, 2> sums{tracker.total(), tracker.count()};
     distributed_.all_reduce_sum(sums);
     return sums[1] > 0 ? sums[0] / sums[1] : 0.0;
   }
@@ -845,7 +868,8 @@ class Trainer {
     if (!run_config_.gradient_clip_value && !run_config_.gradient_clip_norm) return;
     precision_.unscale_gradients(*optimizer_);
     if (run_config_.gradient_clip_value) torch::nn::utils::clip_grad_value_(parameters_, *run_config_.gradient_clip_value);
-    if (run_config_.gradient_clip_norm) torch::nn::utils::clip_grad_norm_(parameters_, *run_config_.gradient_clip_norm);
+    // No host sync: on a GPU the next step can be queued while this one runs.
+    if (run_config_.gradient_clip_norm) detail::clip_grad_norm_no_sync(parameters_, *run_config_.gradient_clip_norm);
   }
 
   Model model_;
@@ -861,6 +885,7 @@ class Trainer {
   callback_tuple callbacks_;
   RunHistory history_;
   RunConfig run_config_;
+  RunConfig train_config_;  // the last train() call's (run_config_ is evaluate()'s after an evaluate())
   TrainOptions options_;
   TrainingState state_;
   std::ostream* out_ = &std::cout;
@@ -869,7 +894,7 @@ class Trainer {
   std::string stop_reason_;
   std::exception_ptr pending_error_;
   // training state and resume
-  LossTracker train_tracker_;               // the current training epoch's loss so far
+  LossMeter train_tracker_;                 // the current training epoch's loss so far
   std::int64_t epochs_done_ = 0;            // epochs of the current run completed
   bool run_started_ = false;                // a train() call has set up the run
   SavePoint save_point_ = SavePoint::outside;

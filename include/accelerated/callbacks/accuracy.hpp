@@ -29,7 +29,8 @@ class TopKAccuracy {
   }
   template <class Trainer>
   void on_eval_epoch_start(Trainer&) {
-    counts_ = {0.0, 0.0};
+    hits_ = torch::Tensor();
+    examples_ = 0.0;
   }
 
   template <class Trainer, class Batch, class Output>
@@ -42,13 +43,16 @@ class TopKAccuracy {
     } else {
       hits = std::get<1>(scores.topk(K, 1)).eq(targets.unsqueeze(1)).any(1);
     }
-    counts_[0] += static_cast<double>(hits.sum().template item<std::int64_t>());
-    counts_[1] += static_cast<double>(targets.size(0));
+    // Counted on the device: reading it every batch would make the host wait for each eval step.
+    auto sum = hits.sum();
+    hits_ = hits_.defined() ? hits_.add_(sum) : sum;
+    examples_ += static_cast<double>(targets.size(0));
   }
 
   template <class Trainer>
   void on_eval_epoch_end(Trainer& trainer, bool is_intermediate) {
-    auto totals = counts_;
+    std::array<double, 2> totals{hits_.defined() ? static_cast<double>(hits_.template item<std::int64_t>()) : 0.0,
+                                 examples_};
     trainer.distributed().all_reduce_sum(totals);
     if (totals[1] == 0) return;
     const std::string k = K == 1 ? "" : "top" + std::to_string(K) + "_";
@@ -58,7 +62,8 @@ class TopKAccuracy {
 
  private:
   bool in_evaluation_run_ = false;
-  std::array<double, 2> counts_{0.0, 0.0};  // hits, examples
+  torch::Tensor hits_;    // on the model's device
+  double examples_ = 0.0;
 };
 
 using Accuracy = TopKAccuracy<1>;

@@ -91,23 +91,44 @@ class SaveTrainingState {
                                 {{"update_step", static_cast<double>(trainer.state().update_step)}});
     if (!trainer.run_config().is_world_process_zero) return;
     accelerated::detail::write_file_atomically(options_.save_dir / "latest", name + ".pt\n");
-    if (rotate && options_.max_checkpoints) remove_oldest();
+    if (rotate && options_.max_checkpoints) remove_oldest(trainer.run_config().num_update_steps_per_epoch);
   }
 
-  void remove_oldest() const {
-    std::vector<std::filesystem::directory_entry> states;
+  // Oldest first by the update step each state was saved at, read from its name: step_<n> at update n,
+  // epoch_<n> at update n x updates-per-epoch. Not by modification time (a copied or touched file would jump the
+  // queue) nor by name (step_10 < step_9). The state `latest` names is never removed.
+  void remove_oldest(std::int64_t updates_per_epoch) const {
+    struct Saved {
+      std::filesystem::path path;
+      std::int64_t update = 0;
+    };
+    const auto latest_state = latest(options_.save_dir);
+    std::vector<Saved> states;
     for (const auto& entry : std::filesystem::directory_iterator(options_.save_dir)) {
-      const auto name = entry.path().filename().string();
-      const bool ours = (name.rfind("step_", 0) == 0 || name.rfind("epoch_", 0) == 0) && entry.path().extension() == ".pt";
-      if (ours && entry.is_regular_file()) states.push_back(entry);
+      if (!entry.is_regular_file() || entry.path().extension() != ".pt") continue;
+      const auto stem = entry.path().stem().string();
+      std::int64_t scale = 0;
+      std::string number;
+      if (stem.rfind("step_", 0) == 0) {
+        scale = 1;
+        number = stem.substr(5);
+      } else if (stem.rfind("epoch_", 0) == 0) {
+        scale = std::max<std::int64_t>(updates_per_epoch, 1);
+        number = stem.substr(6);
+      }
+      if (scale == 0 || number.empty() || number.find_first_not_of("0123456789") != std::string::npos) continue;
+      states.push_back({entry.path(), std::stoll(number) * scale});
     }
     if (static_cast<std::int64_t>(states.size()) <= *options_.max_checkpoints) return;
-    std::sort(states.begin(), states.end(), [](const auto& a, const auto& b) {
-      return a.last_write_time() != b.last_write_time() ? a.last_write_time() < b.last_write_time()
-                                                        : a.path() < b.path();
+    std::sort(states.begin(), states.end(), [](const Saved& a, const Saved& b) {
+      return a.update != b.update ? a.update < b.update : a.path < b.path;
     });
-    const auto excess = states.size() - static_cast<std::size_t>(*options_.max_checkpoints);
-    for (std::size_t i = 0; i < excess; ++i) std::filesystem::remove(states[i].path());
+    auto left = static_cast<std::int64_t>(states.size());
+    for (std::size_t i = 0; i < states.size() && left > *options_.max_checkpoints; ++i) {
+      if (latest_state && std::filesystem::equivalent(states[i].path, *latest_state)) continue;
+      std::filesystem::remove(states[i].path);
+      --left;
+    }
   }
 
   SaveTrainingStateOptions options_;

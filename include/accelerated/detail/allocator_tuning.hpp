@@ -3,8 +3,9 @@
 // M_TRIM_THRESHOLD. LibTorch's CPU allocator frees activation-sized blocks on every step, so in a fresh process
 // every step pays for page faults on freshly mapped memory: measured on Debian 12, epoch 1 ~4x slower than epoch 2
 // and a batch-1000 evaluation ~7x slower. Raising both thresholds keeps those blocks in the heap. The tuning is
-// applied once, at static-initialisation time of the first translation unit that includes this header, so that it
-// precedes data loading. Opt out with -DACCELERATED_NO_ALLOCATOR_TUNING or ACCELERATED_ALLOCATOR_TUNING=0.
+// applied once, when the first Trainer is built (not when a header is merely included: a program that only uses
+// the data readers, or never trains, keeps glibc's defaults). Opt out with -DACCELERATED_NO_ALLOCATOR_TUNING or
+// ACCELERATED_ALLOCATOR_TUNING=0.
 #include <cstdlib>
 #include <cstring>
 
@@ -37,7 +38,20 @@ inline AllocatorTuning apply_allocator_tuning() {
 }
 }  // namespace detail
 
-// The result of the start-up tuning; inline so that it runs once per program, not once per translation unit.
-inline const AllocatorTuning allocator_tuning = detail::apply_allocator_tuning();
+namespace detail {
+inline bool& allocator_tuning_done() {
+  static bool done = false;
+  return done;
+}
+}  // namespace detail
+
+// Applies the tuning the first time it is called (the Trainer's constructor calls it) and returns the outcome.
+inline const AllocatorTuning& allocator_tuning() {
+  static const AllocatorTuning result = [] {
+    detail::allocator_tuning_done() = true;
+    return detail::apply_allocator_tuning();
+  }();
+  return result;
+}
 
 }  // namespace accelerated

@@ -30,30 +30,31 @@ inline void remove_stale_temporaries(const std::filesystem::path& path) {
   }
 }
 
-inline void write_file_atomically(const std::filesystem::path& path, std::string_view bytes) {
+// Writes `path` atomically: `fill(temporary)` writes the whole content into the temporary file, by its name (so a
+// serializer can stream straight into it, holding nothing in memory); then it is flushed and renamed over `path`.
+template <class Fill>
+void write_atomically(const std::filesystem::path& path, Fill&& fill) {
   auto fail = [&](const std::string& what) {
     throw std::runtime_error("accelerated: cannot write '" + path.string() + "': " + what + " (" +
                              std::strerror(errno) + ")");
   };
   const auto folder = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
-  if (!std::filesystem::is_directory(folder)) {
-    errno = ENOENT;
-    fail("folder '" + folder.string() + "' does not exist");
+  std::error_code status_error;
+  const auto status = std::filesystem::status(folder, status_error);
+  if (!std::filesystem::is_directory(status)) {
+    errno = std::filesystem::exists(status) ? ENOTDIR : ENOENT;
+    fail(std::filesystem::exists(status) ? "'" + folder.string() + "' is a file, not a folder"
+                                         : "folder '" + folder.string() + "' does not exist");
   }
   const auto temporary = path.string() + ".tmp-" + std::to_string(::getpid());
-  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) fail("cannot create a temporary file");
-  std::size_t done = 0;
-  while (done < bytes.size()) {
-    const auto n = ::write(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      ::close(fd);
-      ::unlink(temporary.c_str());
-      fail("write failed");
-    }
-    done += static_cast<std::size_t>(n);
+  try {
+    fill(temporary);
+  } catch (...) {
+    ::unlink(temporary.c_str());
+    throw;
   }
+  const int fd = ::open(temporary.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail("the temporary file was not written");
   if (::fsync(fd) != 0 || ::close(fd) != 0) {
     ::unlink(temporary.c_str());
     fail("flush failed");
@@ -67,6 +68,29 @@ inline void write_file_atomically(const std::filesystem::path& path, std::string
     ::close(dir);
   }
   remove_stale_temporaries(path);
+}
+
+inline void write_file_atomically(const std::filesystem::path& path, std::string_view bytes) {
+  write_atomically(path, [&](const std::string& temporary) {
+    const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+      throw std::runtime_error("accelerated: cannot write '" + path.string() + "': cannot create a temporary file (" +
+                               std::strerror(errno) + ")");
+    }
+    std::size_t done = 0;
+    while (done < bytes.size()) {
+      const auto n = ::write(fd, bytes.data() + done, bytes.size() - done);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        const int error = errno;
+        ::close(fd);
+        throw std::runtime_error("accelerated: cannot write '" + path.string() + "': write failed (" +
+                                 std::strerror(error) + ")");
+      }
+      done += static_cast<std::size_t>(n);
+    }
+    ::close(fd);
+  });
 }
 
 }  // namespace accelerated::detail

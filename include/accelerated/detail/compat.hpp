@@ -11,6 +11,7 @@
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #endif
 #include <torch/csrc/distributed/c10d/Store.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <chrono>
 #include <memory>
@@ -139,6 +140,7 @@ c10::intrusive_ptr<c10d::ProcessGroup> as_process_group(const c10::intrusive_ptr
 #if ACCELERATED_TORCH_AT_LEAST(2, 6)
   auto group = c10::make_intrusive<c10d::ProcessGroup>(store, static_cast<int>(rank), static_cast<int>(world_size));
   group->setBackend(c10::DeviceType::CPU, type, backend);
+  group->setBackend(c10::DeviceType::CUDA, type, backend);  // until a CUDA backend (NCCL) replaces it
   group->setDefaultBackend(type);
   return group;
 #elif ACCELERATED_TORCH_AT_LEAST(2, 0)
@@ -146,9 +148,21 @@ c10::intrusive_ptr<c10d::ProcessGroup> as_process_group(const c10::intrusive_ptr
   auto group =
       c10::make_intrusive<c10d::ProcessGroup>(store, static_cast<int>(rank), static_cast<int>(world_size), options);
   group->setBackend(c10::DeviceType::CPU, type, backend);
+  group->setBackend(c10::DeviceType::CUDA, type, backend);  // until a CUDA backend (NCCL) replaces it
   return group;
 #else
   return backend;
+#endif
+}
+
+// The name of the backend that carries tensors of `device` ("gloo", "nccl", "accelerated_shared_memory"): 2.x
+// routes each device type to its own backend; in 1.13 the group is the backend.
+inline std::string backend_name(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                                [[maybe_unused]] c10::DeviceType device) {
+#if ACCELERATED_TORCH_AT_LEAST(2, 0)
+  return group->getBackend(device)->getBackendName();
+#else
+  return group->getBackendName();
 #endif
 }
 
@@ -197,6 +211,34 @@ std::unique_ptr<Reducer> make_reducer(std::vector<at::Tensor> params, std::vecto
     return std::make_unique<Reducer>(std::move(params), std::move(buckets), std::move(group), std::move(sparse),
                                      bucket_bytes_cap, find_unused_parameters, false, Names{}, first_bucket_bytes_cap,
                                      false, false, std::vector<std::int64_t>{}, false);
+  }
+}
+
+}  // namespace accelerated::compat
+
+// ---- TCPStore ---------------------------------------------------------------------------------------------------
+// 2.4+ asks for the libuv server by default (TCPStoreOptions::useLibUV = true), but LibTorch builds without libuv
+// (Debian's, among others) then refuse at once: "use_libuv was requested but PyTorch was build without libuv
+// support". The classic server is used then. 1.13 has neither the field nor the libuv server.
+namespace accelerated::compat {
+
+inline bool is_missing_libuv(const std::string& what) {
+  return what.find("libuv") != std::string::npos;
+}
+
+// A template so that the useLibUV probe depends on the options type (a non-dependent `requires` would not compile).
+template <class Options = c10d::TCPStoreOptions>
+c10::intrusive_ptr<c10d::TCPStore> make_tcp_store(const std::string& host, Options options) {
+  try {
+    return c10::make_intrusive<c10d::TCPStore>(host, options);
+  } catch (const std::exception& error) {
+    if constexpr (requires { options.useLibUV; }) {
+      if (options.useLibUV && is_missing_libuv(error.what())) {
+        options.useLibUV = false;
+        return c10::make_intrusive<c10d::TCPStore>(host, options);
+      }
+    }
+    throw;
   }
 }
 

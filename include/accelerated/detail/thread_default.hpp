@@ -1,13 +1,17 @@
 #pragma once
 // LibTorch sizes its intra-op pool from OpenMP, which on some machines (Debian 12 containers among them) reports
 // one thread on a multi-core box: measured here, a 2-core machine ran convolutions 1.65x slower than with 2
-// threads. Unless the user chose (OMP_NUM_THREADS, or ACCELERATED_NUM_THREADS=n; 0 keeps LibTorch's choice), the
-// trainer gives each local process its share of the hardware threads, once per program (the number of local
-// processes comes from the launcher's variables, see distributed/environment.hpp).
+// threads. Unless the user chose (OMP_NUM_THREADS; ACCELERATED_NUM_THREADS=n, 0 keeps LibTorch's choice; or a
+// torch::set_num_threads call before the first trainer), the trainer gives each local process its share of the
+// CPUs it may use, once per program: the CPUs of its affinity mask (taskset, cpusets), capped by a cgroup CPU quota
+// (containers) and by SLURM_CPUS_PER_TASK, divided by the local processes the launcher describes.
 #include <ATen/Parallel.h>
+#include <sched.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <fstream>
 #include <string>
 #include <thread>
 
@@ -25,19 +29,46 @@ inline int parse_positive_env(const char* name, int fallback) {
   }
 }
 
+// The CPUs this process may use: its affinity mask, capped by a cgroup quota (v2 cpu.max, v1 cfs_quota_us) and by
+// SLURM_CPUS_PER_TASK.
+inline int available_cpus() {
+  int cpus = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (::sched_getaffinity(0, sizeof set, &set) == 0) cpus = std::max(1, CPU_COUNT(&set));
+  auto cap_by_quota = [&](double quota, double period) {
+    if (quota > 0 && period > 0) cpus = std::min(cpus, std::max(1, static_cast<int>(std::ceil(quota / period))));
+  };
+  std::string quota;
+  double period = 0;
+  if (std::ifstream v2("/sys/fs/cgroup/cpu.max"); v2 >> quota >> period && quota != "max") {
+    cap_by_quota(std::atof(quota.c_str()), period);
+  } else if (std::ifstream q("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), p("/sys/fs/cgroup/cpu/cpu.cfs_period_us");
+             q >> quota && p >> period) {
+    cap_by_quota(std::atof(quota.c_str()), period);  // -1: no quota
+  }
+  if (const int slurm = parse_positive_env("SLURM_CPUS_PER_TASK", 0); slurm > 0) cpus = std::min(cpus, slurm);
+  return cpus;
+}
+
+// LibTorch's thread count when the program started, read during static initialisation (reading it has no side
+// effect that matters): a different count when the first trainer is built means the user called set_num_threads.
+inline const int initial_num_threads = at::get_num_threads();
+
 inline void apply_thread_default() {
   static const bool applied = [] {
     const int requested = parse_positive_env("ACCELERATED_NUM_THREADS", -1);
     if (requested == 0) return false;  // keep LibTorch's choice
-    if (requested < 0 && std::getenv("OMP_NUM_THREADS") != nullptr) return false;  // the user (or torchrun) chose
+    const char* omp = std::getenv("OMP_NUM_THREADS");
+    if (requested < 0 && omp != nullptr && *omp != '\0') return false;  // the user (or torchrun) chose
+    if (requested < 0 && at::get_num_threads() != initial_num_threads) return false;  // torch::set_num_threads
     int local_processes = 1;  // processes sharing this machine, as the launcher describes them
     try {
       local_processes = static_cast<int>(std::max<std::int64_t>(1, distributed::environment_from_env().local_world_size));
     } catch (const std::exception&) {
       // a broken environment is reported by the distributed policy, with the variable's name
     }
-    const int hardware = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    const int threads = requested > 0 ? requested : std::max(1, hardware / local_processes);
+    const int threads = requested > 0 ? requested : std::max(1, available_cpus() / local_processes);
     if (threads != at::get_num_threads()) at::set_num_threads(threads);
     return true;
   }();

@@ -16,6 +16,15 @@
 #include <string>
 
 #include "../detail/compat.hpp"
+
+// NCCL: in CUDA builds of LibTorch 2.x (Torch's CMake config defines USE_C10D_NCCL for them).
+#if defined(USE_C10D_NCCL) && ACCELERATED_TORCH_AT_LEAST(2, 0) && \
+    __has_include(<torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>)
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#define ACCELERATED_HAS_NCCL 1
+#else
+#define ACCELERATED_HAS_NCCL 0
+#endif
 #include "environment.hpp"
 #include "shared_memory_group.hpp"
 
@@ -59,6 +68,48 @@ inline Transport transport_from_env(Transport fallback) {
   if (text == "automatic") return Transport::automatic;
   throw std::invalid_argument("accelerated::distributed: ACCELERATED_TRANSPORT = '" + text +
                               "' is not one of gloo, shared_memory, automatic");
+}
+
+// What carries CUDA tensors (the gradients of a model on a GPU): NCCL where this LibTorch has it (automatic), or the
+// CPU transport (Gloo or shared memory), which stages them through host memory where it cannot read the GPU.
+// ACCELERATED_CUDA_BACKEND=nccl|gloo overrides the default from outside a program.
+enum class CudaBackend { automatic, nccl, gloo };
+
+inline constexpr bool has_nccl = ACCELERATED_HAS_NCCL;
+
+inline CudaBackend cuda_backend_from_env(CudaBackend fallback) {
+  const char* value = std::getenv("ACCELERATED_CUDA_BACKEND");
+  if (value == nullptr || *value == '\0') return fallback;
+  const std::string text = value;
+  if (text == "nccl") return CudaBackend::nccl;
+  if (text == "gloo") return CudaBackend::gloo;
+  if (text == "automatic") return CudaBackend::automatic;
+  throw std::invalid_argument("accelerated::distributed: ACCELERATED_CUDA_BACKEND = '" + text +
+                              "' is not one of nccl, gloo, automatic");
+}
+
+// Routes CUDA tensors of `group` to NCCL when `choice` (or ACCELERATED_CUDA_BACKEND) asks for it and this LibTorch
+// has it; otherwise they stay with the CPU transport. Returns the name of the backend that carries them.
+inline std::string attach_cuda_backend(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+                                       [[maybe_unused]] const c10::intrusive_ptr<c10d::Store>& store,
+                                       [[maybe_unused]] std::int64_t rank, [[maybe_unused]] std::int64_t world_size,
+                                       [[maybe_unused]] std::chrono::milliseconds timeout, CudaBackend choice) {
+  choice = cuda_backend_from_env(choice);
+  if (choice == CudaBackend::nccl && !has_nccl) {
+    throw std::invalid_argument("accelerated::distributed: the NCCL backend was asked for, but this LibTorch has no "
+                                "NCCL (it needs a CUDA build of LibTorch 2.x, which defines USE_C10D_NCCL)");
+  }
+#if ACCELERATED_HAS_NCCL
+  if (choice != CudaBackend::gloo) {
+    auto options = c10d::ProcessGroupNCCL::Options::create();
+    options->timeout = timeout;
+    auto nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(c10::make_intrusive<c10d::PrefixStore>("nccl", store),
+                                                            static_cast<int>(rank), static_cast<int>(world_size),
+                                                            options);
+    group->setBackend(c10::DeviceType::CUDA, c10d::ProcessGroup::BackendType::NCCL, nccl);
+  }
+#endif
+  return compat::backend_name(group, c10::DeviceType::CUDA);
 }
 
 // This machine, as the ranks compare it: host name and boot id (containers on one host share the boot id, but
@@ -105,6 +156,26 @@ inline c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(const c10::intr
   return make_gloo_group(store, rank, world_size, timeout, master_addr);
 }
 
+// Why a store could not be made, in words: an address nobody answers on is "could not reach"; anything else (a
+// feature this LibTorch lacks, a port in use) is reported as itself, so a user is not sent to check the network.
+inline std::string describe_store_failure(const Environment& env, std::chrono::milliseconds timeout, bool serving,
+                                          const std::string& what) {
+  const auto where = env.master_addr + ":" + std::to_string(env.master_port);
+  const auto role = std::string(serving ? "serving it" : "connecting");
+  const bool unreachable = !serving && (what.find("refused") != std::string::npos ||
+                                        what.find("timed out") != std::string::npos ||
+                                        what.find("imeout") != std::string::npos ||
+                                        what.find("connect") != std::string::npos);
+  if (unreachable) {
+    return "accelerated::distributed: rank " + std::to_string(env.rank) + " could not reach the rendezvous store at " +
+           where + " within " + std::to_string(timeout.count()) + " ms (" + role + "): " + what;
+  }
+  std::string hint;
+  if (compat::is_missing_libuv(what)) hint = " (this LibTorch was built without libuv)";
+  return "accelerated::distributed: rank " + std::to_string(env.rank) + " could not create the rendezvous store at " +
+         where + " (" + role + ")" + hint + ": " + what;
+}
+
 // The TCPStore of the environment, wrapped in a prefix so that our keys never meet a launcher's.
 inline c10::intrusive_ptr<c10d::Store> make_store(const Environment& env, std::chrono::milliseconds timeout) {
   c10d::TCPStoreOptions options;
@@ -114,13 +185,9 @@ inline c10::intrusive_ptr<c10d::Store> make_store(const Environment& env, std::c
   options.waitWorkers = false;  // the process group's own first collective waits for everyone, with the timeout
   options.timeout = timeout;
   try {
-    auto tcp = c10::make_intrusive<c10d::TCPStore>(env.master_addr, options);
-    return c10::make_intrusive<c10d::PrefixStore>("accelerated", tcp);
+    return c10::make_intrusive<c10d::PrefixStore>("accelerated", compat::make_tcp_store(env.master_addr, options));
   } catch (const std::exception& error) {
-    throw std::runtime_error("accelerated::distributed: rank " + std::to_string(env.rank) +
-                             " could not reach the rendezvous store at " + env.master_addr + ":" +
-                             std::to_string(env.master_port) + " within " + std::to_string(timeout.count()) +
-                             " ms (" + (options.isServer ? "serving it" : "connecting") + "): " + error.what());
+    throw std::runtime_error(describe_store_failure(env, timeout, options.isServer, error.what()));
   }
 }
 

@@ -7,6 +7,7 @@
 // A device policy provides, checked by accelerated::DevicePolicy in concepts.hpp:
 //   torch::Device device() const;            std::string name() const;
 //   void place(torch::nn::Module&) const;    Batch to_device(Batch&&) const;
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/cuda.h>
 #include <torch/nn/module.h>
 #include <torch/types.h>
@@ -20,6 +21,15 @@
 #include "../distributed/environment.hpp"
 
 namespace accelerated {
+
+namespace detail {
+// Makes `device` this thread's current GPU before anything creates CUDA state (a context, a stream, NCCL's
+// communicator), so that rank k never touches GPU 0. Through c10's device-guard registry, which CPU builds of
+// LibTorch have too (c10::cuda::set_device lives in libc10_cuda, which they lack).
+inline void make_current_device(torch::Device device) {
+  if (device.is_cuda() && device.has_index()) c10::impl::getDeviceGuardImpl(device.type())->setDevice(device);
+}
+}  // namespace detail
 
 struct Cpu {
   torch::Device device() const { return torch::kCPU; }
@@ -41,6 +51,7 @@ class Cuda {
 
   void place(torch::nn::Module& module) const {
     check_available();
+    detail::make_current_device(device());
     module.to(device());
   }
 
@@ -80,7 +91,10 @@ class AutoDevice {
 
   torch::Device device() const { return device_; }
   std::string name() const { return device_.str(); }
-  void place(torch::nn::Module& module) const { module.to(device_); }
+  void place(torch::nn::Module& module) const {
+    detail::make_current_device(device_);
+    module.to(device_);
+  }
 
   // One branch per batch: a no-op on the CPU, the pinned non-blocking copy on a GPU.
   template <class Batch>

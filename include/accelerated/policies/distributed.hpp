@@ -26,8 +26,10 @@
 
 #include "../distributed/environment.hpp"
 
-#if __has_include(<torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>) && defined(USE_C10D_GLOO) && \
-    !defined(ACCELERATED_NO_DISTRIBUTED)
+// Multi-process training needs LibTorch's Gloo process group and Gloo's own headers, which the official LibTorch
+// zips and wheels do not ship (Debian's libgloo-dev has them).
+#if __has_include(<torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>) && __has_include(<gloo/algorithm.h>) && \
+    defined(USE_C10D_GLOO) && !defined(ACCELERATED_NO_DISTRIBUTED)
 #define ACCELERATED_HAS_GLOO 1
 #include "../distributed/gradient_sync.hpp"
 #include "../distributed/process_group.hpp"
@@ -56,6 +58,9 @@ struct DataParallelOptions {
   distributed::GradientSyncOptions gradient_sync;
   // Shared memory when every rank runs on this machine, Gloo otherwise (ACCELERATED_TRANSPORT overrides it).
   distributed::Transport transport = distributed::Transport::automatic;
+  // What carries the gradients of a model on a GPU: NCCL where LibTorch has it, else the transport above
+  // (ACCELERATED_CUDA_BACKEND=nccl|gloo overrides it).
+  distributed::CudaBackend cuda_backend = distributed::CudaBackend::automatic;
 #endif
 };
 
@@ -69,14 +74,15 @@ class DataParallel {
   explicit DataParallel(DataParallelOptions options) : options_(options), env_(distributed::environment_from_env()) {
     if (env_.world_size == 1) return;
 #if ACCELERATED_HAS_GLOO
-    auto store = distributed::make_store(env_, options_.timeout);
+    store_ = distributed::make_store(env_, options_.timeout);
     group_ = guarded("joining the process group", [&] {
-      return distributed::make_process_group(store, env_.rank, env_.world_size, options_.timeout, env_.master_addr,
+      return distributed::make_process_group(store_, env_.rank, env_.world_size, options_.timeout, env_.master_addr,
                                              options_.transport);
     });
 #else
     throw std::runtime_error("accelerated::DataParallel: WORLD_SIZE = " + std::to_string(env_.world_size) +
-                             " but this LibTorch has no Gloo process group (built without USE_C10D_GLOO)");
+                             " but this build has no multi-process support: LibTorch was built without USE_C10D_GLOO, or Gloo's "
+                             "headers (gloo/algorithm.h, Debian's libgloo-dev) were not found");
 #endif
   }
 
@@ -84,7 +90,7 @@ class DataParallel {
   // Joins a run over a store of your own (a c10d::HashStore for ranks as threads, a FileStore, ...).
   DataParallel(c10::intrusive_ptr<c10d::Store> store, std::int64_t rank, std::int64_t world_size,
                DataParallelOptions options = {})
-      : options_(options) {
+      : options_(options), store_(store) {
     if (world_size < 1 || rank < 0 || rank >= world_size) {
       throw std::invalid_argument("accelerated::DataParallel: rank = " + std::to_string(rank) +
                                   " is not in [0, world_size = " + std::to_string(world_size) + ")");
@@ -106,10 +112,12 @@ class DataParallel {
   std::int64_t local_rank() const { return env_.local_rank; }
   const distributed::Environment& environment() const { return env_; }
 
-  // What the ranks talk through: "accelerated_shared_memory", "gloo", or "none" for a single process.
+  // What carries the gradients: "accelerated_shared_memory", "gloo", "nccl" (a model on a GPU, once prepared), or
+  // "none" for a single process.
   std::string transport() const {
 #if ACCELERATED_HAS_GLOO
-    if (group_) return group_->getBackendName();
+    if (!cuda_transport_.empty()) return cuda_transport_;
+    if (group_) return compat::backend_name(group_, c10::DeviceType::CPU);
 #endif
     return "none";
   }
@@ -118,6 +126,12 @@ class DataParallel {
   void prepare(torch::nn::Module& module) {
 #if ACCELERATED_HAS_GLOO
     if (!group_) return;
+    if (cuda_transport_.empty() && on_cuda(module)) {
+      cuda_transport_ = guarded("creating the CUDA backend", [&] {
+        return distributed::attach_cuda_backend(group_, store_, env_.rank, env_.world_size, options_.timeout,
+                                                options_.cuda_backend);
+      });
+    }
     guarded("broadcasting rank 0's parameters", [&] {
       if (!sync_ || !sync_->covers(module)) {
         sync_ = std::make_shared<distributed::GradientSync>(module, group_, options_.gradient_sync);
@@ -207,6 +221,12 @@ class DataParallel {
   }
 
  private:
+  static bool on_cuda(torch::nn::Module& module) {
+    for (const auto& p : module.parameters()) return p.is_cuda();
+    for (const auto& b : module.buffers()) return b.is_cuda();
+    return false;
+  }
+
   // Runs a collective; a failure (a dead peer, a timeout) becomes one error that says which rank and what.
   template <class F>
   std::invoke_result_t<F&> guarded(const char* what, F&& f) {
@@ -223,8 +243,10 @@ class DataParallel {
   DataParallelOptions options_;
   distributed::Environment env_;
 #if ACCELERATED_HAS_GLOO
+  c10::intrusive_ptr<c10d::Store> store_;
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
   std::shared_ptr<distributed::GradientSync> sync_;
+  std::string cuda_transport_;  // set once a model on a GPU was prepared
 #endif
 };
 

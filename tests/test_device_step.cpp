@@ -1,0 +1,151 @@
+// The step that never waits on the host (loss kept on the device, clipping without a sync, accuracy counted on the
+// device, TerminateOnNan's interval), checked on the CPU against the host-synchronising versions; and the cases
+// that need a GPU or NCCL, which say that they were skipped, and why, where there is none.
+#include <torch/csrc/distributed/c10d/HashStore.hpp>
+
+#include <cmath>
+
+#include "helpers.hpp"
+
+namespace acc = accelerated;
+using namespace std::chrono_literals;
+
+TEST_CASE("the loss meter sums batch-weighted losses and reads each value once", "[device_step]") {
+  acc::LossMeter meter;
+  const auto first = meter.add(torch::tensor(2.0), 4);
+  const auto second = meter.add(torch::tensor({1.0, 3.0}), 2);  // not a scalar: its mean
+  CHECK_FALSE(first.pending());  // CPU values are read at once
+  CHECK(static_cast<double>(first) == 2.0);
+  CHECK(second.value() == 2.0);
+  CHECK(meter.total() == 12.0);
+  CHECK(meter.count() == 6.0);
+  meter.restore(5.0, 1.0);
+  CHECK(meter.total() == 5.0);
+  meter.reset();
+  CHECK(meter.count() == 0.0);
+}
+
+TEST_CASE("clipping by norm without a sync matches LibTorch's clip_grad_norm_", "[device_step]") {
+  auto grads_after = [](bool ours, double max_norm) {
+    auto model = test::linear_model();
+    torch::manual_seed(3);
+    model->forward(torch::randn({16, 8})).pow(2).sum().backward();
+    auto params = model->parameters();
+    if (ours) {
+      const auto norm = acc::detail::clip_grad_norm_no_sync(params, max_norm);
+      CHECK(norm.dim() == 0);
+    } else {
+      torch::nn::utils::clip_grad_norm_(params, max_norm);
+    }
+    return torch::cat({params[0].grad().flatten(), params[1].grad().flatten()});
+  };
+  for (double max_norm : {0.5, 1e6}) {  // clipped, and left alone
+    INFO("max_norm " << max_norm);
+    CHECK(torch::allclose(grads_after(true, max_norm), grads_after(false, max_norm), 1e-6, 1e-7));
+  }
+  CHECK_FALSE(acc::detail::clip_grad_norm_no_sync({torch::zeros({2}, torch::requires_grad())}, 1.0).defined());
+}
+
+TEST_CASE("TerminateOnNan decides every check_every steps and says which steps it covers", "[device_step]") {
+  auto data = test::regression_data(40);
+  data.second[13] = std::nan("");  // batch 4 of 10 (batch size 4, no shuffle)
+  auto run = [&](std::int64_t every) {
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.01));
+    auto trainer = acc::make_trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess>(
+        model, torch::nn::MSELoss(), optimizer, acc::callbacks::TerminateOnNan(every));
+    trainer.set_output(test::quiet());
+    return std::pair{test::message_of([&] {
+                       trainer.train(data, {.num_epochs = 1, .per_device_batch_size = 4, .shuffle = false});
+                     }),
+                     trainer.state().update_step};
+  };
+  const auto [every_step, updates_1] = run(1);
+  CHECK_THAT(every_step, Catch::Contains("non-finite train loss (nan) at epoch 1, step 4 of 10"));
+  CHECK(updates_1 == 3);
+  const auto [every_3, updates_3] = run(3);
+  // The bad loss at step 4 is seen at step 6; steps 4-5 were trained (their update is what the interval costs).
+  CHECK_THAT(every_3, Catch::Contains("non-finite train loss (nan) at epoch 1, step 4 of 10"));
+  CHECK(updates_3 == 5);
+  CHECK_THROWS_WITH(acc::callbacks::TerminateOnNan(-1), Catch::Contains("check_every = -1"));
+}
+
+TEST_CASE("the CUDA backend choice is checked by name", "[device_step][nccl]") {
+  ::setenv("ACCELERATED_CUDA_BACKEND", "mpi", 1);
+  CHECK_THROWS_WITH(acc::distributed::cuda_backend_from_env(acc::distributed::CudaBackend::automatic),
+                    Catch::Contains("ACCELERATED_CUDA_BACKEND = 'mpi'"));
+  ::setenv("ACCELERATED_CUDA_BACKEND", "gloo", 1);
+  CHECK(acc::distributed::cuda_backend_from_env(acc::distributed::CudaBackend::nccl) ==
+        acc::distributed::CudaBackend::gloo);
+  ::unsetenv("ACCELERATED_CUDA_BACKEND");
+  if (!acc::distributed::has_nccl) {
+    auto store = c10::make_intrusive<c10d::HashStore>();
+    auto group = acc::distributed::make_process_group(store, 0, 1, 5s, "127.0.0.1", acc::distributed::Transport::gloo);
+    CHECK_THROWS_WITH(acc::distributed::attach_cuda_backend(group, store, 0, 1, 5s, acc::distributed::CudaBackend::nccl),
+                      Catch::Contains("this LibTorch has no NCCL"));
+  }
+}
+
+// ---- on a GPU -------------------------------------------------------------------------------------------------
+
+#define REQUIRE_GPU()                                                                                  \
+  if (!torch::cuda::is_available())                                                                    \
+  ACCELERATED_SKIP("no CUDA GPU is visible to this LibTorch (a CPU build, or no device)")
+
+TEST_CASE("a model trains on the GPU in fp32 and bf16 and fp16", "[cuda]") {
+  REQUIRE_GPU();
+  const auto data = test::regression_data(256);
+  auto final_loss = [&](auto precision) {
+    using Precision = decltype(precision);
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+    auto trainer = acc::make_trainer<acc::Cuda, Precision, acc::SingleProcess>(model, torch::nn::MSELoss(), optimizer);
+    trainer.set_output(test::quiet());
+    trainer.train(data, {.num_epochs = 5, .per_device_batch_size = 16, .gradient_clip_norm = 10.0});
+    CHECK(model->weight.is_cuda());
+    const auto losses = trainer.run_history().get_metric_values("train_loss_epoch");
+    CHECK(losses.back() < losses.front());
+    return losses.back();
+  };
+  const auto fp32 = final_loss(acc::FullPrecision{});
+  CHECK(final_loss(acc::BFloat16{}) < fp32 * 2 + 0.05);
+  CHECK(final_loss(acc::Float16{}) < fp32 * 2 + 0.05);
+}
+
+TEST_CASE("on the GPU the running loss stays on the device until it is read", "[cuda]") {
+  REQUIRE_GPU();
+  acc::LossMeter meter;
+  const auto value = meter.add(torch::tensor(2.0, torch::kCUDA), 4);
+  CHECK(value.pending());
+  CHECK(value.tensor().is_cuda());
+  meter.add(torch::tensor(4.0, torch::kCUDA), 4);
+  CHECK(meter.total() == 24.0);
+  CHECK(value.value() == 2.0);
+  CHECK_FALSE(value.pending());
+  // Clipping on the device agrees with LibTorch's.
+  auto grads = torch::randn({1000}, torch::kCUDA);
+  auto p1 = torch::zeros({1000}, torch::TensorOptions(torch::kCUDA).requires_grad(true));
+  auto p2 = torch::zeros({1000}, torch::TensorOptions(torch::kCUDA).requires_grad(true));
+  p1.mutable_grad() = grads.clone();
+  p2.mutable_grad() = grads.clone();
+  acc::detail::clip_grad_norm_no_sync({p1}, 1.0);
+  torch::nn::utils::clip_grad_norm_(std::vector<torch::Tensor>{p2}, 1.0);
+  CHECK(torch::allclose(p1.grad(), p2.grad(), 1e-5, 1e-6));
+}
+
+TEST_CASE("NCCL carries CUDA tensors in a one-process group", "[cuda][nccl]") {
+  if (!acc::distributed::has_nccl) {
+    ACCELERATED_SKIP("this LibTorch has no NCCL (a CUDA build of LibTorch 2.x defines USE_C10D_NCCL)");
+  }
+  REQUIRE_GPU();
+  auto store = c10::make_intrusive<c10d::HashStore>();
+  auto group = acc::distributed::make_process_group(store, 0, 1, 30s, "127.0.0.1", acc::distributed::Transport::gloo);
+  const auto name = acc::distributed::attach_cuda_backend(group, store, 0, 1, 30s, acc::distributed::CudaBackend::automatic);
+  CHECK(name == "nccl");
+  std::vector<torch::Tensor> tensors{torch::full({1024}, 3.0, torch::kCUDA)};
+  group->allreduce(tensors)->wait();
+  CHECK(tensors[0].sum().item<double>() == 3.0 * 1024);
+  std::vector<torch::Tensor> host{torch::full({4}, 2.0)};  // CPU tensors still go through the CPU transport
+  group->allreduce(host)->wait();
+  CHECK(host[0].sum().item<double>() == 8.0);
+}
