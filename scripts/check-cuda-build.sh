@@ -8,11 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/debian13.sh
-[[ $(id -u) -eq 0 ]] || { echo "check-cuda-build.sh: run it as root (debootstrap and chroot need it)"; exit 1; }
 
 started=$SECONDS
-root=$(debian13_root debian13 "$PWD")
-trap 'debian13_unmount "$root"' EXIT
+debian13_start check-cuda-build.sh
 # The headers a CUDA build of LibTorch compiles with: its own (libtorch-cuda-dev: the same 2.6 sources plus the
 # generated CUDA headers the CPU package lacks, e.g. c10/cuda/impl/cuda_cmake_macros.h), searched before the CPU
 # package's; the CUDA toolkit's; libcu++ (nv/target); NCCL's.

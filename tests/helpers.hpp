@@ -94,6 +94,17 @@ inline std::ostream& quiet() {
   return sink;
 }
 
+// The message of what f throws, or "none": safe on any thread (no Catch2 assertion inside).
+template <class F>
+std::string error_or_none(F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "none";
+}
+
 // An exception's message contains every fragment.
 template <class F>
 std::string message_of(F&& f) {

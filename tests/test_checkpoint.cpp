@@ -126,6 +126,10 @@ TEST_CASE("EarlyStopping stops after patience epochs without improvement", "[cal
     acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, acc::callbacks::EarlyStopping>
         trainer(model, torch::nn::MSELoss(), optimizer, acc::callbacks::EarlyStopping(options));
     trainer.train(data, {.num_epochs = 10, .per_device_batch_size = 8}, data);
+    // The stopping epoch was completed and counted: a later train(reset_run_history = false) starts with the next
+    // epoch (and its data order) instead of repeating it.
+    CHECK(trainer.run_history().current_epoch() ==
+          static_cast<std::int64_t>(trainer.run_history().get_metric_values("train_loss_epoch").size()) + 1);
     return trainer.run_history().get_metric_values("train_loss_epoch").size();
   };
   // lr 0: nothing improves after the first epoch; patience 2 stops in epoch 3.

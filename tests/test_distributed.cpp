@@ -315,18 +315,141 @@ TEST_CASE("a non-finite loss on one rank stops every rank at the same step and n
     ParallelTrainer trainer(model, torch::nn::MSELoss(), optimizer);
     trainer.distributed() = acc::DataParallel(store, rank, 2, short_timeout(20s, transport));
     trainer.set_output(test::quiet());
-    std::string message = "no error";
-    try {
+    const auto message = test::error_or_none([&] {
       trainer.train(rank == 1 ? broken : clean, {.num_epochs = 2, .per_device_batch_size = 4, .shuffle = false});
-    } catch (const std::exception& error) {
-      message = error.what();
-    }
+    });
     return std::pair{message, trainer.state().update_step};
   });
   CHECK_THAT(outcomes[0].first, Catch::Contains("non-finite train loss") && Catch::Contains("on rank 1"));
   CHECK(outcomes[0].first == outcomes[1].first);    // the same error on both ranks
   CHECK(outcomes[0].second == outcomes[1].second);  // stopped after the same update
   CHECK(std::chrono::steady_clock::now() - start < 20s);  // no rank waited for a timeout
+}
+
+namespace {
+// A model with a layer that never contributes to the loss.
+struct WithUnused : torch::nn::Module {
+  WithUnused() {
+    used = register_module("used", torch::nn::Linear(8, 1));
+    unused = register_module("unused", torch::nn::Linear(8, 1));
+  }
+  torch::Tensor forward(torch::Tensor x) { return used(x); }
+  torch::nn::Linear used{nullptr}, unused{nullptr};
+};
+
+struct UnfreezeAtEpoch2 {
+  template <class Trainer>
+  void on_train_epoch_start(Trainer& trainer) {
+    if (trainer.run_history().current_epoch() == 2) {
+      for (auto& p : trainer.model()->parameters()) p.set_requires_grad(true);
+    }
+  }
+};
+}  // namespace
+
+TEST_CASE("a parameter that gets no gradient is an error unless find_unused_parameters is set", "[distributed]") {
+  const auto data = test::regression_data(32);
+  auto run = [&](bool find_unused) {
+    std::vector<std::shared_ptr<WithUnused>> models;
+    for (int r = 0; r < 2; ++r) {
+      torch::manual_seed(3);
+      models.push_back(std::make_shared<WithUnused>());
+    }
+    return run_ranks(2, [&](int rank, auto store) {
+      auto model = models[rank];
+      torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+      auto options = short_timeout(20s);
+      options.gradient_sync.find_unused_parameters = find_unused;
+      ParallelTrainer trainer(acc::Model(model), torch::nn::MSELoss(), optimizer);
+      trainer.distributed() = acc::DataParallel(store, rank, 2, options);
+      trainer.set_output(test::quiet());
+      const auto error = test::error_or_none([&] { trainer.train(data, {.num_epochs = 2, .per_device_batch_size = 4}); });
+      return std::pair{error, test::flat_parameters(*model)};
+    });
+  };
+  const auto strict = run(false);
+  for (const auto& [error, parameters] : strict) {
+    CHECK_THAT(error, Catch::Contains("some parameter got no gradient") &&
+                          Catch::Contains("find_unused_parameters = true"));
+  }
+  const auto tolerant = run(true);
+  CHECK(tolerant[0].first == "none");
+  CHECK(tolerant[1].first == "none");
+  CHECK(torch::equal(tolerant[0].second, tolerant[1].second));
+}
+
+TEST_CASE("parameters unfrozen by a callback mid-run are averaged too, and the buckets are rebuilt once",
+          "[distributed]") {
+  const auto data = test::regression_data(32);
+  std::vector<torch::nn::Linear> models{test::linear_model(), test::linear_model()};
+  for (auto& m : models) m->bias.set_requires_grad(false);  // frozen for epoch 1
+  auto results = run_ranks(2, [&](int rank, auto store) {
+    auto model = models[rank];
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::DataParallel, acc::DefaultLoop, UnfreezeAtEpoch2> trainer(
+        model, torch::nn::MSELoss(), optimizer, UnfreezeAtEpoch2{});
+    trainer.distributed() = acc::DataParallel(store, rank, 2, short_timeout(20s));
+    trainer.set_output(test::quiet());
+    trainer.train(data, {.num_epochs = 3, .per_device_batch_size = 4});
+    // After the first update the reducer rebuilds its buckets and stops recording the order gradients arrive in
+    // (a reducer that never rebuilds records one entry per parameter per update, without bound).
+    const bool still_recording = trainer.distributed().gradient_sync_engine()->reducer()->should_rebuild_buckets();
+    return std::pair{test::flat_parameters(*model), still_recording};
+  });
+  CHECK(torch::equal(results[0].first, results[1].first));  // the bias was averaged once it trained
+  CHECK_FALSE(results[0].second);
+  CHECK_FALSE(results[1].second);
+}
+
+namespace {
+// On rank `rank` only: stop_training() after update `at`, or a StopTrainingError in on_train_step_end of step `at`.
+struct StopOnOneRank {
+  int rank;
+  std::int64_t at;
+  bool throw_error;
+  std::string seen;  // what on_stop_training_error received
+  template <class Trainer>
+  void on_train_step_end(Trainer& trainer) {
+    if (throw_error && trainer.distributed().rank() == rank && trainer.state().step + 1 == at) {
+      throw acc::StopTrainingError("rank " + std::to_string(rank) + " wants to stop");
+    }
+  }
+  template <class Trainer>
+  void on_update_step_end(Trainer& trainer) {
+    if (!throw_error && trainer.distributed().rank() == rank && trainer.state().update_step == at) {
+      trainer.stop_training("rank " + std::to_string(rank) + " asked to stop");
+    }
+  }
+  template <class Trainer>
+  void on_stop_training_error(Trainer&, const acc::StopTrainingError& error) {
+    seen = error.what();
+  }
+};
+}  // namespace
+
+TEST_CASE("a stop decided on one rank stops every rank at the same update step", "[distributed][faults]") {
+  const auto data = test::regression_data(64);  // 8 updates per epoch per rank at batch 4
+  for (const bool throw_error : {false, true}) {
+    INFO((throw_error ? "StopTrainingError in on_train_step_end" : "stop_training() in on_update_step_end"));
+    std::vector<torch::nn::Linear> models{test::linear_model(), test::linear_model()};
+    const auto start = std::chrono::steady_clock::now();
+    auto results = run_ranks(2, [&](int rank, auto store) {
+      auto model = models[rank];
+      torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+      acc::Trainer<acc::Cpu, acc::FullPrecision, acc::DataParallel, acc::DefaultLoop, StopOnOneRank> trainer(
+          model, torch::nn::MSELoss(), optimizer, StopOnOneRank{1, 3, throw_error, {}});
+      trainer.distributed() = acc::DataParallel(store, rank, 2, short_timeout(20s));
+      trainer.set_output(test::quiet());
+      const auto error = test::error_or_none([&] { trainer.train(data, {.num_epochs = 2, .per_device_batch_size = 4}); });
+      return std::tuple{error, trainer.state().update_step, trainer.callback<StopOnOneRank>().seen};
+    });
+    for (const auto& [error, updates, seen] : results) {
+      CHECK(error == "none");  // a stop ends train() normally, on every rank
+      CHECK(updates == 3);     // at the same update
+      CHECK_THAT(seen, Catch::Contains("decided on rank 1 of 2"));
+    }
+    CHECK(std::chrono::steady_clock::now() - start < 20s);  // nobody waited for a timeout
+  }
 }
 
 TEST_CASE("one process under DataParallel is a plain single process", "[distributed]") {
@@ -417,6 +540,35 @@ TEST_CASE("the shared-memory group's collectives on 3 ranks, across chunk bounda
                                              torch::full({100}, 2, torch::kInt)})));
     CHECK_THAT(refused, Catch::Contains("only ReduceOp::SUM"));
   }
+}
+
+TEST_CASE("ranks that call different shared-memory collectives fail at once and name both", "[distributed][shared_memory]") {
+  using Group = acc::distributed::SharedMemoryGroup;
+  const auto start = std::chrono::steady_clock::now();
+  for (const bool same_operation : {false, true}) {
+    auto errors = run_ranks(2, [&](int rank, auto store) {
+      auto group = c10::make_intrusive<Group>(store, rank, 2, 10s);
+      return test::error_or_none([&] {
+        std::vector<torch::Tensor> tensors{torch::ones({rank == 0 ? 8 : 16})};
+        if (rank == 0 && !same_operation) {
+          group->barrier()->wait();
+        } else {
+          group->allreduce(tensors)->wait();  // with same_operation: 8 elements on rank 0, 16 on rank 1
+        }
+      });
+    });
+    for (const auto& error : errors) {
+      CHECK_THAT(error, Catch::Contains("the ranks called different collectives"));
+      if (same_operation) {
+        CHECK_THAT(error, Catch::Contains("all_reduce #1 (8 Float elements)") &&
+                              Catch::Contains("all_reduce #1 (16 Float elements)"));
+      } else {
+        CHECK_THAT(error, Catch::Contains("barrier #1 (0 Byte elements)") &&
+                              Catch::Contains("all_reduce #1 (16 Float elements)"));
+      }
+    }
+  }
+  CHECK(std::chrono::steady_clock::now() - start < 10s);  // at once, not after the timeout
 }
 
 namespace {

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <random>
 #include <set>
 #include <thread>
@@ -497,6 +498,31 @@ TEST_CASE("a training state saved after evaluate() resumes the training run", "[
   };
   run(false);
   CHECK_NOTHROW(run(true));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("MetricsLogger keeps the rows written before a resume", "[resume][callbacks]") {
+  const auto dir = test::fresh_dir("metrics_resume");
+  const auto data = test::regression_data(32);
+  auto run = [&](std::int64_t epochs, bool resume) {
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, cb::MetricsLogger,
+                 cb::SaveTrainingState>
+        trainer(model, torch::nn::MSELoss(), optimizer, cb::MetricsLogger(dir / "metrics.csv"),
+                cb::SaveTrainingState({.save_dir = dir / "states", .save_every_n_epochs = 1}));
+    trainer.set_output(test::quiet());
+    acc::TrainOptions options{.num_epochs = epochs, .per_device_batch_size = 8};
+    if (resume) options.resume_from = cb::SaveTrainingState::latest(dir / "states");
+    trainer.train(data, options, data);
+  };
+  run(2, false);
+  run(4, true);  // a new process would start with an empty logger: its rows come back with the state
+  std::ifstream in(dir / "metrics.csv");
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(in, line);) lines.push_back(line);
+  REQUIRE(lines.size() == 5);  // header + epochs 1-4
+  for (int epoch = 1; epoch <= 4; ++epoch) CHECK(lines[static_cast<std::size_t>(epoch)].rfind(std::to_string(epoch) + ",train", 0) == 0);
   fs::remove_all(dir);
 }
 

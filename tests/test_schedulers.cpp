@@ -72,6 +72,37 @@ TEST_CASE("ModelFreezer freezes and unfreezes layer groups", "[finetuning]") {
   CHECK_THROWS_WITH(with_norms.freeze(0, 4), Catch::Contains("to_index = 4") && Catch::Contains("[-4, 3]"));
 }
 
+namespace {
+// Records, at every training step, whether the batch norm was in training mode.
+struct RecordNormMode {
+  torch::nn::Sequential model;
+  std::vector<bool> training;
+  template <class Trainer>
+  void on_train_step_start(Trainer&) {
+    training.push_back(model[1]->is_training());
+  }
+};
+}  // namespace
+
+TEST_CASE("groups frozen in eval mode stay in eval mode through every training epoch", "[finetuning]") {
+  auto model = torch::nn::Sequential(torch::nn::Linear(8, 8), torch::nn::BatchNorm1d(8), torch::nn::ReLU(),
+                                     torch::nn::Linear(8, 1));
+  acc::ModelFreezer freezer(model, /*freeze_batch_norms=*/true);
+  freezer.freeze(0, 1, /*set_modules_as_eval=*/true);
+  torch::optim::SGD optimizer(freezer.trainable_parameters(), torch::optim::SGDOptions(0.01));
+  auto trainer = acc::make_trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess>(
+      acc::Model(model), torch::nn::MSELoss(), optimizer, RecordNormMode{model, {}});
+  trainer.set_output(test::quiet());
+  const auto data = test::regression_data(32);
+  trainer.train(data, {.num_epochs = 2, .per_device_batch_size = 8}, data);  // eval epochs in between
+  const auto& modes = trainer.callback<RecordNormMode>().training;
+  REQUIRE(modes.size() == 8);
+  for (bool training : modes) CHECK_FALSE(training);  // the batch norm never switched back to training mode
+  freezer.unfreeze(0, 1);  // set_modules_as_training: unpinned and training again
+  trainer.train(data, {.num_epochs = 1, .per_device_batch_size = 8});
+  CHECK(trainer.callback<RecordNormMode>().training.back());
+}
+
 TEST_CASE("the WSD schedule warms up, holds, and decays at the end of each period", "[schedulers]") {
   auto model = test::linear_model();
   torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(1.0));

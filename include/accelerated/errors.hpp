@@ -8,9 +8,17 @@ namespace accelerated {
 
 // Thrown by a loop step or a callback to end training cleanly (the Python original's StopTrainingError): the current
 // epoch is abandoned, on_stop_training_error fires, then training_run_end and on_training_run_end still run.
+// In a multi-process run a stop is agreed: a StopTrainingError from a callback, stop_training() or a handler's
+// "stop" on any rank stops every rank at the next update step (or epoch end), naming the rank that decided.
 class StopTrainingError : public std::runtime_error {
  public:
-  using std::runtime_error::runtime_error;
+  explicit StopTrainingError(const std::string& what, bool on_every_rank = false)
+      : std::runtime_error(what), on_every_rank_(on_every_rank) {}
+  // True when every rank raises it at the same step (decided together, as TerminateOnNan does): no agreement needed.
+  bool on_every_rank() const { return on_every_rank_; }
+
+ private:
+  bool on_every_rank_;
 };
 
 // Thrown out of train()/evaluate() after a non-finite loss stopped the run (callbacks::TerminateOnNan).

@@ -15,6 +15,8 @@
 #include <utility>
 #include <vector>
 
+#include "train_mode.hpp"
+
 namespace accelerated {
 
 class ModelFreezer {
@@ -59,7 +61,8 @@ class ModelFreezer {
   void freeze(std::int64_t from_index = 0, std::int64_t to_index = -2, bool set_modules_as_eval = false) {
     for (auto i : range(from_index, to_index)) {
       set_trainable(i, false);
-      if (set_modules_as_eval) groups_[static_cast<std::size_t>(i)]->eval();
+      // Pinned: the trainer's switch to training mode at each epoch's start leaves the group in eval mode.
+      if (set_modules_as_eval) pin_eval_mode(groups_[static_cast<std::size_t>(i)]);
     }
   }
 
@@ -71,7 +74,10 @@ class ModelFreezer {
     for (auto i : range(from_index, to_index)) {
       auto params = set_trainable(i, true);
       if (!params.empty()) added.emplace(i, std::move(params));
-      if (set_modules_as_training) groups_[static_cast<std::size_t>(i)]->train();
+      if (set_modules_as_training) {
+        unpin_eval_mode(groups_[static_cast<std::size_t>(i)]);
+        groups_[static_cast<std::size_t>(i)]->train();
+      }
     }
     return added;
   }

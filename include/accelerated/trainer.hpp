@@ -53,6 +53,7 @@
 #include "policies/precision.hpp"
 #include "run_config.hpp"
 #include "run_history.hpp"
+#include "train_mode.hpp"
 #include "train_options.hpp"
 
 namespace accelerated {
@@ -188,7 +189,7 @@ class Trainer {
           struct RestoreMode {
             torch::nn::Module& module;
             bool training;
-            ~RestoreMode() { module.train(training); }
+            ~RestoreMode() { set_training(module, training); }
           } restore{model_.module(), was_training};
           reset_stop();
           place_modules();
@@ -519,10 +520,44 @@ class Trainer {
     return events::emit<Event>(callbacks_, *this, args...);
   }
 
-  // Emits an event inside an epoch, where a handler's "stop" takes effect after the current step.
+  // Emits an event inside an epoch, where a handler's "stop" takes effect after the current step. In a
+  // multi-process run one rank cannot leave a step alone (its peers would wait for it in the next collective): a
+  // StopTrainingError from a handler becomes a stop request, which every rank agrees on at the next update step.
   template <class Event, class... Args>
   void emit_in_epoch(const Args&... args) {
-    if (emit<Event>(args...)) stop_training(std::string("stop requested by a callback in ") + Event::name.data());
+    bool stop = false;
+    if (run_config_.is_distributed) {
+      try {
+        stop = emit<Event>(args...);
+      } catch (const StopTrainingError& error) {
+        if (error.on_every_rank()) throw;
+        stop_training(error.what());
+        return;
+      }
+    } else {
+      stop = emit<Event>(args...);
+    }
+    if (stop) stop_training(std::string("stop requested by a callback in ") + Event::name.data());
+  }
+
+  // Whether to stop now. In a multi-process run the ranks decide together, at points every rank reaches at the same
+  // time (each update step, each epoch's start and end): one all-reduce of a flag per rank; the message names the
+  // first rank that asked.
+  bool stop_agreed() {
+    if (!run_config_.is_distributed) return stop_requested_;
+    const auto rank = distributed_.rank();
+    std::vector<double> votes(static_cast<std::size_t>(run_config_.num_processes), 0.0);
+    votes[static_cast<std::size_t>(rank)] = stop_requested_ ? 1.0 : 0.0;
+    distributed_.all_reduce_sum(votes);
+    for (std::size_t r = 0; r < votes.size(); ++r) {
+      if (votes[r] == 0.0) continue;
+      const auto decided = "rank " + std::to_string(r) + " of " + std::to_string(votes.size());
+      stop_reason_ = static_cast<std::int64_t>(r) == rank ? stop_reason_ + " (decided on " + decided + ")"
+                                                          : "training stopped: decided on " + decided;
+      stop_requested_ = true;
+      return true;
+    }
+    return false;
   }
 
   void reset_stop() {
@@ -644,7 +679,7 @@ class Trainer {
         bool reached_max_steps = false;
         try {
           detail::ScopedValue point(save_point_, SavePoint::inside);  // back to outside when the epoch is left
-          if (stop_requested_) throw StopTrainingError(stop_reason_);
+          if (stop_agreed()) throw StopTrainingError(stop_reason_);
           // The shuffling order follows the run history's epoch, so successive train() calls and resumed runs
           // each see a new order.
           train_loader.set_epoch(history_.current_epoch() - 1);
@@ -653,11 +688,17 @@ class Trainer {
           loop_.training_run_epoch_end(*this);
           {
             detail::ScopedValue point(save_point_, SavePoint::epoch_end);
-            emit_in_epoch<events::on_training_run_epoch_end>();
+            // The epoch is complete: a stop raised here (EarlyStopping) takes effect once it is counted, so that a
+            // later train(reset_run_history = false) starts with the next epoch's data order.
+            try {
+              emit_in_epoch<events::on_training_run_epoch_end>();
+            } catch (const StopTrainingError& error) {
+              stop_training(error.what());
+            }
           }
           history_.increment_epoch();
           ++epochs_done_;
-          if (stop_requested_) throw StopTrainingError(stop_reason_);
+          if (stop_agreed()) throw StopTrainingError(stop_reason_);
         } catch (const StopTrainingError& error) {
           // A stop between an update's micro-steps leaves their gradients half accumulated: drop them, so that
           // nothing of this run leaks into the next train() call.
@@ -729,6 +770,8 @@ class Trainer {
         track(train_tracker_, output.loss, output.batch_size);
         emit_in_epoch<events::on_train_step_end>(batch, output, step);
         if (group_size > 1) output.loss = output.loss / static_cast<double>(group_size);
+        // A policy's guard may arm gradient averaging here, once the loss exists (DataParallel's does).
+        if constexpr (requires { sync.arm(output.loss); }) sync.arm(output.loss);
         loop_.backward_step(*this, output.loss);
       }
       if (update) {
@@ -746,7 +789,10 @@ class Trainer {
         }
         if (std::exchange(evaluation_requested_, false)) run_intermediate_evaluation(eval_loader);
       }
-      if (stop_requested_) throw StopTrainingError(stop_reason_);
+      // Between micro-steps of a multi-process run the stop waits for the update step, where the ranks agree.
+      if (update ? stop_agreed() : stop_requested_ && !run_config_.is_distributed) {
+        throw StopTrainingError(stop_reason_);
+      }
       return !reached_max_steps;
     });
     loop_.train_epoch_end(*this);
@@ -769,7 +815,7 @@ class Trainer {
       for (const auto& name : history_.get_metric_names()) {
         if (name.rfind("intermediate_", 0) == 0) history_.delete_metric(name);
       }
-      model_->train(was_training);
+      set_training(model_.module(), was_training);
     }
   }
 
@@ -795,7 +841,8 @@ class Trainer {
         track(tracker, output.loss, output.batch_size);
         emit_in_epoch<events::on_eval_step_end>(batch, output);
         ++state_.step;
-        if (stop_requested_) throw StopTrainingError(stop_reason_);
+        // Ranks may run different numbers of eval batches: a multi-process stop waits for the epoch's end.
+        if (stop_requested_ && !run_config_.is_distributed) throw StopTrainingError(stop_reason_);
         return true;
       });
     }
@@ -820,7 +867,7 @@ class Trainer {
         return true;
       });
     }
-    model_->train(was_training);
+    set_training(model_.module(), was_training);
     return global_mean(tracker);
   }
 

@@ -90,3 +90,12 @@ debian13_copy_checkout() {
   (cd "$source_dir" && git ls-files -z --cached --others --exclude-standard |
     tar --null --ignore-failed-read -T - -cf - 2>/dev/null) | tar -C "$dest" -xf -
 }
+
+# The start of each Debian 13 job (NAME names it in messages): checks for root, makes or finds the cached root, and
+# sets `root` and a trap that unmounts it on exit.
+debian13_start() {
+  local name=$1
+  [[ $(id -u) -eq 0 ]] || { echo "$name: run it as root (debootstrap and chroot need it)"; exit 1; }
+  root=$(debian13_root debian13 "$PWD")
+  trap 'debian13_unmount "$root"' EXIT
+}

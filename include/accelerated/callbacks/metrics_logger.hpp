@@ -2,7 +2,8 @@
 // Writes every metric of the run history to a file after each epoch (and after evaluate()): CSV (one row per
 // epoch, one column per metric) or JSON lines (one object per epoch). The whole file is rewritten atomically from the
 // history each time, so it is always complete and a metric that appears late (an eval metric) gets its column.
-// Process zero only.
+// Process zero only. Its rows travel with the training state, so a resumed run's file still has the rows written
+// before the interruption.
 #include <algorithm>
 #include <cstdint>
 #include <filesystem>
@@ -10,6 +11,10 @@
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
+#include <torch/types.h>
 
 #include "../detail/atomic_file.hpp"
 #include "../detail/json.hpp"
@@ -39,6 +44,44 @@ class MetricsLogger {
   }
 
   const std::filesystem::path& path() const { return path_; }
+
+  // The rows so far, for the training state (Trainer::save_training_state / load_training_state).
+  void save_state(torch::serialize::OutputArchive& archive) const {
+    archive.write("count", torch::tensor(static_cast<std::int64_t>(rows_.size())));
+    for (std::size_t i = 0; i < rows_.size(); ++i) {
+      torch::serialize::OutputArchive row;
+      row.write("epoch", torch::tensor(rows_[i].epoch));
+      row.write("phase", c10::IValue(rows_[i].phase));
+      torch::serialize::OutputArchive values;
+      for (const auto& [name, value] : rows_[i].values) values.write(name, torch::tensor(value, torch::kDouble));
+      row.write("values", values);
+      archive.write("row_" + std::to_string(i), row);
+    }
+  }
+  void load_state(torch::serialize::InputArchive& archive) {
+    rows_.clear();
+    torch::Tensor count;
+    archive.read("count", count);
+    for (std::int64_t i = 0; i < count.item<std::int64_t>(); ++i) {
+      torch::serialize::InputArchive in;
+      archive.read("row_" + std::to_string(i), in);
+      Row row;
+      torch::Tensor epoch;
+      in.read("epoch", epoch);
+      row.epoch = epoch.item<std::int64_t>();
+      c10::IValue phase;
+      in.read("phase", phase);
+      row.phase = phase.toStringRef();
+      torch::serialize::InputArchive values;
+      in.read("values", values);
+      for (const auto& name : values.keys()) {
+        torch::Tensor value;
+        values.read(name, value);
+        row.values[name] = value.item<double>();
+      }
+      rows_.push_back(std::move(row));
+    }
+  }
 
  private:
   struct Row {

@@ -115,7 +115,7 @@ class TerminateOnNan {
     if (trainer.run_config().is_distributed) message += " on rank " + std::to_string(decided_by);
     message += "; training stopped";
     trainer.raise_after_run(std::make_exception_ptr(NonFiniteLossError(message)));
-    throw StopTrainingError(message);
+    throw StopTrainingError(message, together);  // decided together: every rank throws it at this step
   }
 
   std::int64_t check_every_;

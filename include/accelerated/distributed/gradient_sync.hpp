@@ -3,6 +3,9 @@
 // parameters grouped into buckets (1 MiB first, then 25 MiB, in reverse order so that the last layers' gradients,
 // ready first, go out first). Each bucket is all-reduced as soon as all its gradients exist, while backward goes on.
 // On accumulation micro-steps the reducer is not armed, so gradients accumulate locally and are averaged once.
+// Per update step, as Python's DDP: before forward, the previous reduction must have finished and (once, after the
+// first update) the buckets are rebuilt in the order gradients became ready; between forward and backward the
+// reducer is armed, with the loss when unused parameters are to be found.
 #include <torch/csrc/distributed/c10d/comm.hpp>
 #include <torch/csrc/distributed/c10d/reducer.hpp>
 #include <torch/nn/module.h>
@@ -10,6 +13,8 @@
 
 #include <algorithm>
 #include <memory>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "../detail/compat.hpp"
@@ -25,8 +30,10 @@ struct GradientSyncOptions {
 class GradientSync {
  public:
   GradientSync(torch::nn::Module& module, c10::intrusive_ptr<c10d::ProcessGroup> group, GradientSyncOptions options)
-      : group_(std::move(group)) {
+      : group_(std::move(group)), find_unused_(options.find_unused_parameters) {
     for (const auto& p : module.parameters()) {
+      all_parameters_.push_back(p);
+      trainable_.push_back(p.requires_grad());
       if (p.requires_grad()) parameters_.push_back(p);
     }
     for (const auto& b : module.buffers()) buffers_.push_back(b);
@@ -67,14 +74,48 @@ class GradientSync {
     c10d::broadcast_coalesced(group_, buffers_, 250 << 20, 0);
   }
 
-  // Arms the reducer: the next backward pass averages gradients across processes.
-  void prepare_for_backward() {
-    if (reducer_) reducer_->prepare_for_backward({});
+  // True when a parameter was frozen or unfrozen since this was built (a callback's ModelFreezer): the reducer
+  // would not average the newly trainable ones. A read of one flag per parameter, no allocation.
+  bool trainable_changed() const {
+    for (std::size_t i = 0; i < all_parameters_.size(); ++i) {
+      if (all_parameters_[i].requires_grad() != trainable_[i]) return true;
+    }
+    return false;
   }
+
+  // Before the forward pass of an update step.
+  void before_forward() {
+    if (!reducer_) return;
+    try {
+      reducer_->rebuild_buckets();  // first checks that the previous reduction finished
+    } catch (const std::exception& error) {
+      const std::string what = error.what();
+      if (what.find("find_unused_parameters") == std::string::npos) throw;
+      throw std::runtime_error(
+          "accelerated::DataParallel: the previous update left gradients un-averaged: some parameter got no "
+          "gradient (it did not contribute to the loss). Set DataParallelOptions::gradient_sync."
+          "find_unused_parameters = true, or freeze it (requires_grad = false). LibTorch said: " +
+          what.substr(0, what.find('\n')));
+    }
+    reducer_->prepare_for_forward();
+  }
+
+  // Between forward and backward: arms the reducer, so that the backward pass averages the gradients. With
+  // find_unused_parameters, the graph behind `loss` tells which parameters will get no gradient this time.
+  void prepare_for_backward(const torch::Tensor& loss) {
+    if (!reducer_) return;
+    reducer_->prepare_for_backward(find_unused_ ? std::vector<at::Tensor>{loss} : std::vector<at::Tensor>{});
+  }
+
+  // For tests and diagnostics.
+  const c10d::Reducer* reducer() const { return reducer_.get(); }
 
  private:
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
-  std::vector<torch::Tensor> parameters_;
+  bool find_unused_;
+  std::vector<torch::Tensor> parameters_;  // the trainable ones, which the reducer averages
+  std::vector<torch::Tensor> all_parameters_;
+  std::vector<bool> trainable_;            // all_parameters_[i].requires_grad() when built
   std::vector<torch::Tensor> buffers_;
   std::unique_ptr<c10d::Reducer> reducer_;
 };

@@ -10,7 +10,9 @@
 // same bits); barrier; every rank copies the result out. Tensors of any size go through chunk by chunk.
 //
 // Waits are bounded: a peer whose process is gone, or which left the group, is reported at once; otherwise a wait
-// ends with an error after the group's timeout. The segment is unlinked as soon as every rank has mapped it, so a
+// ends with an error after the group's timeout. Every barrier carries a tag (operation, element count, dtype,
+// sequence number of the collective): ranks that called different collectives (a barrier on one, an all-reduce on
+// another) fail at once with a message naming both, instead of pairing their barriers and exchanging garbage. The segment is unlinked as soon as every rank has mapped it, so a
 // crash leaves nothing in /dev/shm.
 #include <fcntl.h>
 #include <signal.h>
@@ -61,11 +63,33 @@ class CompletedWork : public c10d::Work {
   c10::intrusive_ptr<c10::ivalue::Future> future_;
 };
 
+// What a rank says it is doing at a barrier; two slots (by the barrier's parity), since a rank can be at most one
+// barrier ahead of another.
+struct Tag {
+  std::atomic<std::uint64_t> operation;  // operation code << 8 | dtype
+  std::atomic<std::int64_t> count;       // elements of the whole collective
+  std::atomic<std::uint64_t> sequence;   // collectives this rank has started
+};
+
 struct alignas(64) RankLine {
   std::atomic<std::uint64_t> generation;
   std::atomic<std::int64_t> pid;
   std::atomic<std::uint32_t> left;
+  Tag tags[2];
 };
+
+enum class Operation : std::uint64_t { join = 1, all_reduce, broadcast, allgather, barrier };
+
+inline const char* operation_name(std::uint64_t code) {
+  switch (static_cast<Operation>(code)) {
+    case Operation::join: return "joining";
+    case Operation::all_reduce: return "all_reduce";
+    case Operation::broadcast: return "broadcast";
+    case Operation::allgather: return "allgather";
+    case Operation::barrier: return "barrier";
+  }
+  return "an unknown operation";
+}
 
 }  // namespace detail
 
@@ -121,6 +145,7 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
     if (store->add("shm_mapped", 1) == size) {
       ::shm_unlink(name.c_str());
     }
+    begin(detail::Operation::join, 0, at::kByte);
     barrier_wait("joining");
   }
 
@@ -138,6 +163,7 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
     if (opts.reduceOp != c10d::ReduceOp::SUM) {
       throw std::invalid_argument("accelerated::distributed::SharedMemoryGroup: only ReduceOp::SUM is supported");
     }
+    begin(detail::Operation::all_reduce, total_elements(tensors), tensors.empty() ? at::kFloat : tensors[0].scalar_type());
     for (auto& tensor : tensors) {
       each_chunk(tensor, [&](const at::Tensor& part) {
         const auto n = part.numel();
@@ -160,6 +186,7 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
   c10::intrusive_ptr<c10d::Work> broadcast(std::vector<at::Tensor>& tensors,
                                            const c10d::BroadcastOptions& opts = c10d::BroadcastOptions()) override {
     const auto root = static_cast<int>(opts.rootRank);
+    begin(detail::Operation::broadcast, total_elements(tensors), tensors.empty() ? at::kFloat : tensors[0].scalar_type());
     for (auto& tensor : tensors) {
       each_chunk(tensor, [&](const at::Tensor& part) {
         const auto set = next_set();
@@ -179,6 +206,7 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
                                   "per rank expected");
     }
     auto input = inputs[0].contiguous().view(-1);
+    begin(detail::Operation::allgather, input.numel(), input.scalar_type());
     std::vector<at::Tensor> flat_outputs;
     for (auto& output : outputs[0]) {
       if (output.numel() != input.numel() || output.scalar_type() != input.scalar_type()) {
@@ -203,11 +231,30 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
   }
 
   c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions& = c10d::BarrierOptions()) override {
+    begin(detail::Operation::barrier, 0, at::kByte);
     barrier_wait("barrier");
     return c10::make_intrusive<detail::CompletedWork>(std::vector<at::Tensor>{});
   }
 
  private:
+  static std::int64_t total_elements(const std::vector<at::Tensor>& tensors) {
+    std::int64_t n = 0;
+    for (const auto& t : tensors) n += t.numel();
+    return n;
+  }
+
+  // Starts a collective: the tag its barriers carry.
+  void begin(detail::Operation operation, std::int64_t count, at::ScalarType dtype) {
+    operation_ = static_cast<std::uint64_t>(operation) << 8 | static_cast<std::uint64_t>(static_cast<std::uint8_t>(dtype));
+    count_ = count;
+    if (operation != detail::Operation::join) ++sequence_;
+  }
+
+  std::string describe(std::uint64_t operation, std::int64_t count, std::uint64_t sequence) const {
+    return std::string(detail::operation_name(operation >> 8)) + " #" + std::to_string(sequence) + " (" +
+           std::to_string(count) + " " + c10::toString(static_cast<at::ScalarType>(operation & 0xff)) + " elements)";
+  }
+
   [[noreturn]] void fail(const std::string& what) const {
     throw std::runtime_error("accelerated::distributed::SharedMemoryGroup: rank " + std::to_string(getRank()) + ": " +
                              what + " (" + std::strerror(errno) + ")");
@@ -248,6 +295,10 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
   // not burn a core; every 1024 rounds it checks that the peer still exists and the clock.
   void barrier_wait(const char* what) {
     const auto generation = ++generation_;
+    auto& tag = line(getRank()).tags[generation & 1];
+    tag.operation.store(operation_, std::memory_order_relaxed);
+    tag.count.store(count_, std::memory_order_relaxed);
+    tag.sequence.store(sequence_, std::memory_order_relaxed);
     line(getRank()).generation.store(generation, std::memory_order_release);
     const auto start = std::chrono::steady_clock::now();
     for (int r = 0; r < getSize(); ++r) {
@@ -268,6 +319,16 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
         if (std::chrono::steady_clock::now() - start > timeout_) {
           peer_gone(what, r, "did not arrive within " + std::to_string(timeout_.count()) + " ms");
         }
+      }
+      // The peer is at this barrier too (its generation's tag was stored before the generation): same collective?
+      const auto& theirs = peer.tags[generation & 1];
+      const auto operation = theirs.operation.load(std::memory_order_relaxed);
+      const auto count = theirs.count.load(std::memory_order_relaxed);
+      const auto sequence = theirs.sequence.load(std::memory_order_relaxed);
+      if (operation != operation_ || count != count_ || sequence != sequence_) {
+        throw std::runtime_error("shared-memory process group: the ranks called different collectives: rank " +
+                                 std::to_string(getRank()) + " is in " + describe(operation_, count_, sequence_) +
+                                 ", rank " + std::to_string(r) + " is in " + describe(operation, count, sequence));
       }
     }
   }
@@ -297,6 +358,9 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
   char* base_ = nullptr;
   std::uint64_t generation_ = 0;
   std::uint64_t operations_ = 0;
+  std::uint64_t operation_ = 0;  // the current collective's tag
+  std::int64_t count_ = 0;
+  std::uint64_t sequence_ = 0;
 };
 
 }  // namespace accelerated::distributed

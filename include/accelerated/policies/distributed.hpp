@@ -66,7 +66,24 @@ struct DataParallelOptions {
 
 class DataParallel {
  public:
-  struct NoSyncGuard {};
+#if ACCELERATED_HAS_GLOO
+  // Alive over the forward and backward of a micro-batch; on an update step it arms the reducer once the loss exists
+  // (the trainer calls arm(loss) right before backward).
+  class SyncGuard {
+   public:
+    explicit SyncGuard(distributed::GradientSync* sync = nullptr) : sync_(sync) {}
+    void arm(const torch::Tensor& loss) {
+      if (sync_) sync_->prepare_for_backward(loss);
+    }
+
+   private:
+    distributed::GradientSync* sync_;
+  };
+#else
+  struct SyncGuard {
+    void arm(const torch::Tensor&) {}
+  };
+#endif
 
   DataParallel() : DataParallel(DataParallelOptions{}) {}
 
@@ -133,6 +150,7 @@ class DataParallel {
       });
     }
     guarded("broadcasting rank 0's parameters", [&] {
+      module_ = &module;
       if (!sync_ || !sync_->covers(module)) {
         sync_ = std::make_shared<distributed::GradientSync>(module, group_, options_.gradient_sync);
       }
@@ -144,22 +162,33 @@ class DataParallel {
 #endif
   }
 
-  // Over the forward and backward of a micro-batch: when `enabled` (an update step) the reducer is armed and the
-  // backward pass averages the gradients; otherwise they accumulate locally, with no communication.
-  NoSyncGuard gradient_sync(bool enabled) {
+  // Over the forward and backward of a micro-batch: when `enabled` (an update step) rank 0's buffers are broadcast,
+  // the previous reduction is checked, and the guard arms the reducer before backward, so that the backward pass
+  // averages the gradients; otherwise they accumulate locally, with no communication. A parameter frozen or
+  // unfrozen since the run started (a callback's ModelFreezer) gets a new reducer, on every rank at the same step.
+  SyncGuard gradient_sync(bool enabled) {
 #if ACCELERATED_HAS_GLOO
     if (enabled && sync_) {
       guarded("synchronising buffers", [&] {
+        if (sync_->trainable_changed()) {
+          sync_ = std::make_shared<distributed::GradientSync>(*module_, group_, options_.gradient_sync);
+        }
         sync_->broadcast_buffers();
-        sync_->prepare_for_backward();
         return 0;
       });
+      sync_->before_forward();  // its error (a parameter with no gradient) is no peer's failure: raised as it is
+      return SyncGuard(sync_.get());
     }
 #else
     (void)enabled;
 #endif
-    return {};
+    return SyncGuard{};
   }
+
+#if ACCELERATED_HAS_GLOO
+  // The gradient averaging of the current model (null before the first run, or in a single process).
+  const distributed::GradientSync* gradient_sync_engine() const { return sync_.get(); }
+#endif
 
   // Element-wise sum over every process, in place.
   void all_reduce_sum(std::span<double> values) {
@@ -246,6 +275,7 @@ class DataParallel {
   c10::intrusive_ptr<c10d::Store> store_;
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
   std::shared_ptr<distributed::GradientSync> sync_;
+  torch::nn::Module* module_ = nullptr;  // the model sync_ was built for
   std::string cuda_transport_;  // set once a model on a GPU was prepared
 #endif
 };

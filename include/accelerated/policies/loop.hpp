@@ -16,6 +16,7 @@
 #include "../batch.hpp"
 #include "../data/loader.hpp"
 #include "../detail/compat.hpp"
+#include "../train_mode.hpp"
 
 namespace accelerated {
 
@@ -55,7 +56,7 @@ struct DefaultLoop {
   // ---- training epoch -----------------------------------------------------------------------------------------
   template <class Trainer>
   void train_epoch_start(Trainer& trainer) {
-    trainer.model()->train();
+    set_training(trainer.model().module());  // modules pinned to eval mode stay in it
   }
 
   template <class Trainer, class Batch>
