@@ -23,6 +23,7 @@ if [[ ${1:-} == --prepare ]]; then
         /usr/include/zlib.h /usr/include/zconf.h "$deps/include/"
   mkdir -p "$deps/include/catch2" && cp /usr/include/catch2/catch.hpp "$deps/include/catch2/"
   cp -r /usr/lib/cmake/Catch2 /usr/lib/cmake/range-v3 "$deps/lib/cmake/"
+  cp /usr/lib/libCatch2WithMain.a "$deps/lib/"  # Catch2's CMake config checks that it exists
   mkdir -p "$deps/lib/cmake/Boost"
   cat >"$deps/lib/cmake/Boost/BoostConfig.cmake" <<'CMAKE'
 # Boost reduced to what accelerated uses (Hana, header-only), carried to a machine without Boost.
@@ -67,7 +68,7 @@ build_status=$?
 result build_s $((SECONDS - configure_s))
 result build_ok "$([[ $build_status -eq 0 ]] && echo true || echo false)"
 if ((build_status != 0)); then
-  note "build failed; the end of the log:"
+  echo "build failed; the end of the log:"
   tail -n 40 "$log"
 else
   # The CUDA test cases, the NCCL smoke test among them; a case that cannot run says SKIPPED and why.
