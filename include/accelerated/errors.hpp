@@ -12,13 +12,7 @@ namespace accelerated {
 // "stop" on any rank stops every rank at the next update step (or epoch end), naming the rank that decided.
 class StopTrainingError : public std::runtime_error {
  public:
-  explicit StopTrainingError(const std::string& what, bool on_every_rank = false)
-      : std::runtime_error(what), on_every_rank_(on_every_rank) {}
-  // True when every rank raises it at the same step (decided together, as TerminateOnNan does): no agreement needed.
-  bool on_every_rank() const { return on_every_rank_; }
-
- private:
-  bool on_every_rank_;
+  using std::runtime_error::runtime_error;
 };
 
 // Thrown out of train()/evaluate() after a non-finite loss stopped the run (callbacks::TerminateOnNan).

@@ -13,6 +13,7 @@
 #include <boost/hana/for_each.hpp>
 #include <boost/hana/length.hpp>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <exception>
@@ -210,10 +211,12 @@ class Trainer {
   }
 
   // Asks the run to stop once the current step has finished (a callback may also return true from an event, or
-  // throw StopTrainingError to abandon the current step at once).
-  void stop_training(std::string reason = "training stopped on request") {
+  // throw StopTrainingError to abandon the current step at once). `non_finite_loss` (TerminateOnNan in a
+  // multi-process run): every rank then throws NonFiniteLossError once the run has ended.
+  void stop_training(std::string reason = "training stopped on request", bool non_finite_loss = false) {
     stop_requested_ = true;
     stop_reason_ = std::move(reason);
+    stop_non_finite_ = stop_non_finite_ || non_finite_loss;
   }
 
   // ---- checkpoints ------------------------------------------------------------------------------------------------
@@ -530,7 +533,6 @@ class Trainer {
       try {
         stop = emit<Event>(args...);
       } catch (const StopTrainingError& error) {
-        if (error.on_every_rank()) throw;
         stop_training(error.what());
         return;
       }
@@ -541,27 +543,38 @@ class Trainer {
   }
 
   // Whether to stop now. In a multi-process run the ranks decide together, at points every rank reaches at the same
-  // time (each update step, each epoch's start and end): one all-reduce of a flag per rank; the message names the
-  // first rank that asked.
+  // time (before each update step's backward, at each epoch's start and end): one all-reduce of a vote per rank
+  // (0 go on, 1 stop, 2 stop for a non-finite loss); the message names the first rank that asked.
   bool stop_agreed() {
     if (!run_config_.is_distributed) return stop_requested_;
     const auto rank = distributed_.rank();
     std::vector<double> votes(static_cast<std::size_t>(run_config_.num_processes), 0.0);
-    votes[static_cast<std::size_t>(rank)] = stop_requested_ ? 1.0 : 0.0;
+    votes[static_cast<std::size_t>(rank)] = stop_non_finite_ ? 2.0 : stop_requested_ ? 1.0 : 0.0;
     distributed_.all_reduce_sum(votes);
-    for (std::size_t r = 0; r < votes.size(); ++r) {
-      if (votes[r] == 0.0) continue;
-      const auto decided = "rank " + std::to_string(r) + " of " + std::to_string(votes.size());
-      stop_reason_ = static_cast<std::int64_t>(r) == rank ? stop_reason_ + " (decided on " + decided + ")"
-                                                          : "training stopped: decided on " + decided;
-      stop_requested_ = true;
-      return true;
+    const auto first = std::find_if(votes.begin(), votes.end(), [](double v) { return v != 0.0; });
+    if (first == votes.end()) return false;
+    const auto decider = static_cast<std::int64_t>(first - votes.begin());
+    const auto decided = "rank " + std::to_string(decider) + " of " + std::to_string(votes.size());
+    const auto non_finite = std::find(votes.begin(), votes.end(), 2.0);
+    if (non_finite != votes.end()) {
+      // The same error on every rank, naming the rank that saw the loss.
+      const auto message = "accelerated: non-finite " + std::string(state_.training ? "train" : "eval") +
+                           " loss on rank " + std::to_string(non_finite - votes.begin()) + " of " +
+                           std::to_string(votes.size()) + " at epoch " + std::to_string(history_.current_epoch()) +
+                           ", step " + std::to_string(state_.step + 1) + "; training stopped";
+      pending_error_ = std::make_exception_ptr(NonFiniteLossError(message));
+      stop_reason_ = message;
+    } else {
+      stop_reason_ = decider == rank ? stop_reason_ + " (decided on " + decided + ")"
+                                     : "training stopped: decided on " + decided;
     }
-    return false;
+    stop_requested_ = true;
+    return true;
   }
 
   void reset_stop() {
     stop_requested_ = false;
+    stop_non_finite_ = false;
     stop_reason_.clear();
     pending_error_ = nullptr;
   }
@@ -769,6 +782,9 @@ class Trainer {
         auto output = forward<true>(batch);
         track(train_tracker_, output.loss, output.batch_size);
         emit_in_epoch<events::on_train_step_end>(batch, output, step);
+        // Ranks agree on a stop before an update's backward: a stop asked for on any rank since the last update
+        // (a diverged loss among them) ends every rank here, before anything is averaged or stepped.
+        if (update && run_config_.is_distributed && stop_agreed()) throw StopTrainingError(stop_reason_);
         if (group_size > 1) output.loss = output.loss / static_cast<double>(group_size);
         // A policy's guard may arm gradient averaging here, once the loss exists (DataParallel's does).
         if constexpr (requires { sync.arm(output.loss); }) sync.arm(output.loss);
@@ -789,10 +805,8 @@ class Trainer {
         }
         if (std::exchange(evaluation_requested_, false)) run_intermediate_evaluation(eval_loader);
       }
-      // Between micro-steps of a multi-process run the stop waits for the update step, where the ranks agree.
-      if (update ? stop_agreed() : stop_requested_ && !run_config_.is_distributed) {
-        throw StopTrainingError(stop_reason_);
-      }
+      // A multi-process stop waits for the next update step (or the epoch's end), where the ranks agree.
+      if (stop_requested_ && !run_config_.is_distributed) throw StopTrainingError(stop_reason_);
       return !reached_max_steps;
     });
     loop_.train_epoch_end(*this);
@@ -938,6 +952,7 @@ class Trainer {
   std::ostream* out_ = &std::cout;
   bool out_is_terminal_ = false;
   bool stop_requested_ = false;
+  bool stop_non_finite_ = false;  // the stop is for a non-finite loss (multi-process TerminateOnNan)
   std::string stop_reason_;
   std::exception_ptr pending_error_;
   // training state and resume

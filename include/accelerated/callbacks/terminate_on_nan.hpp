@@ -5,18 +5,16 @@
 //
 // On the CPU every training step is checked (reading the loss is free there). On a GPU, reading it would make the
 // host wait for each step, so a device-side flag collects every step's verdict and is read every `check_every`
-// training steps (default 50 on a GPU) and at the end of each epoch. In a multi-process run the ranks decide
-// together at those steps (one small all-reduce), so every rank stops at the same step and names the rank that saw
-// the non-finite loss.
+// training steps (default 50 on a GPU) and at the end of each epoch. In a multi-process run a rank that sees one asks
+// the trainer to stop; the ranks agree before the next update's backward (the vote every stop shares), so every rank
+// stops at the same step, before the diverged loss is averaged, and throws NonFiniteLossError naming that rank.
 #include <torch/types.h>
 
 #include <cmath>
 #include <cstdint>
 #include <exception>
-#include <span>
 #include <stdexcept>
 #include <string>
-#include <vector>
 
 #include "../errors.hpp"
 #include "../loss_meter.hpp"
@@ -50,16 +48,16 @@ class TerminateOnNan {
     observe(state.last_loss, state.step);
     const auto interval = check_every_ > 0 ? check_every_ : (state.last_loss.pending() ? default_gpu_interval : 1);
     const bool last = state.step + 1 >= state.num_batches;
-    if ((state.step + 1) % interval == 0 || last) decide(trainer, "train", true);
+    if ((state.step + 1) % interval == 0 || last) decide(trainer, "train");
   }
 
   template <class Trainer>
   void on_eval_step_end(Trainer& trainer) {
     const auto& state = trainer.state();
     observe(state.last_loss, state.step);
-    // Eval epochs may have a different number of batches on each rank: decided locally, at once on the CPU and at
-    // the end of the epoch on a GPU.
-    if (!state.last_loss.pending() || state.step + 1 >= state.num_batches) decide(trainer, "eval", false);
+    // Checked at once on the CPU, at the end of the epoch on a GPU; a multi-process stop is agreed at the epoch's end
+    // (ranks may run different numbers of eval batches).
+    if (!state.last_loss.pending() || state.step + 1 >= state.num_batches) decide(trainer, "eval");
   }
 
  private:
@@ -83,39 +81,30 @@ class TerminateOnNan {
   }
 
   template <class Trainer>
-  void decide(Trainer& trainer, const char* phase, bool together) {
+  void decide(Trainer& trainer, const char* phase) {
     bool bad = bad_;
     if (!bad && flag_.defined()) bad = flag_.template item<bool>();
-    const auto rank = trainer.distributed().rank();
-    std::int64_t decided_by = bad ? rank : -1;
-    if (together && trainer.run_config().is_distributed) {
-      std::vector<double> votes(static_cast<std::size_t>(trainer.run_config().num_processes), 0.0);
-      votes[static_cast<std::size_t>(rank)] = bad ? 1.0 : 0.0;
-      trainer.all_reduce_sum(std::span<double>(votes));
-      decided_by = -1;
-      for (std::size_t r = 0; r < votes.size() && decided_by < 0; ++r) {
-        if (votes[r] > 0) decided_by = static_cast<std::int64_t>(r);
-      }
-    }
     const auto from = first_unchecked_ + 1;
     const auto to = last_seen_ + 1;
-    // The exact step and value are known where the loss was read on the host; a multi-process run prints what
-    // every rank knows, so that all ranks raise the same message.
-    const bool exact = bad_ && !trainer.run_config().is_distributed;
+    const bool exact = bad_;
     clear();
-    if (decided_by < 0) return;
+    if (!bad) return;
     const auto& state = trainer.state();
     std::string where = exact ? "step " + std::to_string(bad_step_ + 1)
                               : (from == to ? "step " + std::to_string(to) : "steps " + std::to_string(from) + "-" +
                                                                                  std::to_string(to));
-    std::string message = std::string("accelerated: non-finite ") + phase + " loss" +
-                          (exact ? " (" + std::to_string(bad_value_) + ")" : std::string()) + " at epoch " +
-                          std::to_string(trainer.run_history().current_epoch()) + ", " + where + " of " +
-                          std::to_string(state.num_batches);
-    if (trainer.run_config().is_distributed) message += " on rank " + std::to_string(decided_by);
-    message += "; training stopped";
+    const std::string message = std::string("accelerated: non-finite ") + phase + " loss" +
+                                (exact ? " (" + std::to_string(bad_value_) + ")" : std::string()) + " at epoch " +
+                                std::to_string(trainer.run_history().current_epoch()) + ", " + where + " of " +
+                                std::to_string(state.num_batches) + "; training stopped";
+    if (trainer.run_config().is_distributed) {
+      // The ranks agree on it before the next update's backward (one vote that every stop shares), and every rank
+      // then throws NonFiniteLossError naming this rank.
+      trainer.stop_training(message, /*non_finite_loss=*/true);
+      return;
+    }
     trainer.raise_after_run(std::make_exception_ptr(NonFiniteLossError(message)));
-    throw StopTrainingError(message, together);  // decided together: every rank throws it at this step
+    throw StopTrainingError(message);
   }
 
   std::int64_t check_every_;
