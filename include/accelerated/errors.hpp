@@ -9,7 +9,8 @@ namespace accelerated {
 // Thrown by a loop step or a callback to end training cleanly (the Python original's StopTrainingError): the current
 // epoch is abandoned, on_stop_training_error fires, then training_run_end and on_training_run_end still run.
 // In a multi-process run a stop is agreed: a StopTrainingError from a callback, stop_training() or a handler's
-// "stop" on any rank stops every rank at the next update step (or epoch end), naming the rank that decided.
+// "stop" on any rank stops every rank before the next update step's backward (or at an epoch's start or end),
+// naming the rank that decided.
 class StopTrainingError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;

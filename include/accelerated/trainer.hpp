@@ -529,15 +529,12 @@ class Trainer {
   template <class Event, class... Args>
   void emit_in_epoch(const Args&... args) {
     bool stop = false;
-    if (run_config_.is_distributed) {
-      try {
-        stop = emit<Event>(args...);
-      } catch (const StopTrainingError& error) {
-        stop_training(error.what());
-        return;
-      }
-    } else {
+    try {
       stop = emit<Event>(args...);
+    } catch (const StopTrainingError& error) {
+      if (!run_config_.is_distributed) throw;
+      stop_training(error.what());
+      return;
     }
     if (stop) stop_training(std::string("stop requested by a callback in ") + Event::name.data());
   }

@@ -30,14 +30,17 @@ inline void remove_stale_temporaries(const std::filesystem::path& path) {
   }
 }
 
+// "accelerated: cannot write 'path': what (the system's reason)"
+inline std::runtime_error write_error(const std::filesystem::path& path, const std::string& what, int error) {
+  return std::runtime_error("accelerated: cannot write '" + path.string() + "': " + what + " (" + std::strerror(error) +
+                            ")");
+}
+
 // Writes `path` atomically: `fill(temporary)` writes the whole content into the temporary file, by its name (so a
 // serializer can stream straight into it, holding nothing in memory); then it is flushed and renamed over `path`.
 template <class Fill>
 void write_atomically(const std::filesystem::path& path, Fill&& fill) {
-  auto fail = [&](const std::string& what) {
-    throw std::runtime_error("accelerated: cannot write '" + path.string() + "': " + what + " (" +
-                             std::strerror(errno) + ")");
-  };
+  auto fail = [&](const std::string& what) { throw write_error(path, what, errno); };
   const auto folder = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
   std::error_code status_error;
   const auto status = std::filesystem::status(folder, status_error);
@@ -73,10 +76,7 @@ void write_atomically(const std::filesystem::path& path, Fill&& fill) {
 inline void write_file_atomically(const std::filesystem::path& path, std::string_view bytes) {
   write_atomically(path, [&](const std::string& temporary) {
     const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-      throw std::runtime_error("accelerated: cannot write '" + path.string() + "': cannot create a temporary file (" +
-                               std::strerror(errno) + ")");
-    }
+    if (fd < 0) throw write_error(path, "cannot create a temporary file", errno);
     std::size_t done = 0;
     while (done < bytes.size()) {
       const auto n = ::write(fd, bytes.data() + done, bytes.size() - done);
@@ -84,8 +84,7 @@ inline void write_file_atomically(const std::filesystem::path& path, std::string
         if (errno == EINTR) continue;
         const int error = errno;
         ::close(fd);
-        throw std::runtime_error("accelerated: cannot write '" + path.string() + "': write failed (" +
-                                 std::strerror(error) + ")");
+        throw write_error(path, "write failed", error);
       }
       done += static_cast<std::size_t>(n);
     }

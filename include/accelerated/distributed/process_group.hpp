@@ -9,11 +9,14 @@
 
 #include <unistd.h>
 
+#include <array>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "../detail/compat.hpp"
 
@@ -59,15 +62,25 @@ inline c10::intrusive_ptr<c10d::ProcessGroup> make_gloo_group(const c10::intrusi
 // ACCELERATED_TRANSPORT=gloo|shared_memory overrides the default from outside a program.
 enum class Transport { automatic, gloo, shared_memory };
 
-inline Transport transport_from_env(Transport fallback) {
-  const char* value = std::getenv("ACCELERATED_TRANSPORT");
+// The choice an environment variable names, one of `choices` (name, value); `fallback` when it is unset or empty.
+template <class Enum, std::size_t N>
+Enum choice_from_env(const char* variable, Enum fallback, const std::array<std::pair<const char*, Enum>, N>& choices) {
+  const char* value = std::getenv(variable);
   if (value == nullptr || *value == '\0') return fallback;
-  const std::string text = value;
-  if (text == "gloo") return Transport::gloo;
-  if (text == "shared_memory") return Transport::shared_memory;
-  if (text == "automatic") return Transport::automatic;
-  throw std::invalid_argument("accelerated::distributed: ACCELERATED_TRANSPORT = '" + text +
-                              "' is not one of gloo, shared_memory, automatic");
+  std::string names;
+  for (const auto& [name, choice] : choices) {
+    if (std::strcmp(value, name) == 0) return choice;
+    names += (names.empty() ? "" : ", ") + std::string(name);
+  }
+  throw std::invalid_argument("accelerated::distributed: " + std::string(variable) + " = '" + value +
+                              "' is not one of " + names);
+}
+
+inline Transport transport_from_env(Transport fallback) {
+  return choice_from_env("ACCELERATED_TRANSPORT", fallback,
+                         std::array{std::pair{"gloo", Transport::gloo},
+                                    std::pair{"shared_memory", Transport::shared_memory},
+                                    std::pair{"automatic", Transport::automatic}});
 }
 
 // What carries CUDA tensors (the gradients of a model on a GPU): NCCL where this LibTorch has it (automatic), or the
@@ -78,14 +91,9 @@ enum class CudaBackend { automatic, nccl, gloo };
 inline constexpr bool has_nccl = ACCELERATED_HAS_NCCL;
 
 inline CudaBackend cuda_backend_from_env(CudaBackend fallback) {
-  const char* value = std::getenv("ACCELERATED_CUDA_BACKEND");
-  if (value == nullptr || *value == '\0') return fallback;
-  const std::string text = value;
-  if (text == "nccl") return CudaBackend::nccl;
-  if (text == "gloo") return CudaBackend::gloo;
-  if (text == "automatic") return CudaBackend::automatic;
-  throw std::invalid_argument("accelerated::distributed: ACCELERATED_CUDA_BACKEND = '" + text +
-                              "' is not one of nccl, gloo, automatic");
+  return choice_from_env("ACCELERATED_CUDA_BACKEND", fallback,
+                         std::array{std::pair{"nccl", CudaBackend::nccl}, std::pair{"gloo", CudaBackend::gloo},
+                                    std::pair{"automatic", CudaBackend::automatic}});
 }
 
 // Routes CUDA tensors of `group` to NCCL when `choice` (or ACCELERATED_CUDA_BACKEND) asks for it and this LibTorch

@@ -12,7 +12,8 @@
 // Waits are bounded: a peer whose process is gone, or which left the group, is reported at once; otherwise a wait
 // ends with an error after the group's timeout. Every barrier carries a tag (operation, element count, dtype,
 // sequence number of the collective): ranks that called different collectives (a barrier on one, an all-reduce on
-// another) fail at once with a message naming both, instead of pairing their barriers and exchanging garbage. The segment is unlinked as soon as every rank has mapped it, so a
+// another) fail at once with a message naming both, instead of pairing their barriers and exchanging garbage.
+// The segment is unlinked as soon as every rank has mapped it, so a
 // crash leaves nothing in /dev/shm.
 #include <fcntl.h>
 #include <signal.h>
