@@ -134,7 +134,10 @@ TEST_CASE("an unreachable master ends the rank with an error within the timeout"
   // A port nobody listens on: rank 1 connects and gives up.
   ScopedEnv env({{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "9"}});
   const auto start = std::chrono::steady_clock::now();
-  const auto message = test::message_of([] { acc::DataParallel parallel(short_timeout(1500ms)); });
+  // Rendezvous is lazy: making the policy contacts nobody; the first run (or join()) does.
+  acc::DataParallel parallel(short_timeout(1500ms));
+  CHECK(parallel.transport() == "none");
+  const auto message = test::message_of([&] { parallel.join(); });
   CHECK_THAT(message, Catch::Contains("could not reach the rendezvous store at 127.0.0.1:9"));
   // A store this LibTorch cannot make at all (LibTorch 2.4+ without libuv, before the fallback) is another error.
   CHECK_THAT(message, !Catch::Contains("libuv"));
@@ -621,5 +624,46 @@ TEST_CASE("a rank killed mid-run ends the other process with an error at once", 
   const std::string message((std::istreambuf_iterator<char>(in)), {});
   CHECK_THAT(message, Catch::Contains("rank 0 of 2 failed") && Catch::Contains("a peer may have stopped or died"));
   CHECK(std::chrono::steady_clock::now() - start < 30s);  // seen at once, not after the 5-minute timeout
+  std::filesystem::remove_all(dir);
+}
+
+// Hidden: one rank of the test below; two trainers in one process, the second with a policy configured after
+// construction, each joining "the" process group of the launcher's environment.
+TEST_CASE("two-trainers worker", "[.two_trainers_worker]") {
+  const auto data = test::regression_data(32);
+  std::string outcome = "finished";
+  try {
+    for (int trainer_index = 0; trainer_index < 2; ++trainer_index) {
+      auto model = test::linear_model();
+      torch::optim::SGD optimizer(model->parameters(), 0.05);
+      acc::Trainer<acc::Cpu, acc::FullPrecision> trainer(model, torch::nn::MSELoss(), optimizer);
+      if (trainer_index == 1) trainer.distributed() = acc::DataParallel(short_timeout(20s));
+      trainer.set_output(test::quiet());
+      trainer.train(data, {.num_epochs = 2, .per_device_batch_size = 4});
+      outcome += " " + trainer.distributed().transport();
+    }
+  } catch (const std::exception& e) {
+    outcome = e.what();
+  }
+  std::ofstream(std::getenv("ACCELERATED_TEST_OUT")) << outcome;
+}
+
+TEST_CASE("two trainers in one process under a launcher share one process group", "[distributed]") {
+  const auto dir = test::fresh_dir("two_trainers");
+  const auto port = std::to_string(20000 + std::random_device{}() % 20000);
+  std::vector<pid_t> pids;
+  for (int rank = 0; rank < 2; ++rank) {
+    pids.push_back(test::spawn_self(
+        "[.two_trainers_worker]",
+        {"RANK=" + std::to_string(rank), "WORLD_SIZE=2", "MASTER_ADDR=127.0.0.1", "MASTER_PORT=" + port,
+         "ACCELERATED_TEST_OUT=" + (dir / ("rank" + std::to_string(rank))).string()}));
+  }
+  for (int rank = 0; rank < 2; ++rank) {
+    const int status = test::wait_for(pids[rank], 90s);
+    CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+    std::ifstream in(dir / ("rank" + std::to_string(rank)));
+    const std::string outcome((std::istreambuf_iterator<char>(in)), {});
+    CHECK(outcome == "finished accelerated_shared_memory accelerated_shared_memory");
+  }
   std::filesystem::remove_all(dir);
 }

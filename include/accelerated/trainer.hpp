@@ -722,7 +722,9 @@ class Trainer {
           // A LibTorch error outside the loss step (backward, the optimizer, a collective inside backward: CUDA
           // and NCCL failures are c10::Errors, not std::runtime_errors).
           if (!run_config_.is_distributed) throw;
-          std::throw_with_nested(StepError(where("train") + ": " + error.what_without_backtrace()));
+          std::throw_with_nested(
+              StepError(where("train") + silent_peers(error.what_without_backtrace()) + ": " +
+                        error.what_without_backtrace()));
         } catch (const std::runtime_error& error) {
           // In a multi-process run, the reducer's all-reduce inside backward fails (Gloo: "Connection closed by
           // peer", or a timeout) when a peer is gone: say which rank, where, and why that is likely. A collective
@@ -734,7 +736,8 @@ class Trainer {
                                    std::to_string(run_config_.num_processes) + " failed at epoch " +
                                    std::to_string(history_.current_epoch()) + ", step " +
                                    std::to_string(state_.step + 1) +
-                                   (collective ? ": " : " (a peer may have stopped or died): ") + what);
+                                   (collective ? ": " : " (a peer may have stopped or died)" + silent_peers(what) + ": ") +
+                                   what);
         }
         if (reached_max_steps) {
           if (options_.max_num_train_steps) {
@@ -895,6 +898,16 @@ class Trainer {
       }
     } catch (const c10::Error& error) {
       std::throw_with_nested(StepError(where(Training ? "train" : "eval") + ": " + error.what_without_backtrace()));
+    }
+  }
+
+  // After a failure in a multi-process run: the ranks that went silent, when the distributed policy can tell
+  // (and the failure was an exchange with a peer, not a local error).
+  std::string silent_peers(const std::string& what) {
+    if constexpr (requires { distributed_.describe_silent_peers(what); }) {
+      return distributed_.describe_silent_peers(what);
+    } else {
+      return "";
     }
   }
 

@@ -4,10 +4,11 @@
 //   DataParallel     one process per CPU (or GPU) over a c10d process group (shared memory when every rank is on
 //                    this machine, Gloo otherwise): rank 0's parameters and buffers
 //                    are broadcast at the start of each run, gradients are averaged by c10d::Reducer (bucketed
-//                    all-reduce overlapping backward) on update steps only, metrics are summed over processes.
-//                    Rendezvous from torchrun, OpenMPI or SLURM variables (distributed/environment.hpp).
-//   AutoDistributed  DataParallel, which is a single process when the environment names no other ranks (the
-//                    trainer's default), so one binary runs alone or under a launcher.
+//                    all-reduce) on update steps only, metrics are summed over processes. Rendezvous from
+//                    torchrun, OpenMPI or SLURM variables (distributed/environment.hpp), at the first run, once per
+//                    process (distributed/membership.hpp).
+//   AutoDistributed  the same type as DataParallel, which is a single process when the environment names no other
+//                    ranks (the trainer's default), so one binary runs alone or under a launcher.
 // A distributed policy provides, checked by accelerated::DistributedPolicy in concepts.hpp:
 //   std::int64_t num_processes() const;  rank() const;  local_rank() const;
 //   void prepare(torch::nn::Module&);    auto gradient_sync(bool enabled);  (a guard alive over forward and backward)
@@ -16,8 +17,10 @@
 #include <torch/types.h>
 
 #include <chrono>
+#include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <stdexcept>
 #include <type_traits>
@@ -32,7 +35,9 @@
     defined(USE_C10D_GLOO) && !defined(ACCELERATED_NO_DISTRIBUTED)
 #define ACCELERATED_HAS_GLOO 1
 #include "../distributed/gradient_sync.hpp"
+#include "../distributed/membership.hpp"
 #include "../distributed/process_group.hpp"
+#include "../distributed/silent_peers.hpp"
 #else
 #define ACCELERATED_HAS_GLOO 0
 #endif
@@ -87,27 +92,24 @@ class DataParallel {
 
   DataParallel() : DataParallel(DataParallelOptions{}) {}
 
-  // Joins the run the environment describes (a single process when it describes none).
+  // A member of the run the environment describes (a single process when it describes none). Nothing is joined yet:
+  // the first run joins (or join()), and every DataParallel of this process shares that one process group.
   explicit DataParallel(DataParallelOptions options) : options_(options), env_(distributed::environment_from_env()) {
-    if (env_.world_size == 1) return;
-#if ACCELERATED_HAS_GLOO
-    store_ = distributed::make_store(env_, options_.timeout);
-    group_ = guarded("joining the process group", [&] {
-      return distributed::make_process_group(store_, env_.rank, env_.world_size, options_.timeout, env_.master_addr,
-                                             options_.transport);
-    });
-#else
-    throw std::runtime_error("accelerated::DataParallel: WORLD_SIZE = " + std::to_string(env_.world_size) +
-                             " but this build has no multi-process support: LibTorch was built without USE_C10D_GLOO, or Gloo's "
-                             "headers (gloo/algorithm.h, Debian's libgloo-dev) were not found");
+#if !ACCELERATED_HAS_GLOO
+    if (env_.world_size > 1) {
+      throw std::runtime_error("accelerated::DataParallel: WORLD_SIZE = " + std::to_string(env_.world_size) +
+                               " but this build has no multi-process support: LibTorch was built without "
+                               "USE_C10D_GLOO, or Gloo's headers (gloo/algorithm.h, Debian's libgloo-dev) were not found");
+    }
 #endif
   }
 
 #if ACCELERATED_HAS_GLOO
-  // Joins a run over a store of your own (a c10d::HashStore for ranks as threads, a FileStore, ...).
+  // A member of a run over a store of your own (a c10d::HashStore for ranks as threads, a FileStore, ...); its group
+  // is its own, made at the first run.
   DataParallel(c10::intrusive_ptr<c10d::Store> store, std::int64_t rank, std::int64_t world_size,
                DataParallelOptions options = {})
-      : options_(options), store_(store) {
+      : options_(options), given_store_(store) {
     if (world_size < 1 || rank < 0 || rank >= world_size) {
       throw std::invalid_argument("accelerated::DataParallel: rank = " + std::to_string(rank) +
                                   " is not in [0, world_size = " + std::to_string(world_size) + ")");
@@ -115,12 +117,6 @@ class DataParallel {
     env_.rank = env_.local_rank = rank;
     env_.world_size = env_.local_world_size = world_size;
     env_.launcher = "store";
-    if (world_size > 1) {
-      group_ = guarded("joining the process group", [&] {
-        return distributed::make_process_group(store, rank, world_size, options_.timeout, "127.0.0.1",
-                                               options_.transport);
-      });
-    }
   }
 #endif
 
@@ -129,30 +125,59 @@ class DataParallel {
   std::int64_t local_rank() const { return env_.local_rank; }
   const distributed::Environment& environment() const { return env_; }
 
+  // Joins the process group now (the first run does it otherwise): every rank must call it. A no-op in a single
+  // process and when this process has joined already.
+  void join() {
+#if ACCELERATED_HAS_GLOO
+    if (membership_ || env_.world_size == 1) return;
+    if (given_store_) {
+      membership_ = std::make_shared<distributed::Membership>();
+      membership_->store = given_store_;
+      membership_->group = guarded("joining the process group", [&] {
+        return distributed::make_process_group(given_store_, env_.rank, env_.world_size, options_.timeout,
+                                               "127.0.0.1", options_.transport);
+      });
+      return;
+    }
+    membership_ = distributed::membership_of(env_, [&] {
+      auto joined = std::make_shared<distributed::Membership>();
+      joined->store = distributed::make_store(env_, options_.timeout);
+      joined->group = guarded("joining the process group", [&] {
+        return distributed::make_process_group(joined->store, env_.rank, env_.world_size, options_.timeout,
+                                               env_.master_addr, options_.transport);
+      });
+      return joined;
+    });
+#endif
+  }
+
   // What carries the gradients: "accelerated_shared_memory", "gloo", "nccl" (a model on a GPU, once prepared), or
-  // "none" for a single process.
+  // "none" for a single process or before the process group is joined.
   std::string transport() const {
 #if ACCELERATED_HAS_GLOO
-    if (!cuda_transport_.empty()) return cuda_transport_;
-    if (group_) return compat::backend_name(group_, c10::DeviceType::CPU);
-#endif
+    if (!membership_) return "none";
+    if (!membership_->cuda_backend.empty()) return membership_->cuda_backend;
+    return compat::backend_name(membership_->group, c10::DeviceType::CPU);
+#else
     return "none";
+#endif
   }
 
   // At the start of every run: rank 0's parameters and buffers everywhere, and the reducer for this model.
   void prepare(torch::nn::Module& module) {
 #if ACCELERATED_HAS_GLOO
-    if (!group_) return;
-    if (cuda_transport_.empty() && on_cuda(module)) {
-      cuda_transport_ = guarded("creating the CUDA backend", [&] {
-        return distributed::attach_cuda_backend(group_, store_, env_.rank, env_.world_size, options_.timeout,
-                                                options_.cuda_backend);
+    join();
+    if (!membership_) return;
+    if (membership_->cuda_backend.empty() && on_cuda(module)) {
+      membership_->cuda_backend = guarded("creating the CUDA backend", [&] {
+        return distributed::attach_cuda_backend(membership_->group, membership_->store, env_.rank, env_.world_size,
+                                                options_.timeout, options_.cuda_backend);
       });
     }
     guarded("broadcasting rank 0's parameters", [&] {
       module_ = &module;
       if (!sync_ || !sync_->covers(module)) {
-        sync_ = std::make_shared<distributed::GradientSync>(module, group_, options_.gradient_sync);
+        sync_ = std::make_shared<distributed::GradientSync>(module, membership_->group, options_.gradient_sync);
       }
       sync_->broadcast_state();
       return 0;
@@ -171,7 +196,7 @@ class DataParallel {
     if (enabled && sync_) {
       guarded("synchronising buffers", [&] {
         if (sync_->trainable_changed()) {
-          sync_ = std::make_shared<distributed::GradientSync>(*module_, group_, options_.gradient_sync);
+          sync_ = std::make_shared<distributed::GradientSync>(*module_, membership_->group, options_.gradient_sync);
         }
         sync_->broadcast_buffers();
         return 0;
@@ -193,13 +218,14 @@ class DataParallel {
   // Element-wise sum over every process, in place.
   void all_reduce_sum(std::span<double> values) {
 #if ACCELERATED_HAS_GLOO
-    if (!group_ || values.empty()) return;
+    if (env_.world_size == 1 || values.empty()) return;
+    join();
     auto tensor = torch::from_blob(values.data(), {static_cast<std::int64_t>(values.size())}, torch::kDouble).clone();
     guarded("all_reduce", [&] {
       std::vector<torch::Tensor> tensors{tensor};
       c10d::AllreduceOptions opts;
       opts.reduceOp = c10d::ReduceOp::SUM;
-      group_->allreduce(tensors, opts)->wait(options_.timeout);
+      membership_->group->allreduce(tensors, opts)->wait(options_.timeout);
       return 0;
     });
     std::copy_n(tensor.data_ptr<double>(), values.size(), values.data());
@@ -211,7 +237,9 @@ class DataParallel {
   // Every process's tensor, concatenated along dim 0 in rank order; sizes along dim 0 may differ.
   torch::Tensor gather(const torch::Tensor& tensor) {
 #if ACCELERATED_HAS_GLOO
-    if (!group_) return tensor;
+    if (env_.world_size == 1) return tensor;
+    join();
+    const auto& group = membership_->group;
     const auto world = env_.world_size;
     const auto local = tensor.dim() == 0 ? tensor.reshape({1}) : tensor;
     return guarded("gather", [&] {
@@ -219,7 +247,7 @@ class DataParallel {
       std::vector<std::vector<torch::Tensor>> sizes_out(1);
       for (std::int64_t r = 0; r < world; ++r) sizes_out[0].push_back(torch::empty({1}, torch::kLong));
       std::vector<torch::Tensor> sizes_in{size};
-      group_->allgather(sizes_out, sizes_in)->wait(options_.timeout);
+      group->allgather(sizes_out, sizes_in)->wait(options_.timeout);
       std::int64_t largest = 0;
       for (const auto& s : sizes_out[0]) largest = std::max(largest, s.item<std::int64_t>());
       auto shape = local.sizes().vec();
@@ -229,7 +257,7 @@ class DataParallel {
       std::vector<std::vector<torch::Tensor>> out(1);
       for (std::int64_t r = 0; r < world; ++r) out[0].push_back(torch::empty(shape, padded.options()));
       std::vector<torch::Tensor> in{padded};
-      group_->allgather(out, in)->wait(options_.timeout);
+      group->allgather(out, in)->wait(options_.timeout);
       std::vector<torch::Tensor> parts;
       for (std::int64_t r = 0; r < world; ++r) parts.push_back(out[0][r].narrow(0, 0, sizes_out[0][r].item<std::int64_t>()));
       return torch::cat(parts).to(tensor.device());
@@ -241,9 +269,10 @@ class DataParallel {
 
   void barrier() {
 #if ACCELERATED_HAS_GLOO
-    if (!group_) return;
+    if (env_.world_size == 1) return;
+    join();
     guarded("barrier", [&] {
-      group_->barrier()->wait(options_.timeout);
+      membership_->group->barrier()->wait(options_.timeout);
       return 0;
     });
 #endif
@@ -265,25 +294,48 @@ class DataParallel {
       throw std::runtime_error("accelerated::DataParallel: rank " + std::to_string(env_.rank) + " of " +
                                std::to_string(env_.world_size) + " failed while " + what +
                                " (a peer may have stopped or died; timeout " + std::to_string(options_.timeout.count()) +
-                               " ms): " + error.what());
+                               " ms)" + describe_silent_peers() + ": " + error.what());
     }
   }
+
+ public:
+  // After a failed collective (or an error `what` that reads as one): which ranks did not report the failure within a
+  // short grace (see distributed/silent_peers.hpp), as a bracketed sentence; asked once, then remembered.
+  std::string describe_silent_peers(const std::string& what = "collective") {
+#if ACCELERATED_HAS_GLOO
+    if (what != "collective" && !distributed::looks_like_peer_failure(what)) return "";
+    if (!silent_peers_) {
+      const auto store_address = env_.master_addr.empty()
+                                     ? std::string("(in-process)")
+                                     : env_.master_addr + ":" + std::to_string(env_.master_port);
+      silent_peers_ = distributed::describe_silent_peers(
+          membership_ ? membership_->store : given_store_, env_.rank, env_.world_size, std::min<std::chrono::milliseconds>(options_.timeout, kSilentGrace),
+          store_address);
+    }
+    return *silent_peers_;
+#else
+    (void)what;
+    return "";
+#endif
+  }
+
+ private:
+  // How long a rank that saw a failure waits for the others to report it too (bounded by the timeout).
+  static constexpr std::chrono::milliseconds kSilentGrace{5000};
 
   DataParallelOptions options_;
   distributed::Environment env_;
 #if ACCELERATED_HAS_GLOO
-  c10::intrusive_ptr<c10d::Store> store_;
-  c10::intrusive_ptr<c10d::ProcessGroup> group_;
+  c10::intrusive_ptr<c10d::Store> given_store_;              // the store of the store constructor
+  std::shared_ptr<distributed::Membership> membership_;       // null until joined
   std::shared_ptr<distributed::GradientSync> sync_;
   torch::nn::Module* module_ = nullptr;  // the model sync_ was built for
-  std::string cuda_transport_;  // set once a model on a GPU was prepared
+  std::optional<std::string> silent_peers_;
 #endif
 };
 
-// DataParallel under the name that says "whatever the environment asks for".
-class AutoDistributed : public DataParallel {
- public:
-  using DataParallel::DataParallel;
-};
+// DataParallel under the name that says "whatever the environment asks for" (the same type, so that a configured
+// DataParallel can be assigned to the default trainer's policy).
+using AutoDistributed = DataParallel;
 
 }  // namespace accelerated
