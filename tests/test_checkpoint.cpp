@@ -231,3 +231,53 @@ TEST_CASE("a checkpoint that fails to load leaves the model and the optimizer as
   CHECK(torch::equal(test::flat_parameters(*model), before));
   std::filesystem::remove_all(dir);
 }
+
+namespace {
+// Rewrites a LibTorch archive as if every tensor in it had been saved on cuda:0 (the storage location in each pickle
+// says "cuda:0"), which is what a GPU run writes. Python's zipfile does the rewriting; false when there is no python3.
+bool as_if_saved_on_gpu(const fs::path& from, const fs::path& to) {
+  const std::string script =
+      "import sys, zipfile\n"
+      "with zipfile.ZipFile(sys.argv[1]) as zin, zipfile.ZipFile(sys.argv[2], 'w', zipfile.ZIP_STORED) as zout:\n"
+      "    for info in zin.infolist():\n"
+      "        data = zin.read(info.filename)\n"
+      "        if info.filename.endswith('.pkl'):\n"
+      "            data = data.replace(b'X\\x03\\x00\\x00\\x00cpu', b'X\\x06\\x00\\x00\\x00cuda:0')\n"
+      "        zout.writestr(info.filename, data)\n";
+  const auto script_file = to.string() + ".py";
+  std::ofstream(script_file) << script;
+  return std::system(("python3 '" + script_file + "' '" + from.string() + "' '" + to.string() + "' 2>/dev/null").c_str()) == 0;
+}
+}  // namespace
+
+TEST_CASE("a checkpoint and a training state saved on a GPU load onto this trainer's device", "[checkpoint][device]") {
+  const auto dir = test::fresh_dir("gpu_saved");
+  const auto data = test::regression_data(32);
+  Fixture a;
+  a.trainer.train(data, {.num_epochs = 2, .per_device_batch_size = 8});
+  a.trainer.save_checkpoint(dir / "ckpt.pt");
+  a.trainer.save_training_state(dir / "state.pt");
+  if (!as_if_saved_on_gpu(dir / "ckpt.pt", dir / "ckpt_gpu.pt") ||
+      !as_if_saved_on_gpu(dir / "state.pt", dir / "state_gpu.pt")) {
+    ACCELERATED_SKIP("python3 is needed to write a GPU-saved file on a machine without a GPU");
+  }
+  // The rewritten file does say CUDA: LibTorch alone cannot open it here.
+  if (!torch::cuda::is_available()) {
+    torch::serialize::InputArchive raw;
+    CHECK_THROWS(raw.load_from((dir / "ckpt_gpu.pt").string()));
+  }
+  Fixture b;
+  b.trainer.load_checkpoint(dir / "ckpt_gpu.pt");
+  CHECK(torch::equal(test::flat_parameters(*a.model), test::flat_parameters(*b.model)));
+  CHECK(b.model->weight.device() == torch::Device(torch::kCPU));
+
+  // The training state resumes as the same file saved on the CPU does: the run continues to epoch 3 identically.
+  Fixture from_gpu, from_cpu;
+  from_gpu.trainer.load_training_state(dir / "state_gpu.pt");
+  from_cpu.trainer.load_training_state(dir / "state.pt");
+  from_gpu.trainer.train(data, {.num_epochs = 3, .per_device_batch_size = 8});
+  from_cpu.trainer.train(data, {.num_epochs = 3, .per_device_batch_size = 8});
+  CHECK(from_gpu.trainer.run_history().current_epoch() == 4);
+  CHECK(torch::equal(test::flat_parameters(*from_cpu.model), test::flat_parameters(*from_gpu.model)));
+  fs::remove_all(dir);
+}

@@ -59,16 +59,18 @@ inline void read_module(torch::serialize::InputArchive& archive, torch::nn::Modu
   for (auto& [key, target] : targets) target.copy_(loaded.at(key));
 }
 
-// Opens `path` as an archive whose `version_key` must equal `version`; errors name `caller` and the file.
+// Opens `path` as an archive whose `version_key` must equal `version`; errors name `caller` and the file. Every
+// tensor is loaded onto `device`, wherever it was saved: a state saved on a GPU opens on a CPU-only machine, and rank
+// k's on cuda:k (optimizer state included, which LibTorch's Optimizer::load would leave where it was saved).
 inline torch::serialize::InputArchive open_archive(const std::filesystem::path& path, const std::string& caller,
                                                    const std::string& noun, const std::string& version_key,
-                                                   std::int64_t version) {
+                                                   std::int64_t version, torch::Device device) {
   const std::string file = path.string();
   const std::string where = "accelerated::" + caller + ": '" + file + "'";
   if (!std::filesystem::is_regular_file(path)) throw std::runtime_error(where + " does not exist or is not a file");
   torch::serialize::InputArchive archive;
   try {
-    archive.load_from(file);
+    archive.load_from(file, c10::optional<torch::Device>(device));
   } catch (const std::exception& error) {
     throw std::runtime_error(where + " is not a readable " + noun + " (truncated or corrupt?): " + error.what());
   }
@@ -86,6 +88,13 @@ inline torch::serialize::InputArchive open_archive(const std::filesystem::path& 
 }  // namespace detail
 
 namespace detail {
+// Where a module lives: its first parameter's (or buffer's) device; the CPU for a module with neither.
+inline torch::Device device_of(const torch::nn::Module& module) {
+  for (const auto& p : module.parameters()) return p.device();
+  for (const auto& b : module.buffers()) return b.device();
+  return torch::kCPU;
+}
+
 // "torch::optim::SGD": saved beside the optimizer's state, so that loading it into another kind of optimizer is
 // refused by name (LibTorch itself fails with an internal assertion).
 inline std::string optimizer_type(const torch::optim::Optimizer& optimizer) {
@@ -210,11 +219,12 @@ inline void save_checkpoint(const std::filesystem::path& path, const torch::nn::
   detail::save_archive(path, archive);
 }
 
-// Loads what save_checkpoint wrote into `module` (and `optimizer`, when given); returns the saved values.
+// Loads what save_checkpoint wrote into `module` (and `optimizer`, when given), onto the module's device wherever the
+// file was saved; returns the saved values.
 inline std::map<std::string, double> load_checkpoint(const std::filesystem::path& path, torch::nn::Module& module,
                                                      torch::optim::Optimizer* optimizer = nullptr) {
   auto archive = detail::open_archive(path, "load_checkpoint", "checkpoint", "accelerated_format_version",
-                                      checkpoint_format_version);
+                                      checkpoint_format_version, detail::device_of(module));
   return detail::read_common(archive, module, optimizer, path.string(), "load_checkpoint");
 }
 

@@ -287,7 +287,8 @@ class Trainer {
     const std::string file = path.string();
     auto archive = std::make_shared<torch::serialize::InputArchive>(
         accelerated::detail::open_archive(path, "load_training_state", "training state",
-                                          "accelerated_training_state_version", training_state_format_version));
+                                          "accelerated_training_state_version", training_state_format_version,
+                                          device_.device()));
     auto position = detail::read_position(*archive, file);
     auto values = accelerated::detail::read_common(*archive, model_.module(), optimizer_, file, "load_training_state");
     detail::read_history(*archive, history_, file);

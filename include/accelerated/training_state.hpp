@@ -136,7 +136,7 @@ inline torch::Tensor generator_state(torch::Device device) {
 inline void set_generator_state(torch::Device device, const torch::Tensor& state) {
   auto generator = at::globalContext().defaultGenerator(device);
   std::lock_guard<std::mutex> lock(generator.mutex());
-  generator.set_state(state);
+  generator.set_state(state.to(torch::kCPU));  // a generator's state is a CPU byte tensor, also a GPU generator's
 }
 
 }  // namespace detail
