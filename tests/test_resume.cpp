@@ -220,6 +220,17 @@ TEST_CASE("bad training states and changed runs are refused by name", "[resume][
   }
   CHECK_THROWS_WITH(trainer.load_training_state(dir / "truncated.pt"), Catch::Contains("not a readable training state"));
 
+  // A trainer whose callbacks keep state the file lacks is refused at the load, before its model changes.
+  {
+    auto other_model = test::linear_model(3);
+    torch::optim::SGD other_optimizer(other_model->parameters(), 0.01);
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, acc::callbacks::EarlyStopping>
+        stateful(other_model, torch::nn::MSELoss(), other_optimizer, acc::callbacks::EarlyStopping{});
+    const auto before = test::flat_parameters(*other_model);
+    CHECK_THROWS_WITH(stateful.load_training_state(dir / "state.pt"), Catch::Contains("has no entry 'callback_0"));
+    CHECK(torch::equal(before, test::flat_parameters(*other_model)));
+  }
+
   trainer.load_training_state(dir / "state.pt");
   CHECK_THROWS_WITH(trainer.train(data, {.num_epochs = 2, .per_device_batch_size = 4}),
                     Catch::Contains("per_device_batch_size = 4 here but 8 in the saved run"));

@@ -290,6 +290,16 @@ class Trainer {
                                           "accelerated_training_state_version", training_state_format_version,
                                           device_.device()));
     auto position = detail::read_position(*archive, file);
+    // What can be checked now is checked before anything changes: the number of processes and every stateful
+    // callback's section. The rest of the run's shape (batch size, accumulation, dataset) is the next train()'s.
+    if (position.in_run && position.num_processes != distributed_.num_processes()) {
+      throw std::invalid_argument("accelerated::load_training_state: '" + file + "' was saved by a run of " +
+                                  std::to_string(position.num_processes) +
+                                  (position.num_processes == 1 ? " process" : " processes") + "; this one has " +
+                                  std::to_string(distributed_.num_processes()) +
+                                  " (an exact resume needs the same number)");
+    }
+    for_each_stateful_callback([&](auto&, const std::string& key) { detail::read_section(*archive, key, file); });
     auto values = accelerated::detail::read_common(*archive, model_.module(), optimizer_, file, "load_training_state");
     detail::read_history(*archive, history_, file);
     pending_resume_ = PendingResume{std::move(archive), position, file};
