@@ -81,8 +81,8 @@ TORCH_MODULE(QuickstartNet);
 struct EpochTimes {
   std::vector<double> seconds;
   std::chrono::steady_clock::time_point start;
-  void on_train_epoch_start(auto&) { start = std::chrono::steady_clock::now(); }
-  void on_train_epoch_end(auto&) { seconds.push_back(seconds_since(start)); }
+  void operator()(accelerated::on_train_epoch_start, auto&) { start = std::chrono::steady_clock::now(); }
+  void operator()(accelerated::on_train_epoch_end, auto&) { seconds.push_back(seconds_since(start)); }
 };
 
 inline std::ostream& null_stream() {

@@ -95,10 +95,10 @@ namespace {
 // Records the parameters after each epoch, and makes training diverge from epoch 3 on (a huge learning rate).
 struct DivergeFromEpoch3 {
   std::vector<torch::Tensor> parameters;
-  void on_train_epoch_start(auto& trainer) {
+  void operator()(acc::on_train_epoch_start, auto& trainer) {
     if (trainer.run_history().current_epoch() == 3) trainer.optimizer().param_groups()[0].options().set_lr(50.0);
   }
-  void on_training_run_epoch_end(auto& trainer) { parameters.push_back(test::flat_parameters(trainer.model().module())); }
+  void operator()(acc::on_training_run_epoch_end, auto& trainer) { parameters.push_back(test::flat_parameters(trainer.model().module())); }
 };
 }  // namespace
 

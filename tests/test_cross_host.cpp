@@ -32,7 +32,7 @@ struct Pace {
   std::string progress_file;
   int sleep_ms = 0;
   template <class Trainer>
-  void on_update_step_end(Trainer& trainer) {
+  void operator()(acc::on_update_step_end, Trainer& trainer) {
     if (trainer.state().update_step == 3 && !progress_file.empty()) std::ofstream(progress_file) << "running";
     if (sleep_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(sleep_ms));
   }

@@ -342,7 +342,7 @@ struct WithUnused : torch::nn::Module {
 
 struct UnfreezeAtEpoch2 {
   template <class Trainer>
-  void on_train_epoch_start(Trainer& trainer) {
+  void operator()(acc::on_train_epoch_start, Trainer& trainer) {
     if (trainer.run_history().current_epoch() == 2) {
       for (auto& p : trainer.model()->parameters()) p.set_requires_grad(true);
     }
@@ -412,19 +412,19 @@ struct StopOnOneRank {
   bool throw_error;
   std::string seen;  // what on_stop_training_error received
   template <class Trainer>
-  void on_train_step_end(Trainer& trainer) {
+  void operator()(acc::on_train_step_end, Trainer& trainer) {
     if (throw_error && trainer.distributed().rank() == rank && trainer.state().step + 1 == at) {
       throw acc::StopTrainingError("rank " + std::to_string(rank) + " wants to stop");
     }
   }
   template <class Trainer>
-  void on_update_step_end(Trainer& trainer) {
+  void operator()(acc::on_update_step_end, Trainer& trainer) {
     if (!throw_error && trainer.distributed().rank() == rank && trainer.state().update_step == at) {
       trainer.stop_training("rank " + std::to_string(rank) + " asked to stop");
     }
   }
   template <class Trainer>
-  void on_stop_training_error(Trainer&, const acc::StopTrainingError& error) {
+  void operator()(acc::on_stop_training_error, Trainer&, const acc::StopTrainingError& error) {
     seen = error.what();
   }
 };
@@ -475,7 +475,7 @@ namespace {
 struct ThrowAt {
   std::int64_t at;
   template <class Trainer>
-  void on_update_step_end(Trainer& trainer) {
+  void operator()(acc::on_update_step_end, Trainer& trainer) {
     if (trainer.state().update_step == at) throw std::runtime_error("simulated crash");
   }
 };
@@ -580,7 +580,7 @@ namespace {
 // Rank 1 dies (SIGKILL, no goodbye) at update 5.
 struct KillRankOneAtUpdateFive {
   template <class Trainer>
-  void on_update_step_end(Trainer& trainer) {
+  void operator()(acc::on_update_step_end, Trainer& trainer) {
     if (trainer.distributed().rank() == 1 && trainer.state().update_step == 5) ::raise(SIGKILL);
   }
 };

@@ -41,7 +41,7 @@ struct CrashAt {
   std::int64_t at;
   bool sigkill;
   template <class Trainer>
-  void on_update_step_end(Trainer& trainer) {
+  void operator()(acc::on_update_step_end, Trainer& trainer) {
     if (trainer.state().update_step != at) return;
     if (sigkill) ::raise(SIGKILL);
     throw std::runtime_error("simulated crash");
@@ -242,7 +242,7 @@ TEST_CASE("bad training states and changed runs are refused by name", "[resume][
   CHECK_THROWS_WITH(trainer.train(data, with_scheduler), Catch::Contains("the saved run had no scheduler"));
 
   struct SavesMidStep {
-    void on_train_step_end(acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop,
+    void operator()(acc::on_train_step_end, acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop,
                                         SavesMidStep>& trainer) {
       trainer.save_training_state("never.pt");
     }
@@ -302,25 +302,25 @@ struct Recorder {
   std::int64_t current = 0;
   bool trained_in_eval_mode = false;
   template <class T>
-  void on_train_epoch_start(T&) {
+  void operator()(acc::on_train_epoch_start, T&) {
     current = 0;
   }
   template <class T>
-  void on_train_step_start(T& trainer) {
+  void operator()(acc::on_train_step_start, T& trainer) {
     ++current;
     if (!trainer.model()->is_training()) trained_in_eval_mode = true;
   }
   template <class T>
-  void on_train_epoch_end(T&) {
+  void operator()(acc::on_train_epoch_end, T&) {
     train_batches.push_back(current);
   }
   template <class T>
-  void on_eval_epoch_start(T& trainer, bool is_intermediate) {
+  void operator()(acc::on_eval_epoch_start, T& trainer, bool is_intermediate) {
     intermediate.push_back(is_intermediate);
     eval_batches.push_back(0);
   }
   template <class T>
-  void on_eval_step_end(T&) {
+  void operator()(acc::on_eval_step_end, T&) {
     ++eval_batches.back();
   }
 };
@@ -362,7 +362,7 @@ namespace {
 struct Snapshots {
   std::vector<torch::Tensor> after_update;
   template <class T>
-  void on_update_step_end(T& trainer) {
+  void operator()(acc::on_update_step_end, T& trainer) {
     after_update.push_back(test::flat_parameters(trainer.model().module()).clone());
   }
 };
@@ -540,7 +540,7 @@ TEST_CASE("MetricsLogger keeps the rows written before a resume", "[resume][call
 namespace {
 struct StopInEval {
   template <class T>
-  void on_eval_step_end(T&) {
+  void operator()(acc::on_eval_step_end, T&) {
     throw acc::StopTrainingError("stopped in an eval step");
   }
 };

@@ -78,7 +78,7 @@ struct RecordNormMode {
   torch::nn::Sequential model;
   std::vector<bool> training;
   template <class Trainer>
-  void on_train_step_start(Trainer&) {
+  void operator()(acc::on_train_step_start, Trainer&) {
     training.push_back(model[1]->is_training());
   }
 };

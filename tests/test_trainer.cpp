@@ -9,24 +9,24 @@ using Log = std::vector<std::string>;
 struct RecordEvents {
   Log* log;
   std::int64_t stop_at_epoch = 2;
-  void on_init_end(auto&) { log->push_back("on_init_end"); }
-  void on_training_run_start(auto&) { log->push_back("on_training_run_start"); }
-  void on_train_epoch_start(auto& t) { log->push_back("on_train_epoch_start " + std::to_string(t.run_history().current_epoch())); }
-  void on_train_step_start(auto&) { log->push_back("on_train_step_start"); }
-  void on_train_step_end(auto& t, const auto&, const auto&, std::int64_t step) {
+  void operator()(acc::on_init_end, auto&) { log->push_back("on_init_end"); }
+  void operator()(acc::on_training_run_start, auto&) { log->push_back("on_training_run_start"); }
+  void operator()(acc::on_train_epoch_start, auto& t) { log->push_back("on_train_epoch_start " + std::to_string(t.run_history().current_epoch())); }
+  void operator()(acc::on_train_step_start, auto&) { log->push_back("on_train_step_start"); }
+  void operator()(acc::on_train_step_end, auto& t, const auto&, const auto&, std::int64_t step) {
     log->push_back("on_train_step_end " + std::to_string(step));
     if (t.run_history().current_epoch() == stop_at_epoch) throw acc::StopTrainingError("early stop");
   }
-  void on_train_epoch_end(auto&) { log->push_back("on_train_epoch_end"); }
-  void on_eval_epoch_start(auto&, bool intermediate) { log->push_back(std::string("on_eval_epoch_start ") + (intermediate ? "1" : "0")); }
-  void on_eval_step_start(auto&) { log->push_back("on_eval_step_start"); }
-  void on_eval_step_end(auto&, const auto&, const auto&) { log->push_back("on_eval_step_end"); }
-  void on_eval_epoch_end(auto&, bool) { log->push_back("on_eval_epoch_end"); }
-  void on_training_run_epoch_end(auto&) { log->push_back("on_training_run_epoch_end"); }
-  void on_training_run_end(auto&) { log->push_back("on_training_run_end"); }
-  void on_evaluation_run_start(auto&) { log->push_back("on_evaluation_run_start"); }
-  void on_evaluation_run_end(auto&) { log->push_back("on_evaluation_run_end"); }
-  void on_stop_training_error(auto&, const acc::StopTrainingError& e) { log->push_back(std::string("on_stop_training_error ") + e.what()); }
+  void operator()(acc::on_train_epoch_end, auto&) { log->push_back("on_train_epoch_end"); }
+  void operator()(acc::on_eval_epoch_start, auto&, bool intermediate) { log->push_back(std::string("on_eval_epoch_start ") + (intermediate ? "1" : "0")); }
+  void operator()(acc::on_eval_step_start, auto&) { log->push_back("on_eval_step_start"); }
+  void operator()(acc::on_eval_step_end, auto&, const auto&, const auto&) { log->push_back("on_eval_step_end"); }
+  void operator()(acc::on_eval_epoch_end, auto&, bool) { log->push_back("on_eval_epoch_end"); }
+  void operator()(acc::on_training_run_epoch_end, auto&) { log->push_back("on_training_run_epoch_end"); }
+  void operator()(acc::on_training_run_end, auto&) { log->push_back("on_training_run_end"); }
+  void operator()(acc::on_evaluation_run_start, auto&) { log->push_back("on_evaluation_run_start"); }
+  void operator()(acc::on_evaluation_run_end, auto&) { log->push_back("on_evaluation_run_end"); }
+  void operator()(acc::on_stop_training_error, auto&, const acc::StopTrainingError& e) { log->push_back(std::string("on_stop_training_error ") + e.what()); }
 };
 
 // Records the loop steps into the same log, so the test sees steps and events interleaved.
@@ -90,7 +90,7 @@ namespace {
 // Ends training after the current step when asked: a handler returning bool.
 struct StopAfterSteps {
   std::int64_t steps;
-  bool on_train_step_end(auto& t) { return t.state().update_step + 1 >= steps; }
+  bool operator()(acc::on_train_step_end, auto& t) { return t.state().update_step + 1 >= steps; }
 };
 }  // namespace
 
@@ -417,7 +417,7 @@ namespace {
 struct StopAtStep {
   std::int64_t at;
   template <class Trainer>
-  void on_train_step_end(Trainer& trainer) {
+  void operator()(acc::on_train_step_end, Trainer& trainer) {
     if (trainer.state().step + 1 == at) throw acc::StopTrainingError("stop at a micro-step");
   }
 };

@@ -657,8 +657,10 @@ class Trainer {
       constexpr bool every_callback_handles_an_event =
           detail::every_callback_handles_v<callback_tuple, Trainer, TrainBatch, TrainOutput, EvalBatch, EvalOutput>;
       ACCELERATED_CHECK(every_callback_handles_an_event,
-                        "accelerated::Trainer: a callback handles no known event; check its member names and "
-                        "signatures against the list in accelerated/callbacks/events.hpp");
+                        "accelerated::Trainer: a callback handles no known event; a handler is a call operator "
+                        "whose first parameter is the event's tag, e.g. "
+                        "void operator()(accelerated::on_train_epoch_end, auto& trainer) "
+                        "(the list is in accelerated/callbacks/events.hpp)");
       return every_callback_handles_an_event;
     }
   }

@@ -1,9 +1,11 @@
-// Must not compile: a callback whose only member is misspelled (on_epoch_end is not an event).
+// Must not compile: a callback with no handler (on_epoch_end is not an event, and handlers are call operators taking
+// an event tag; a member function named like an event, the old form, is not one either).
 // Expected: "a callback handles no known event".
 #include <accelerated/accelerated.hpp>
 
 struct Misspelled {
   void on_epoch_end(auto&) {}
+  void on_train_epoch_end(auto&) {}
 };
 
 int main() {

@@ -20,21 +20,21 @@ class TopKAccuracy {
  public:
 
   template <class Trainer>
-  void on_evaluation_run_start(Trainer&) {
+  void operator()(accelerated::on_evaluation_run_start, Trainer&) {
     in_evaluation_run_ = true;
   }
   template <class Trainer>
-  void on_evaluation_run_end(Trainer&) {
+  void operator()(accelerated::on_evaluation_run_end, Trainer&) {
     in_evaluation_run_ = false;
   }
   template <class Trainer>
-  void on_eval_epoch_start(Trainer&) {
+  void operator()(accelerated::on_eval_epoch_start, Trainer&) {
     hits_ = torch::Tensor();
     examples_ = 0.0;
   }
 
   template <class Trainer, class Batch, class Output>
-  void on_eval_step_end(Trainer&, const Batch& batch, const Output& output) {
+  void operator()(accelerated::on_eval_step_end, Trainer&, const Batch& batch, const Output& output) {
     const auto& targets = targets_of(batch);
     const auto& scores = output.model_outputs;
     torch::Tensor hits;
@@ -50,7 +50,7 @@ class TopKAccuracy {
   }
 
   template <class Trainer>
-  void on_eval_epoch_end(Trainer& trainer, bool is_intermediate) {
+  void operator()(accelerated::on_eval_epoch_end, Trainer& trainer, bool is_intermediate) {
     std::array<double, 2> totals{hits_.defined() ? static_cast<double>(hits_.template item<std::int64_t>()) : 0.0,
                                  examples_};
     trainer.distributed().all_reduce_sum(totals);

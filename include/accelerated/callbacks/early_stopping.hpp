@@ -36,7 +36,7 @@ class EarlyStopping {
   }
 
   template <class Trainer>
-  void on_training_run_start(Trainer&) {
+  void operator()(accelerated::on_training_run_start, Trainer&) {
     if (options_.reset_on_train) {
       best_.reset();
       epochs_without_improvement_ = 0;
@@ -44,7 +44,7 @@ class EarlyStopping {
   }
 
   template <class Trainer>
-  void on_training_run_epoch_end(Trainer& trainer) {
+  void operator()(accelerated::on_training_run_epoch_end, Trainer& trainer) {
     const double value = trainer.run_history().get_latest_metric(options_.watch_metric);
     if (detail::improves(best_, value, options_.greater_is_better) &&
         (!best_ || std::abs(value - *best_) > options_.threshold)) {

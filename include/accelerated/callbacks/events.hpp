@@ -1,6 +1,10 @@
 #pragma once
-// The 16 events of a run and their compile-time dispatch. A callback is any class; it handles an event by having
-// a member function of that name, taking either the trainer alone or the trainer and the event's arguments:
+// The 16 events of a run and their compile-time dispatch. A callback is any class (a lambda too); it handles an event
+// with a call operator whose first parameter is the event's tag, then the trainer alone or the trainer and the
+// event's arguments:
+//
+//   void operator()(accelerated::on_train_epoch_end, auto& trainer);
+//   bool operator()(accelerated::on_eval_step_end, auto& trainer, const auto& batch, const auto& output);
 //
 //   on_init_end(trainer)                 on_training_run_start(trainer)      on_train_epoch_start(trainer)
 //   on_train_step_start(trainer)         on_train_step_end(trainer, batch, batch_output, step)
@@ -13,6 +17,11 @@
 //                                        place for per-update work such as an EMA, or saving the training state
 //                                        (not in the Python original, whose only step events are per micro-batch)
 //
+// Why tags, not member names such as on_train_epoch_end(trainer): C++ cannot list a class's members, so a misspelled
+// member name would compile and never be called. A misspelled tag does not compile ("'on_train_epoch_edn' is not a
+// member of 'accelerated'"), and a handler whose tag is right but whose parameters cannot take the event's arguments
+// (a non-const reference to the batch, another trainer type) is a static_assert naming the callback and the event.
+//
 // A handler returning exactly `bool` asks the trainer to stop when it returns true (after the current step).
 // An event no callback handles generates no code: dispatch is `if constexpr` over a Boost.Hana tuple.
 #include <boost/hana/for_each.hpp>
@@ -22,61 +31,108 @@
 #include <string_view>
 #include <type_traits>
 
+#include "../errors.hpp"
+
 namespace accelerated::events {
+
+// The types of one run that the events' arguments are made of.
+template <class TrainBatch, class TrainOutput, class EvalBatch, class EvalOutput>
+struct RunTypes {
+  using train_batch = TrainBatch;
+  using train_output = TrainOutput;
+  using eval_batch = EvalBatch;
+  using eval_output = EvalOutput;
+};
+
+template <class... T>
+struct type_list {};
 
 namespace detail {
 template <class R>
 constexpr bool returns_bool = std::is_same_v<R, bool>;
-}
 
-// One type per event: `handled_by` tells whether a callback handles it, `call` invokes it (returns "stop?").
-#define ACCELERATED_DEFINE_EVENT(NAME)                                                                      \
-  struct NAME {                                                                                             \
-    static constexpr std::string_view name = #NAME;                                                         \
-    template <class Cb, class Tr, class... A>                                                               \
-    static constexpr bool full_form = requires(Cb& cb, Tr& tr, const A&... a) { cb.NAME(tr, a...); };      \
-    template <class Cb, class Tr>                                                                           \
-    static constexpr bool short_form = requires(Cb& cb, Tr& tr) { cb.NAME(tr); };                           \
-    template <class Cb, class Tr, class... A>                                                               \
-    static constexpr bool handled_by = full_form<Cb, Tr, A...> || short_form<Cb, Tr>;                      \
-    template <class Cb, class Tr, class... A>                                                               \
-    static bool call(Cb& cb, Tr& tr, const A&... a) {                                                       \
-      if constexpr (full_form<Cb, Tr, A...>) {                                                              \
-        if constexpr (detail::returns_bool<decltype(cb.NAME(tr, a...))>) {                                  \
-          return cb.NAME(tr, a...);                                                                         \
-        } else {                                                                                            \
-          cb.NAME(tr, a...);                                                                                \
-          return false;                                                                                     \
-        }                                                                                                   \
-      } else if constexpr (short_form<Cb, Tr>) {                                                            \
-        if constexpr (detail::returns_bool<decltype(cb.NAME(tr))>) {                                        \
-          return cb.NAME(tr);                                                                               \
-        } else {                                                                                            \
-          cb.NAME(tr);                                                                                      \
-          return false;                                                                                     \
-        }                                                                                                   \
-      } else {                                                                                              \
-        return false;                                                                                       \
-      }                                                                                                     \
-    }                                                                                                       \
+// Binds to any parameter a handler may declare (a reference, a const reference or a value of any type, or `auto&`):
+// a handler that takes it, but not the event's real arguments, has the right tag and the wrong parameters.
+struct any_argument {
+  template <class T>
+  operator T&() const;
+};
+
+#define ACCELERATED_UNPARENTHESISE(...) __VA_ARGS__
+}  // namespace detail
+
+// Every event, once: its name and the arguments after the trainer (in terms of `Run`, a RunTypes). Everything else
+// (the tag types, the checks, the names under accelerated::) is generated from this list.
+#define ACCELERATED_EVENTS(X)                                                                       \
+  X(on_init_end, ())                                                                                \
+  X(on_training_run_start, ())                                                                      \
+  X(on_train_epoch_start, ())                                                                       \
+  X(on_train_step_start, ())                                                                        \
+  X(on_train_step_end, (typename Run::train_batch, typename Run::train_output, std::int64_t))      \
+  X(on_train_epoch_end, ())                                                                         \
+  X(on_eval_epoch_start, (bool))                                                                    \
+  X(on_eval_step_start, ())                                                                         \
+  X(on_eval_step_end, (typename Run::eval_batch, typename Run::eval_output))                        \
+  X(on_eval_epoch_end, (bool))                                                                      \
+  X(on_training_run_epoch_end, ())                                                                  \
+  X(on_training_run_end, ())                                                                        \
+  X(on_evaluation_run_start, ())                                                                    \
+  X(on_evaluation_run_end, ())                                                                      \
+  X(on_stop_training_error, (StopTrainingError))                                                    \
+  X(on_update_step_end, ())
+
+// One tag type per event: `handled_by` tells whether a callback handles it with these arguments, `call` invokes it
+// (returns "stop?"), `misdeclared_by` finds a handler with this tag whose parameters cannot take them.
+#define ACCELERATED_DEFINE_EVENT(NAME, ARGUMENTS)                                                               \
+  struct NAME {                                                                                                 \
+    static constexpr std::string_view name = #NAME;                                                             \
+    template <class Run>                                                                                        \
+    using arguments = type_list<ACCELERATED_UNPARENTHESISE ARGUMENTS>;                                          \
+    template <class Cb, class Tr, class... A>                                                                   \
+    static constexpr bool full_form = requires(Cb& cb, Tr& tr, const A&... a) { cb(NAME{}, tr, a...); };        \
+    template <class Cb, class Tr>                                                                               \
+    static constexpr bool short_form = requires(Cb& cb, Tr& tr) { cb(NAME{}, tr); };                            \
+    template <class Cb, class Tr, class... A>                                                                   \
+    static constexpr bool handled_by = full_form<Cb, Tr, A...> || short_form<Cb, Tr>;                          \
+    template <class Cb>                                                                                         \
+    static constexpr bool has_handler =                                                                         \
+        requires(Cb& cb, detail::any_argument& x) { cb(NAME{}, x); } ||                                         \
+        requires(Cb& cb, detail::any_argument& x) { cb(NAME{}, x, x); } ||                                      \
+        requires(Cb& cb, detail::any_argument& x) { cb(NAME{}, x, x, x); } ||                                   \
+        requires(Cb& cb, detail::any_argument& x) { cb(NAME{}, x, x, x, x); };                                  \
+    /* A handler with this tag that cannot take the event's arguments: a compile error naming the event. */     \
+    template <class Cb, class Tr, class... A>                                                                   \
+    static constexpr bool check_handler(type_list<A...>) {                                                      \
+      constexpr bool declared_right = !has_handler<Cb> || handled_by<Cb, Tr, A...>;                            \
+      static_assert(declared_right, "accelerated: a callback's handler for " #NAME                              \
+                                    " cannot take its arguments (see the callback type in 'required from'): "   \
+                                    "take the trainer as `auto&` or the trainer type, and the event's other "   \
+                                    "arguments as const references or values (accelerated/callbacks/events.hpp)"); \
+      return handled_by<Cb, Tr, A...>;                                                                          \
+    }                                                                                                           \
+    template <class Cb, class Tr, class... A>                                                                   \
+    static bool call(Cb& cb, Tr& tr, const A&... a) {                                                           \
+      if constexpr (full_form<Cb, Tr, A...>) {                                                                  \
+        if constexpr (detail::returns_bool<decltype(cb(NAME{}, tr, a...))>) {                                   \
+          return cb(NAME{}, tr, a...);                                                                          \
+        } else {                                                                                                \
+          cb(NAME{}, tr, a...);                                                                                 \
+          return false;                                                                                         \
+        }                                                                                                       \
+      } else if constexpr (short_form<Cb, Tr>) {                                                                \
+        if constexpr (detail::returns_bool<decltype(cb(NAME{}, tr))>) {                                         \
+          return cb(NAME{}, tr);                                                                                \
+        } else {                                                                                                \
+          cb(NAME{}, tr);                                                                                       \
+          return false;                                                                                         \
+        }                                                                                                       \
+      } else {                                                                                                  \
+        return false;                                                                                           \
+      }                                                                                                         \
+    }                                                                                                           \
   };
 
-ACCELERATED_DEFINE_EVENT(on_init_end)
-ACCELERATED_DEFINE_EVENT(on_training_run_start)
-ACCELERATED_DEFINE_EVENT(on_train_epoch_start)
-ACCELERATED_DEFINE_EVENT(on_train_step_start)
-ACCELERATED_DEFINE_EVENT(on_train_step_end)
-ACCELERATED_DEFINE_EVENT(on_train_epoch_end)
-ACCELERATED_DEFINE_EVENT(on_eval_epoch_start)
-ACCELERATED_DEFINE_EVENT(on_eval_step_start)
-ACCELERATED_DEFINE_EVENT(on_eval_step_end)
-ACCELERATED_DEFINE_EVENT(on_eval_epoch_end)
-ACCELERATED_DEFINE_EVENT(on_training_run_epoch_end)
-ACCELERATED_DEFINE_EVENT(on_training_run_end)
-ACCELERATED_DEFINE_EVENT(on_evaluation_run_start)
-ACCELERATED_DEFINE_EVENT(on_evaluation_run_end)
-ACCELERATED_DEFINE_EVENT(on_stop_training_error)
-ACCELERATED_DEFINE_EVENT(on_update_step_end)
+ACCELERATED_EVENTS(ACCELERATED_DEFINE_EVENT)
 #undef ACCELERATED_DEFINE_EVENT
 
 // Calls `Event` on every callback of the tuple, in order; true when any handler asked to stop.
@@ -92,18 +148,23 @@ bool emit(Callbacks& callbacks, Trainer& trainer, const A&... args) {
   return stop;
 }
 
-// Does `Cb` handle at least one event? Step events are tried with the run's real batch and output types.
-template <class Cb, class Trainer, class TrainBatch, class TrainOutput, class EvalBatch, class EvalOutput,
-          class Error>
-constexpr bool handles_any_event =
-    on_init_end::handled_by<Cb, Trainer> || on_training_run_start::handled_by<Cb, Trainer> ||
-    on_train_epoch_start::handled_by<Cb, Trainer> || on_train_step_start::handled_by<Cb, Trainer> ||
-    on_train_step_end::handled_by<Cb, Trainer, TrainBatch, TrainOutput, std::int64_t> ||
-    on_train_epoch_end::handled_by<Cb, Trainer> || on_eval_epoch_start::handled_by<Cb, Trainer, bool> ||
-    on_eval_step_start::handled_by<Cb, Trainer> || on_eval_step_end::handled_by<Cb, Trainer, EvalBatch, EvalOutput> ||
-    on_eval_epoch_end::handled_by<Cb, Trainer, bool> || on_training_run_epoch_end::handled_by<Cb, Trainer> ||
-    on_training_run_end::handled_by<Cb, Trainer> || on_evaluation_run_start::handled_by<Cb, Trainer> ||
-    on_evaluation_run_end::handled_by<Cb, Trainer> || on_stop_training_error::handled_by<Cb, Trainer, Error> ||
-    on_update_step_end::handled_by<Cb, Trainer>;
+// Checks every handler of `Cb` against the run's real argument types (a misdeclared one is a static_assert naming
+// its event); true when `Cb` handles at least one event.
+template <class Cb, class Trainer, class Run>
+constexpr bool check_callback() {
+  bool handles_any = false;
+#define ACCELERATED_CHECK_EVENT(NAME, ARGUMENTS) \
+  handles_any = NAME::check_handler<Cb, Trainer>(typename NAME::template arguments<Run>{}) || handles_any;
+  ACCELERATED_EVENTS(ACCELERATED_CHECK_EVENT)
+#undef ACCELERATED_CHECK_EVENT
+  return handles_any;
+}
 
 }  // namespace accelerated::events
+
+namespace accelerated {
+// The tags under the library's namespace, so that handlers read `operator()(accelerated::on_train_epoch_end, ...)`.
+#define ACCELERATED_EXPORT_EVENT(NAME, ARGUMENTS) using events::NAME;
+ACCELERATED_EVENTS(ACCELERATED_EXPORT_EVENT)
+#undef ACCELERATED_EXPORT_EVENT
+}  // namespace accelerated

@@ -20,7 +20,7 @@ class LearningCurves {
   explicit LearningCurves(std::filesystem::path path = "learning_curves.svg") : path_(std::move(path)) {}
 
   template <class Trainer>
-  void on_training_run_epoch_end(Trainer& trainer) {
+  void operator()(accelerated::on_training_run_epoch_end, Trainer& trainer) {
     if (!trainer.run_config().is_world_process_zero) return;
     const auto& history = trainer.run_history();
     std::map<std::string, std::vector<std::pair<std::string, std::vector<double>>>> panels;

@@ -15,11 +15,11 @@ class LimitBatches {
       : n_(detail::require_positive("callbacks::LimitBatches", "num_batches", num_batches)) {}
 
   template <class Trainer>
-  void on_train_epoch_start(Trainer& trainer) {
+  void operator()(accelerated::on_train_epoch_start, Trainer& trainer) {
     trainer.limit_epoch_batches(n_);
   }
   template <class Trainer>
-  void on_eval_epoch_start(Trainer& trainer) {
+  void operator()(accelerated::on_eval_epoch_start, Trainer& trainer) {
     trainer.limit_epoch_batches(n_);
   }
 

@@ -17,7 +17,7 @@ class LimitEvalSteps {
         intermediate_only_(limit_intermediate_only) {}
 
   template <class Trainer>
-  void on_eval_epoch_start(Trainer& trainer, bool is_intermediate) {
+  void operator()(accelerated::on_eval_epoch_start, Trainer& trainer, bool is_intermediate) {
     if (intermediate_only_ && !is_intermediate) return;
     const auto processes = trainer.run_config().num_processes;
     trainer.limit_epoch_batches((n_ + processes - 1) / processes);

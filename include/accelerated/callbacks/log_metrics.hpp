@@ -9,21 +9,21 @@ namespace accelerated::callbacks {
 class LogMetrics {
  public:
   template <class Trainer>
-  void on_train_epoch_end(Trainer& trainer) {
+  void operator()(accelerated::on_train_epoch_end, Trainer& trainer) {
     log(trainer, [](const std::string& name) { return name.find("train") != std::string::npos; });
   }
   template <class Trainer>
-  void on_training_run_epoch_end(Trainer& trainer) {
+  void operator()(accelerated::on_training_run_epoch_end, Trainer& trainer) {
     log(trainer, [](const std::string& name) { return name.find("train") == std::string::npos; });
   }
   // Intermediate evaluations' metrics (intermediate_*) exist only during this event; LogMetrics must be listed after
   // the callbacks that record them (Accuracy) to see theirs: callbacks::Defaults then goes after Accuracy.
   template <class Trainer>
-  void on_eval_epoch_end(Trainer& trainer, bool is_intermediate) {
+  void operator()(accelerated::on_eval_epoch_end, Trainer& trainer, bool is_intermediate) {
     if (is_intermediate) log(trainer, [](const std::string& name) { return name.rfind("intermediate_", 0) == 0; });
   }
   template <class Trainer>
-  void on_evaluation_run_end(Trainer& trainer) {
+  void operator()(accelerated::on_evaluation_run_end, Trainer& trainer) {
     log(trainer, [](const std::string& name) { return name.rfind("evaluation", 0) == 0; });
   }
 

@@ -29,17 +29,17 @@ class MetricsLogger {
       : path_(std::move(path)), format_(format) {}
 
   template <class Trainer>
-  void on_training_run_start(Trainer& trainer) {
+  void operator()(accelerated::on_training_run_start, Trainer& trainer) {
     if (trainer.train_options().reset_run_history) rows_.clear();
   }
 
   template <class Trainer>
-  void on_training_run_epoch_end(Trainer& trainer) {
+  void operator()(accelerated::on_training_run_epoch_end, Trainer& trainer) {
     record(trainer, "train");
   }
 
   template <class Trainer>
-  void on_evaluation_run_end(Trainer& trainer) {
+  void operator()(accelerated::on_evaluation_run_end, Trainer& trainer) {
     record(trainer, "evaluate");
   }
 

@@ -42,7 +42,7 @@ class ModelEma {
   }
 
   template <class Trainer>
-  void on_training_run_start(Trainer& trainer) {
+  void operator()(accelerated::on_training_run_start, Trainer& trainer) {
     torch::NoGradGuard no_grad;
     ema_.clear();
     for (const auto& weight : weights_of(trainer.model().module())) ema_.push_back(weight.detach().clone());
@@ -51,12 +51,12 @@ class ModelEma {
   }
 
   template <class Trainer>
-  void on_training_run_end(Trainer&) {
+  void operator()(accelerated::on_training_run_end, Trainer&) {
     in_training_run_ = false;
   }
 
   template <class Trainer>
-  void on_update_step_end(Trainer& trainer) {
+  void operator()(accelerated::on_update_step_end, Trainer& trainer) {
     torch::NoGradGuard no_grad;
     const auto weights = weights_of(trainer.model().module());
     std::vector<torch::Tensor> averaged, current;
@@ -74,7 +74,7 @@ class ModelEma {
   }
 
   template <class Trainer>
-  void on_eval_epoch_end(Trainer& trainer, bool is_intermediate) {
+  void operator()(accelerated::on_eval_epoch_end, Trainer& trainer, bool is_intermediate) {
     if (!options_.evaluate_during_training || is_intermediate || !in_training_run_) return;  // not in evaluate()
     with_ema_weights(trainer.model().module(), [&] {
       const double value = trainer.eval_loss_pass(options_.metric);
@@ -85,7 +85,7 @@ class ModelEma {
   }
 
   template <class Trainer>
-  void on_training_run_epoch_end(Trainer& trainer) {
+  void operator()(accelerated::on_training_run_epoch_end, Trainer& trainer) {
     if (options_.evaluate_during_training) return;
     with_ema_weights(trainer.model().module(),
                      [&] { trainer.save_checkpoint(options_.save_path, {}, /*save_optimizer=*/false); });

@@ -22,11 +22,11 @@ class MoveModulesToDevice {
   }
 
   template <class Trainer>
-  void on_training_run_start(Trainer& trainer) {
+  void operator()(accelerated::on_training_run_start, Trainer& trainer) {
     place(trainer);
   }
   template <class Trainer>
-  void on_evaluation_run_start(Trainer& trainer) {
+  void operator()(accelerated::on_evaluation_run_start, Trainer& trainer) {
     place(trainer);
   }
 

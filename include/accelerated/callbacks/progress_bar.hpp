@@ -11,29 +11,29 @@ namespace accelerated::callbacks {
 class ProgressBar {
  public:
   template <class Trainer>
-  void on_train_epoch_start(Trainer& trainer) {
+  void operator()(accelerated::on_train_epoch_start, Trainer& trainer) {
     start(trainer, "train");
   }
   template <class Trainer>
-  void on_train_step_end(Trainer& trainer) {
+  void operator()(accelerated::on_train_step_end, Trainer& trainer) {
     advance(trainer);
   }
   template <class Trainer>
-  void on_train_epoch_end(Trainer& trainer) {
+  void operator()(accelerated::on_train_epoch_end, Trainer& trainer) {
     finish(trainer);
   }
   // Intermediate evaluations (StepBasedEvaluation) get no bar: they would break the training epoch's bar.
   template <class Trainer>
-  void on_eval_epoch_start(Trainer& trainer, bool is_intermediate) {
+  void operator()(accelerated::on_eval_epoch_start, Trainer& trainer, bool is_intermediate) {
     in_intermediate_ = is_intermediate;
     if (!is_intermediate) start(trainer, "eval");
   }
   template <class Trainer>
-  void on_eval_step_end(Trainer& trainer) {
+  void operator()(accelerated::on_eval_step_end, Trainer& trainer) {
     if (!in_intermediate_) advance(trainer);
   }
   template <class Trainer>
-  void on_eval_epoch_end(Trainer& trainer, bool is_intermediate) {
+  void operator()(accelerated::on_eval_epoch_end, Trainer& trainer, bool is_intermediate) {
     if (!is_intermediate) finish(trainer);
     in_intermediate_ = false;
   }

@@ -24,12 +24,12 @@ class SaveBestModel {
   explicit SaveBestModel(SaveBestModelOptions options = {}) : options_(std::move(options)) {}
 
   template <class Trainer>
-  void on_training_run_start(Trainer&) {
+  void operator()(accelerated::on_training_run_start, Trainer&) {
     if (options_.reset_on_train) best_.reset();
   }
 
   template <class Trainer>
-  void on_training_run_epoch_end(Trainer& trainer) {
+  void operator()(accelerated::on_training_run_epoch_end, Trainer& trainer) {
     const double value = trainer.run_history().get_latest_metric(options_.watch_metric);
     if (!detail::improves(best_, value, options_.greater_is_better)) return;
     best_ = value;
@@ -37,7 +37,7 @@ class SaveBestModel {
   }
 
   template <class Trainer>
-  void on_training_run_end(Trainer& trainer) {
+  void operator()(accelerated::on_training_run_end, Trainer& trainer) {
     if (options_.load_saved_checkpoint && best_) trainer.load_checkpoint(options_.save_path, options_.save_optimizer);
   }
 

@@ -52,7 +52,7 @@ class SaveTrainingState {
   }
 
   template <class Trainer>
-  void on_training_run_start(Trainer& trainer) {
+  void operator()(accelerated::on_training_run_start, Trainer& trainer) {
     if (!trainer.run_config().is_world_process_zero) return;
     std::error_code error;
     std::filesystem::create_directories(options_.save_dir, error);
@@ -64,7 +64,7 @@ class SaveTrainingState {
   }
 
   template <class Trainer>
-  void on_update_step_end(Trainer& trainer) {
+  void operator()(accelerated::on_update_step_end, Trainer& trainer) {
     const auto step = trainer.state().update_step;
     if (options_.save_every_n_steps && step % *options_.save_every_n_steps == 0) {
       save(trainer, "step_" + std::to_string(step), true);
@@ -72,7 +72,7 @@ class SaveTrainingState {
   }
 
   template <class Trainer>
-  void on_training_run_epoch_end(Trainer& trainer) {
+  void operator()(accelerated::on_training_run_epoch_end, Trainer& trainer) {
     const auto epoch = trainer.run_history().current_epoch();
     if (options_.save_every_n_epochs && epoch % *options_.save_every_n_epochs == 0) {
       save(trainer, "epoch_" + std::to_string(epoch), true);
@@ -80,7 +80,7 @@ class SaveTrainingState {
   }
 
   template <class Trainer>
-  void on_training_run_end(Trainer& trainer) {
+  void operator()(accelerated::on_training_run_end, Trainer& trainer) {
     if (options_.save_at_end) save(trainer, "final", false);
   }
 

@@ -17,7 +17,7 @@ class StepBasedEvaluation {
       : n_(detail::require_positive("callbacks::StepBasedEvaluation", "eval_every_n_steps", eval_every_n_steps)) {}
 
   template <class Trainer>
-  void on_update_step_end(Trainer& trainer) {
+  void operator()(accelerated::on_update_step_end, Trainer& trainer) {
     const auto& state = trainer.state();
     if (state.update_step % n_ == 0 && state.step < state.num_batches) trainer.request_evaluation();
   }

@@ -34,16 +34,16 @@ class TerminateOnNan {
   }
 
   template <class Trainer>
-  void on_train_epoch_start(Trainer&) {
+  void operator()(accelerated::on_train_epoch_start, Trainer&) {
     clear();
   }
   template <class Trainer>
-  void on_eval_epoch_start(Trainer&) {
+  void operator()(accelerated::on_eval_epoch_start, Trainer&) {
     clear();
   }
 
   template <class Trainer>
-  void on_train_step_end(Trainer& trainer) {
+  void operator()(accelerated::on_train_step_end, Trainer& trainer) {
     const auto& state = trainer.state();
     observe(state.last_loss, state.step);
     const auto interval = check_every_ > 0 ? check_every_ : (state.last_loss.pending() ? default_gpu_interval : 1);
@@ -52,7 +52,7 @@ class TerminateOnNan {
   }
 
   template <class Trainer>
-  void on_eval_step_end(Trainer& trainer) {
+  void operator()(accelerated::on_eval_step_end, Trainer& trainer) {
     const auto& state = trainer.state();
     observe(state.last_loss, state.step);
     // Checked at once on the CPU, at the end of the epoch on a GPU; a multi-process stop is agreed at the epoch's end

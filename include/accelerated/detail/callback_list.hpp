@@ -59,12 +59,13 @@ inline constexpr std::size_t index_of_v<T, boost::hana::tuple<U...>> = [] {
   return i;
 }();
 
-// Every callback handles at least one event (step events tried with the run's real batch and output types).
+// Every callback handles at least one event, and each of its handlers can take its event's arguments (step events
+// tried with the run's real batch and output types; a misdeclared handler is a static_assert naming the event).
 template <class Tuple, class Trainer, class TrainBatch, class TrainOutput, class EvalBatch, class EvalOutput>
 inline constexpr bool every_callback_handles_v = false;
 template <class... Cbs, class Trainer, class TrainBatch, class TrainOutput, class EvalBatch, class EvalOutput>
 inline constexpr bool every_callback_handles_v<boost::hana::tuple<Cbs...>, Trainer, TrainBatch, TrainOutput, EvalBatch,
                                                EvalOutput> =
-    (events::handles_any_event<Cbs, Trainer, TrainBatch, TrainOutput, EvalBatch, EvalOutput, StopTrainingError> && ...);
+    (events::check_callback<Cbs, Trainer, events::RunTypes<TrainBatch, TrainOutput, EvalBatch, EvalOutput>>() && ...);
 
 }  // namespace accelerated::detail
