@@ -457,3 +457,40 @@ TEST_CASE("a LibTorch error in the model or the loss says where it happened and 
                           Catch::Contains("out of bounds"));
   CHECK_THAT(message, !Catch::Contains("frame #"));  // no C++ backtrace
 }
+
+namespace {
+struct CountingLoop : acc::DefaultLoop {
+  int* steps = nullptr;
+  void optimizer_step(auto& t) {
+    ++*steps;
+    acc::DefaultLoop::optimizer_step(t);
+  }
+};
+}  // namespace
+
+TEST_CASE("configured policies are given to the trainer as values", "[trainer][policies]") {
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), 0.05);
+  acc::DataParallelOptions options;
+  options.timeout = std::chrono::seconds(7);
+  // Any subset, in any order; the others are the defaults. CTAD deduces the trainer's type from them.
+  acc::Trainer trainer(model, torch::nn::MSELoss(), optimizer, acc::policies(acc::BFloat16{}, acc::Cpu{}),
+                       acc::callbacks::Defaults{});
+  static_assert(std::is_same_v<decltype(trainer)::device_policy_type, acc::Cpu>);
+  static_assert(std::is_same_v<decltype(trainer)::precision_policy_type, acc::BFloat16>);
+  static_assert(std::is_same_v<decltype(trainer)::distributed_policy_type, acc::AutoDistributed>);
+  static_assert(std::is_same_v<decltype(trainer)::loop_policy_type, acc::DefaultLoop>);
+  trainer.set_output(test::quiet());
+  trainer.train(test::regression_data(16), {.per_device_batch_size = 4});
+  CHECK(trainer.run_config().mixed_precision == "bf16");
+
+  // A configured value keeps its configuration (here a loop policy with state).
+  int steps = 0;
+  acc::Trainer counted(model, torch::nn::MSELoss(), optimizer,
+                       acc::policies(CountingLoop{.steps = &steps}, acc::Cpu{}, acc::FullPrecision{}),
+                       acc::callbacks::Defaults{});
+  counted.set_output(test::quiet());
+  counted.train(test::regression_data(16), {.num_epochs = 2, .per_device_batch_size = 4});
+  CHECK(steps == 8);
+  (void)options;
+}

@@ -12,6 +12,7 @@
 #include <string>
 #include <utility>
 
+#include "accelerator.hpp"
 #include "data/sampler.hpp"
 
 namespace accelerated {
@@ -123,7 +124,12 @@ consteval bool check_policies() {
                     "accelerated::Trainer: the DistributedPolicy lacks `void all_reduce_sum(std::span<double>)` (see policies/distributed.hpp)");
   ACCELERATED_CHECK(distributed_has_gather<Distributed>,
                     "accelerated::Trainer: the DistributedPolicy lacks `torch::Tensor gather(const torch::Tensor&)` or `void barrier()` (see policies/distributed.hpp)");
-  return DevicePolicy<Device> && PrecisionPolicy<Precision> && DistributedPolicy<Distributed>;
+  ACCELERATED_CHECK((compatible_policies_v<Device, Precision>),
+                    "accelerated::Trainer: the PrecisionPolicy needs a CUDA device (needs_cuda), but the DevicePolicy "
+                    "is always the CPU (always_cpu): fp16 mixed precision (Float16) does not run on Cpu; use BFloat16 "
+                    "on the CPU, or Cuda/AutoDevice (see accelerator.hpp)");
+  return DevicePolicy<Device> && PrecisionPolicy<Precision> && DistributedPolicy<Distributed> &&
+         compatible_policies_v<Device, Precision>;
 }
 
 // The loop steps that take only the trainer.

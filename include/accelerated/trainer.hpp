@@ -32,6 +32,7 @@
 #include <utility>
 #include <vector>
 
+#include "accelerator.hpp"
 #include "batch.hpp"
 #include "callbacks/events.hpp"
 #include "checkpoint.hpp"
@@ -48,6 +49,7 @@
 #include "errors.hpp"
 #include "loss_meter.hpp"
 #include "model.hpp"
+#include "policies.hpp"
 #include "policies/device.hpp"
 #include "policies/distributed.hpp"
 #include "policies/loop.hpp"
@@ -119,11 +121,22 @@ class Trainer {
                 "callbacks::Defaults); list each callback type once");
 
  public:
-  // The optimizer is held by reference and must outlive the trainer; the model and the loss are shared.
+  // The optimizer is held by reference and must outlive the trainer; the model and the loss are shared. The policies
+  // are default-constructed.
   Trainer(Model model, LossFunction loss, torch::optim::Optimizer& optimizer, Callbacks... callbacks)
+      : Trainer(std::move(model), std::move(loss), optimizer, Policies<Device, Precision, Distributed, Loop>{},
+                std::move(callbacks)...) {}
+
+  // With configured policies: accelerated::policies(DataParallel(options), BFloat16{}, ...) (policies.hpp).
+  Trainer(Model model, LossFunction loss, torch::optim::Optimizer& optimizer,
+          Policies<Device, Precision, Distributed, Loop> policies, Callbacks... callbacks)
       : model_(std::move(model)),
         loss_(std::move(loss)),
         optimizer_(&optimizer),
+        device_(std::move(policies.device)),
+        precision_(std::move(policies.precision)),
+        distributed_(std::move(policies.distributed)),
+        loop_(std::move(policies.loop)),
         callbacks_(detail::make_callback_tuple(std::move(callbacks)...)) {
     if constexpr (policies_ok_) {
       allocator_tuning();
@@ -591,9 +604,10 @@ class Trainer {
     if (pending_error_) std::rethrow_exception(std::exchange(pending_error_, nullptr));
   }
 
-  // The model, the loss module and every registered module go to the device; the precision policy may refuse it.
+  // The policies are bound to each other (accelerator.hpp), then the model, the loss module and every registered
+  // module go to the device.
   void place_modules() {
-    if constexpr (requires { precision_.check_device(device_.device()); }) precision_.check_device(device_.device());
+    bind_policies(device_, precision_, distributed_);
     device_.place(model_.module());
     if (loss_.module()) device_.place(*loss_.module());
     for (const auto& module : registered_modules_) device_.place(*module);
@@ -994,6 +1008,11 @@ class Trainer {
 template <class M, class L, class... Callbacks>
 Trainer(M, L, torch::optim::Optimizer&, Callbacks...)
     -> Trainer<AutoDevice, AutoPrecision, AutoDistributed, DefaultLoop, Callbacks...>;
+
+// `Trainer trainer(model, loss, optimizer, policies(DataParallel(options), ...), callbacks...)` deduces the policies
+// from the configured values and the callback list.
+template <class M, class L, class D, class P, class Di, class Lo, class... Callbacks>
+Trainer(M, L, torch::optim::Optimizer&, Policies<D, P, Di, Lo>, Callbacks...) -> Trainer<D, P, Di, Lo, Callbacks...>;
 
 // Names the policies and deduces the callbacks: make_trainer<Cpu, BFloat16, SingleProcess, MyLoop>(m, l, o, cbs...)
 template <class Device = AutoDevice, class Precision = AutoPrecision, class Distributed = AutoDistributed,

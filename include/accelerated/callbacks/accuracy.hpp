@@ -10,6 +10,7 @@
 #include <string>
 
 #include "../batch.hpp"
+#include "events.hpp"
 
 namespace accelerated::callbacks {
 

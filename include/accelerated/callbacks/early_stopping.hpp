@@ -11,6 +11,7 @@
 
 #include "../errors.hpp"
 #include "../detail/callback_state.hpp"
+#include "events.hpp"
 
 namespace accelerated::callbacks {
 

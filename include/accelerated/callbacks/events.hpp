@@ -32,6 +32,7 @@
 #include <type_traits>
 
 #include "../errors.hpp"
+#include "events.hpp"
 
 namespace accelerated::events {
 
@@ -89,17 +90,17 @@ struct any_argument {
     template <class Run>                                                                                        \
     using arguments = type_list<ACCELERATED_UNPARENTHESISE ARGUMENTS>;                                          \
     template <class Cb, class Tr, class... A>                                                                   \
-    static constexpr bool full_form = requires(Cb& cb, Tr& tr, const A&... a) { cb(NAME{}, tr, a...); };        \
+    static constexpr bool full_form = requires(Cb& cb, Tr& tr, const NAME& e, const A&... a) { cb(e, tr, a...); }; \
     template <class Cb, class Tr>                                                                               \
-    static constexpr bool short_form = requires(Cb& cb, Tr& tr) { cb(NAME{}, tr); };                            \
+    static constexpr bool short_form = requires(Cb& cb, Tr& tr, const NAME& e) { cb(e, tr); };               \
     template <class Cb, class Tr, class... A>                                                                   \
     static constexpr bool handled_by = full_form<Cb, Tr, A...> || short_form<Cb, Tr>;                          \
     template <class Cb>                                                                                         \
     static constexpr bool has_handler =                                                                         \
-        requires(Cb& cb, detail::any_argument& x) { cb(NAME{}, x); } ||                                         \
-        requires(Cb& cb, detail::any_argument& x) { cb(NAME{}, x, x); } ||                                      \
-        requires(Cb& cb, detail::any_argument& x) { cb(NAME{}, x, x, x); } ||                                   \
-        requires(Cb& cb, detail::any_argument& x) { cb(NAME{}, x, x, x, x); };                                  \
+        requires(Cb& cb, const NAME& e, detail::any_argument& x) { cb(e, x); } ||                                         \
+        requires(Cb& cb, const NAME& e, detail::any_argument& x) { cb(e, x, x); } ||                                      \
+        requires(Cb& cb, const NAME& e, detail::any_argument& x) { cb(e, x, x, x); } ||                                   \
+        requires(Cb& cb, const NAME& e, detail::any_argument& x) { cb(e, x, x, x, x); };                                  \
     /* A handler with this tag that cannot take the event's arguments: a compile error naming the event. */     \
     template <class Cb, class Tr, class... A>                                                                   \
     static constexpr bool check_handler(type_list<A...>) {                                                      \

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../detail/atomic_file.hpp"
+#include "events.hpp"
 
 namespace accelerated::callbacks {
 

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "../detail/checks.hpp"
+#include "events.hpp"
 
 namespace accelerated::callbacks {
 

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "../detail/checks.hpp"
+#include "events.hpp"
 
 namespace accelerated::callbacks {
 

@@ -3,6 +3,7 @@
 // every other metric at the end of the whole epoch, after all eval callbacks have recorded theirs (the Python
 // original logs at on_eval_epoch_end, so metrics recorded by callbacks listed after it were missed).
 #include <string>
+#include "events.hpp"
 
 namespace accelerated::callbacks {
 

@@ -18,6 +18,7 @@
 
 #include "../detail/atomic_file.hpp"
 #include "../detail/json.hpp"
+#include "events.hpp"
 
 namespace accelerated::callbacks {
 

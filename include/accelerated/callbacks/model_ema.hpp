@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../detail/callback_state.hpp"
+#include "events.hpp"
 
 namespace accelerated::callbacks {
 

@@ -8,6 +8,7 @@
 #include <memory>
 #include <stdexcept>
 #include <vector>
+#include "events.hpp"
 
 namespace accelerated::callbacks {
 

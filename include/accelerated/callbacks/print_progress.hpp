@@ -1,5 +1,7 @@
 #pragma once
 // One line at each boundary of a run: "Starting training run", "Starting epoch N", ... (process zero only).
+#include "events.hpp"
+
 namespace accelerated::callbacks {
 
 struct PrintProgress {

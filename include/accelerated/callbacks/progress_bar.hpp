@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include "events.hpp"
 
 namespace accelerated::callbacks {
 

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "../detail/callback_state.hpp"
+#include "events.hpp"
 
 namespace accelerated::callbacks {
 

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../detail/atomic_file.hpp"
+#include "events.hpp"
 
 namespace accelerated::callbacks {
 

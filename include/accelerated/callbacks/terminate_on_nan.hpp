@@ -18,6 +18,7 @@
 
 #include "../errors.hpp"
 #include "../loss_meter.hpp"
+#include "events.hpp"
 
 namespace accelerated::callbacks {
 

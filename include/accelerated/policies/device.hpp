@@ -1,8 +1,8 @@
 #pragma once
 // Device policies: where the model, the loss module, registered modules and every batch live. The menu:
 //   Cpu         everything on the CPU; to_device is the identity and costs nothing.
-//   Cuda        the GPU of this process's local rank (torchrun, OpenMPI, SLURM), else 0; batches are copied through
-//               pinned memory without blocking.
+//   Cuda        the GPU of this process's local rank (the distributed policy's, bound by the trainer; before that
+//               torchrun's, OpenMPI's or SLURM's), else 0; batches are copied through pinned memory without blocking.
 //   AutoDevice  Cuda when LibTorch sees a GPU, else Cpu (the trainer's default).
 // A device policy provides, checked by accelerated::DevicePolicy in concepts.hpp:
 //   torch::Device device() const;            std::string name() const;
@@ -12,6 +12,7 @@
 #include <torch/nn/module.h>
 #include <torch/types.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -32,6 +33,7 @@ inline void make_current_device(torch::Device device) {
 }  // namespace detail
 
 struct Cpu {
+  static constexpr bool always_cpu = true;  // a fact the trainer checks fixed combinations with (accelerator.hpp)
   torch::Device device() const { return torch::kCPU; }
   std::string name() const { return "cpu"; }
   void place(torch::nn::Module& module) const { module.to(torch::kCPU); }
@@ -43,8 +45,15 @@ struct Cpu {
 
 class Cuda {
  public:
-  Cuda() : index_(local_rank_from_env()) {}
-  explicit Cuda(int index) : index_(index) {}
+  // The GPU of this process's local rank: the distributed policy's, once the trainer binds them (accelerator.hpp);
+  // the launcher's environment before that.
+  Cuda() : index_(local_rank_from_env()), fixed_(false) {}
+  explicit Cuda(int index) : index_(index), fixed_(true) {}
+
+  // Called by bind_policies: the local rank picks the GPU, unless an index was given.
+  void bind_local_rank(std::int64_t local_rank) {
+    if (!fixed_) index_ = static_cast<int>(local_rank);
+  }
 
   torch::Device device() const { return {torch::kCUDA, static_cast<c10::DeviceIndex>(index_)}; }
   std::string name() const { return "cuda:" + std::to_string(index_); }
@@ -83,6 +92,7 @@ class Cuda {
   }
 
   int index_;
+  bool fixed_;
 };
 
 class AutoDevice {
@@ -91,6 +101,10 @@ class AutoDevice {
 
   torch::Device device() const { return device_; }
   std::string name() const { return device_.str(); }
+  // Called by bind_policies: on a GPU, the local rank picks which.
+  void bind_local_rank(std::int64_t local_rank) {
+    if (device_.is_cuda()) device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank));
+  }
   void place(torch::nn::Module& module) const {
     detail::make_current_device(device_);
     module.to(device_);

@@ -163,12 +163,16 @@ class DataParallel {
 #endif
   }
 
+  // Called by bind_policies (accelerator.hpp): the device the model trains on. On a GPU, CUDA tensors go to the
+  // CUDA backend (NCCL where LibTorch has it) when the model is prepared.
+  void bind_device(torch::Device device) { device_ = device; }
+
   // At the start of every run: rank 0's parameters and buffers everywhere, and the reducer for this model.
   void prepare(torch::nn::Module& module) {
 #if ACCELERATED_HAS_GLOO
     join();
     if (!membership_) return;
-    if (membership_->cuda_backend.empty() && on_cuda(module)) {
+    if (membership_->cuda_backend.empty() && (device_.is_cuda() || on_cuda(module))) {
       membership_->cuda_backend = guarded("creating the CUDA backend", [&] {
         return distributed::attach_cuda_backend(membership_->group, membership_->store, env_.rank, env_.world_size,
                                                 options_.timeout, options_.cuda_backend);
@@ -325,6 +329,7 @@ class DataParallel {
 
   DataParallelOptions options_;
   distributed::Environment env_;
+  torch::Device device_{torch::kCPU};
 #if ACCELERATED_HAS_GLOO
   c10::intrusive_ptr<c10d::Store> given_store_;              // the store of the store constructor
   std::shared_ptr<distributed::Membership> membership_;       // null until joined

@@ -53,6 +53,7 @@ class Float16 {
  public:
   explicit Float16(precision::GradScalerOptions options = {}) : scaler_(options) {}
 
+  static constexpr bool needs_cuda = true;  // a fact the trainer checks fixed combinations with (accelerator.hpp)
   std::string name() const { return "fp16"; }
   void check_device(torch::Device device) const {
     if (!device.is_cuda()) {
