@@ -25,18 +25,18 @@ using SchedulerFactory =
 struct TrainOptions {
   std::int64_t num_epochs = 1;
   std::int64_t per_device_batch_size = 8;
-  std::optional<std::int64_t> eval_per_device_batch_size;  // defaults to per_device_batch_size
-  std::optional<std::int64_t> max_num_train_steps;          // optimizer updates; the smaller limit wins
+  std::optional<std::int64_t> eval_per_device_batch_size{};  // defaults to per_device_batch_size
+  std::optional<std::int64_t> max_num_train_steps{};          // optimizer updates; the smaller limit wins
   std::int64_t gradient_accumulation_steps = 1;
-  std::optional<double> gradient_clip_value;  // clip_grad_value_, on update steps only
-  std::optional<double> gradient_clip_norm;   // clip_grad_norm_ (L2), on update steps only
-  SchedulerFactory create_scheduler_fn;
+  std::optional<double> gradient_clip_value{};  // clip_grad_value_, on update steps only
+  std::optional<double> gradient_clip_norm{};   // clip_grad_norm_ (L2), on update steps only
+  SchedulerFactory create_scheduler_fn{};
   bool shuffle = true;           // training data only; evaluation is always in order
   bool drop_last = false;        // training data only
   std::uint64_t seed = 42;       // shuffling order of epoch e is a function of (seed, e)
   bool reset_run_history = true;
   // A training state to continue (Trainer::load_training_state): the run resumes at the saved batch.
-  std::optional<std::filesystem::path> resume_from;
+  std::optional<std::filesystem::path> resume_from{};
 
   void validate() const {
     auto fail = [](const std::string& option, const std::string& value, const std::string& rule) {

@@ -25,10 +25,10 @@ namespace accelerated::callbacks {
 
 struct SaveTrainingStateOptions {
   std::filesystem::path save_dir = "training_states";
-  std::optional<std::int64_t> save_every_n_epochs;
-  std::optional<std::int64_t> save_every_n_steps;  // optimizer updates
+  std::optional<std::int64_t> save_every_n_epochs{};
+  std::optional<std::int64_t> save_every_n_steps{};  // optimizer updates
   bool save_at_end = true;
-  std::optional<std::int64_t> max_checkpoints;  // keep the newest step_/epoch_ states only
+  std::optional<std::int64_t> max_checkpoints{};  // keep the newest step_/epoch_ states only
 };
 
 class SaveTrainingState {

@@ -60,7 +60,7 @@ struct SingleProcess {
 struct DataParallelOptions {
   std::chrono::milliseconds timeout = std::chrono::minutes(5);  // any wait: rendezvous, collectives, a dead peer
 #if ACCELERATED_HAS_GLOO
-  distributed::GradientSyncOptions gradient_sync;
+  distributed::GradientSyncOptions gradient_sync{};
   // Shared memory when every rank runs on this machine, Gloo otherwise (ACCELERATED_TRANSPORT overrides it).
   distributed::Transport transport = distributed::Transport::automatic;
   // What carries the gradients of a model on a GPU: NCCL where LibTorch has it, else the transport above

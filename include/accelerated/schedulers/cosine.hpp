@@ -28,10 +28,10 @@ struct CosineOptions {
   std::int64_t num_update_steps_per_epoch = 1;
   double k_decay = 1.0;
   double lr_min = 1e-6;
-  std::optional<double> min_lr_ratio;  // of each group's initial rate; overrides lr_min
+  std::optional<double> min_lr_ratio{};  // of each group's initial rate; overrides lr_min
   std::int64_t num_warmup_epochs = 0;
   double warmup_starting_lr = 1e-6;
-  std::optional<double> warmup_starting_lr_ratio;  // overrides warmup_starting_lr
+  std::optional<double> warmup_starting_lr_ratio{};  // overrides warmup_starting_lr
   std::int64_t num_cooldown_epochs = 0;
   ParamGroupField field = fields::lr();  // the number the schedule drives (weight decay, momentum, ...)
 };

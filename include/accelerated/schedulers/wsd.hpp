@@ -24,10 +24,10 @@
 namespace accelerated::schedulers {
 
 struct WsdOptions {
-  std::optional<std::int64_t> num_epochs;
-  std::optional<std::int64_t> num_update_steps_per_epoch;
-  std::optional<std::int64_t> total_steps;       // instead of epochs x steps per epoch
-  std::optional<std::int64_t> num_warmup_steps;  // default: 1% of the total
+  std::optional<std::int64_t> num_epochs{};
+  std::optional<std::int64_t> num_update_steps_per_epoch{};
+  std::optional<std::int64_t> total_steps{};       // instead of epochs x steps per epoch
+  std::optional<std::int64_t> num_warmup_steps{};  // default: 1% of the total
   double decay_phase_ratio = 0.1;
   double lr_min = 1e-6;  // a fraction of the base rate
   double warmup_starting_lr = 1e-6;
