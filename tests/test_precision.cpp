@@ -325,7 +325,7 @@ TEST_CASE("every device and precision policy compiles with the default loop", "[
       static_assert(acc::PrecisionPolicy<typename T::precision_policy_type>);
       // Taking the addresses instantiates train() and evaluate() for this combination.
       auto train = static_cast<void (T::*)(Data&, const acc::TrainOptions&, const acc::NoEvalSet&, acc::data::DefaultCollate)>(&T::train);
-      auto evaluate = static_cast<void (T::*)(Data&, std::int64_t, acc::data::DefaultCollate)>(&T::evaluate);
+      auto evaluate = static_cast<double (T::*)(Data&, std::int64_t, acc::data::DefaultCollate)>(&T::evaluate);
       CHECK(train != nullptr);
       CHECK(evaluate != nullptr);
       ++combinations;

@@ -212,8 +212,10 @@ TEST_CASE("the recorded loss is the unscaled batch-size-weighted mean", "[traine
   const auto full = torch::mse_loss(model(data.first), data.second).item<double>();
   CHECK(trainer.run_history().get_latest_metric("train_loss_epoch") == Approx(full).epsilon(1e-6));
   CHECK(trainer.run_history().get_latest_metric("eval_loss_epoch") == Approx(full).epsilon(1e-6));
-  trainer.evaluate(data, 3);  // batches of 3, 3, 3, 1
+  const double returned = trainer.evaluate(data, 3);  // batches of 3, 3, 3, 1
   CHECK(trainer.run_history().get_latest_metric("evaluation_loss") == Approx(full).epsilon(1e-6));
+  CHECK(returned == trainer.run_history().get_latest_metric("evaluation_loss"));  // evaluate() returns the loss
+  CHECK(trainer.run_config().eval_per_device_batch_size == 3);  // run_config() now describes the evaluation
 }
 
 namespace {
@@ -493,4 +495,16 @@ TEST_CASE("configured policies are given to the trainer as values", "[trainer][p
   counted.train(test::regression_data(16), {.num_epochs = 2, .per_device_batch_size = 4});
   CHECK(steps == 8);
   (void)options;
+}
+
+TEST_CASE("a trainer can run with no callbacks at all", "[trainer][callbacks]") {
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), 0.05);
+  acc::Trainer trainer(model, torch::nn::MSELoss(), optimizer, acc::callbacks::None{});
+  static_assert(std::is_same_v<decltype(trainer)::callback_tuple, boost::hana::tuple<>>);
+  std::ostringstream out;
+  trainer.set_output(out);
+  trainer.train(test::regression_data(16), {.num_epochs = 2, .per_device_batch_size = 4});
+  CHECK(out.str().empty());  // no progress, no metrics printed
+  CHECK(trainer.run_history().get_metric_values("train_loss_epoch").size() == 2);  // the history is the trainer's
 }

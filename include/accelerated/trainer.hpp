@@ -21,6 +21,7 @@
 #include <functional>
 #include <map>
 #include <iostream>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <ostream>
@@ -183,10 +184,13 @@ class Trainer {
     }
   }
 
-  // Runs one evaluation epoch over `dataset` and records "evaluation_loss". The model's train/eval mode is left as
-  // it was found. The run history is kept (the Python original resets it here, losing the training metrics).
+  // Runs one evaluation epoch over `dataset`, records "evaluation_loss" and returns it (the global, batch-size-weighted
+  // mean; NaN when a stop ended the evaluation early). run_config() then describes this evaluation (train_config of
+  // the last train() is kept for training states); the model's train/eval mode is left as it was found. The run
+  // history is kept (the Python original resets it here, losing the training metrics).
   template <class Data, class Collate = data::DefaultCollate>
-  void evaluate(Data&& dataset, std::int64_t per_device_batch_size = 8, Collate collate = {}) {
+  double evaluate(Data&& dataset, std::int64_t per_device_batch_size = 8, Collate collate = {}) {
+    double evaluation_loss = std::numeric_limits<double>::quiet_NaN();
     if constexpr (policies_ok_) {
       if (per_device_batch_size <= 0) {
         throw std::invalid_argument("accelerated::Trainer::evaluate: per_device_batch_size = " +
@@ -211,6 +215,7 @@ class Trainer {
           emit<events::on_evaluation_run_start>();
           try {
             run_eval_epoch(loader, "evaluation_loss", false);
+            evaluation_loss = history_.get_latest_metric(history_.metric_name_prefix() + "evaluation_loss");
           } catch (const StopTrainingError& error) {
             print(error.what());
             emit<events::on_stop_training_error>(error);
@@ -221,6 +226,7 @@ class Trainer {
         }
       }
     }
+    return evaluation_loss;
   }
 
   // Asks the run to stop once the current step has finished (a callback may also return true from an event, or

@@ -26,4 +26,7 @@ Group<Callbacks...> group(Callbacks... callbacks) {
 // On by default, in this order: stop on a non-finite loss, print run boundaries, progress bar, log metrics.
 using Defaults = Group<TerminateOnNan, PrintProgress, ProgressBar, LogMetrics>;
 
+// No callbacks at all (not even the defaults): Trainer trainer(model, loss, optimizer, callbacks::None{}).
+using None = Group<>;
+
 }  // namespace accelerated::callbacks
