@@ -508,3 +508,46 @@ TEST_CASE("a trainer can run with no callbacks at all", "[trainer][callbacks]") 
   CHECK(out.str().empty());  // no progress, no metrics printed
   CHECK(trainer.run_history().get_metric_values("train_loss_epoch").size() == 2);  // the history is the trainer's
 }
+
+// The archetypes of docs/writing-a-device-policy.md and docs/writing-a-distributed-policy.md (the pages are checked
+// against these files by the doc-snippet test).
+namespace archetypes {
+#include "archetypes/device_policy.hpp"
+#include "archetypes/distributed_policy.hpp"
+}  // namespace archetypes
+
+TEST_CASE("the policy archetypes of the docs satisfy the concepts and train", "[trainer][policies][archetypes]") {
+  static_assert(acc::DevicePolicy<archetypes::ExampleDevice>);
+  static_assert(acc::DistributedPolicy<archetypes::ExampleDistributed>);
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), 0.05);
+  acc::Trainer trainer(model, torch::nn::MSELoss(), optimizer,
+                       acc::policies(archetypes::ExampleDevice{}, archetypes::ExampleDistributed{}),
+                       acc::callbacks::None{});
+  CHECK(trainer.device_policy().placed == 2);  // the model and the loss module, when the trainer was built
+  trainer.train(test::regression_data(16), {.num_epochs = 2, .per_device_batch_size = 4,
+                                            .gradient_accumulation_steps = 2});
+  CHECK(trainer.device_policy().placed == 4);  // and again at the start of the run
+  CHECK(trainer.run_config().device == "example-cpu");
+  const auto& calls = trainer.distributed().calls;
+  for (const char* call : {"bind_device", "prepare", "gradient_sync(update)", "gradient_sync(accumulate)",
+                           "all_reduce_sum"}) {
+    INFO(call);
+    CHECK(std::find(calls.begin(), calls.end(), call) != calls.end());
+  }
+}
+
+namespace {
+struct StopsEvaluation {
+  void operator()(acc::on_eval_step_start, auto&) { throw acc::StopTrainingError("enough"); }
+};
+}  // namespace
+
+TEST_CASE("evaluate() stopped by a callback returns NaN and records nothing", "[trainer][evaluate]") {
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), 0.05);
+  acc::Trainer trainer(model, torch::nn::MSELoss(), optimizer, StopsEvaluation{});
+  trainer.set_output(test::quiet());
+  CHECK(std::isnan(trainer.evaluate(test::regression_data(8), 4)));
+  CHECK_FALSE(trainer.run_history().has_metric("evaluation_loss"));
+}

@@ -3,6 +3,11 @@
 #pragma once
 #include <accelerated/accelerated.hpp>
 
+#include <algorithm>
+#include <span>
+#include <string>
+#include <vector>
+
 #include <cstdint>
 #include <iostream>
 
@@ -20,6 +25,10 @@ struct ClassifierImpl : nn::Module {
   torch::Tensor forward(const torch::Tensor& x) { return x; }
 };
 TORCH_MODULE(Classifier);
+
+// The archetypes the "writing a ... policy" pages show (the pages are checked against these files).
+#include "archetypes/device_policy.hpp"
+#include "archetypes/distributed_policy.hpp"
 }  // namespace doc_context
 
 #define DOC_CONTEXT_PARAMETERS                                                                                     \

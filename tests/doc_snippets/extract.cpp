@@ -3,9 +3,12 @@
 // renamed). Any other block is a fragment: its declarations at brace depth 0 (struct, class, template, using,
 // namespace aliases) go to namespace scope and its statements into a function whose parameters are the names the
 // docs use without declaring them (context.hpp). Nothing is run: the test is that it compiles.
+// A block right after a line `<!-- file: PATH -->` must equal that file of the repository (an archetype that a test
+// also runs): the page cannot drift from the code that is tested.
 // Usage: extract OUTPUT.cpp [--at-least N] FILE.md... ; prints the number of blocks found, and fails when there are
 // fewer than N (so that a broken extraction cannot pass by compiling nothing).
 #include <fstream>
+#include <iterator>
 #include <iostream>
 #include <sstream>
 #include <string>
@@ -71,7 +74,7 @@ int main(int argc, char** argv) {
       std::cerr << "extract: cannot read " << argv[f] << "\n";
       return 1;
     }
-    std::string line;
+    std::string line, shown_file, previous;
     int line_number = 0, start = 0;
     bool inside = false;
     std::vector<std::string> block;
@@ -81,13 +84,26 @@ int main(int argc, char** argv) {
         inside = true;
         start = line_number;
         block.clear();
+        shown_file.clear();
+        if (starts_with(previous, "<!-- file: ")) shown_file = trim(previous.substr(11, previous.find("-->") - 11));
         continue;
       }
+      previous = line;
       if (inside && starts_with(line, "```")) {
         inside = false;
         ++blocks;
         const std::string name = "doc_snippet_" + std::to_string(blocks);
         out << "// " << argv[f] << ":" << start << "\n#line " << start + 1 << " \"" << argv[f] << "\"\n";
+        if (!shown_file.empty()) {
+          std::ifstream file(shown_file);
+          std::string content((std::istreambuf_iterator<char>(file)), {}), shown;
+          for (const auto& l : block) shown += l + "\n";
+          if (!file || content != shown) {
+            std::cerr << argv[f] << ":" << start << ": the block differs from " << shown_file
+                      << ", which it says it shows\n";
+            return 1;
+          }
+        }
         bool whole = false;
         for (const auto& l : block) whole = whole || l.find("int main(") != std::string::npos;
         if (whole) {
