@@ -551,3 +551,27 @@ TEST_CASE("evaluate() stopped by a callback returns NaN and records nothing", "[
   CHECK(std::isnan(trainer.evaluate(test::regression_data(8), 4)));
   CHECK_FALSE(trainer.run_history().has_metric("evaluation_loss"));
 }
+
+namespace {
+// A loop policy written from scratch with one step: the others are DefaultLoop's.
+struct OnlyCountsUpdates {
+  int updates = 0;
+  void optimizer_step(auto& trainer) {
+    ++updates;
+    trainer.precision().step(trainer.optimizer());
+  }
+};
+}  // namespace
+
+TEST_CASE("a loop policy defines only the steps it changes", "[trainer][loop]") {
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), 0.05);
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, OnlyCountsUpdates> trainer(
+      model, torch::nn::MSELoss(), optimizer);
+  trainer.set_output(test::quiet());
+  const auto before = test::flat_parameters(*model);
+  trainer.train(test::regression_data(16), {.num_epochs = 2, .per_device_batch_size = 4});
+  CHECK(trainer.loop().updates == 8);
+  CHECK_FALSE(torch::equal(before, test::flat_parameters(*model)));  // the default steps did the rest
+  CHECK(trainer.run_history().get_metric_values("train_loss_epoch").size() == 2);
+}

@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "accelerator.hpp"
+#include "policies/loop_steps.hpp"
 #include "data/sampler.hpp"
 
 namespace accelerated {
@@ -132,60 +133,14 @@ consteval bool check_policies() {
          compatible_policies_v<Device, Precision>;
 }
 
-// The loop steps that take only the trainer.
-template <class Loop, class Trainer>
-consteval bool check_loop_policy() {
-#define ACCELERATED_LOOP_STEP(step)                                                   \
-  ACCELERATED_CHECK((requires(Loop& loop, Trainer& trainer) { loop.step(trainer); }), \
-                    "accelerated::Trainer: the LoopPolicy lacks the step `" #step     \
-                    "(trainer)`; derive it from accelerated::DefaultLoop (policies/loop.hpp)")
-  ACCELERATED_LOOP_STEP(create_scheduler);
-  ACCELERATED_LOOP_STEP(training_run_start);
-  ACCELERATED_LOOP_STEP(train_epoch_start);
-  ACCELERATED_LOOP_STEP(optimizer_step);
-  ACCELERATED_LOOP_STEP(scheduler_step);
-  ACCELERATED_LOOP_STEP(optimizer_zero_grad);
-  ACCELERATED_LOOP_STEP(train_epoch_end);
-  ACCELERATED_LOOP_STEP(eval_epoch_start);
-  ACCELERATED_LOOP_STEP(eval_epoch_end);
-  ACCELERATED_LOOP_STEP(training_run_epoch_end);
-  ACCELERATED_LOOP_STEP(training_run_end);
-  ACCELERATED_LOOP_STEP(evaluation_run_start);
-  ACCELERATED_LOOP_STEP(evaluation_run_end);
-#undef ACCELERATED_LOOP_STEP
-  ACCELERATED_CHECK((requires(Loop& loop, Trainer& trainer, torch::Tensor& loss) { loop.backward_step(trainer, loss); }),
-                    "accelerated::Trainer: the LoopPolicy lacks the step `backward_step(trainer, torch::Tensor& loss)`; "
-                    "derive it from accelerated::DefaultLoop (policies/loop.hpp)");
-  return requires(Loop& loop, Trainer& trainer, torch::Tensor& loss) {
-    loop.create_scheduler(trainer);
-    loop.training_run_start(trainer);
-    loop.train_epoch_start(trainer);
-    loop.optimizer_step(trainer);
-    loop.scheduler_step(trainer);
-    loop.optimizer_zero_grad(trainer);
-    loop.train_epoch_end(trainer);
-    loop.eval_epoch_start(trainer);
-    loop.eval_epoch_end(trainer);
-    loop.training_run_epoch_end(trainer);
-    loop.training_run_end(trainer);
-    loop.evaluation_run_start(trainer);
-    loop.evaluation_run_end(trainer);
-    loop.backward_step(trainer, loss);
-  };
-}
-
 // The step that makes a loader; `Train` selects create_train_dataloader or create_eval_dataloader.
 template <class Loop, class Trainer, class Source, class Collate, bool Train>
 consteval bool check_loader_step() {
   constexpr bool ok = [] {
     if constexpr (Train) {
-      return requires(Loop& l, Trainer& t, Source s, const data::SamplerOptions& o, Collate c) {
-        l.create_train_dataloader(t, std::move(s), o, std::move(c));
-      };
+      return steps::create_train_dataloader::available<Loop, Trainer&, Source, const data::SamplerOptions&, Collate>;
     } else {
-      return requires(Loop& l, Trainer& t, Source s, const data::SamplerOptions& o, Collate c) {
-        l.create_eval_dataloader(t, std::move(s), o, std::move(c));
-      };
+      return steps::create_eval_dataloader::available<Loop, Trainer&, Source, const data::SamplerOptions&, Collate>;
     }
   }();
   ACCELERATED_CHECK(ok || !Train,
@@ -199,11 +154,13 @@ consteval bool check_loader_step() {
 
 template <bool Train, class Loop, class Trainer, class Batch>
 struct batch_step_output {
-  using type = decltype(std::declval<Loop&>().calculate_train_batch_loss(std::declval<Trainer&>(), std::declval<Batch&>()));
+  using type = decltype(steps::calculate_train_batch_loss::call(std::declval<Loop&>(), std::declval<Trainer&>(),
+                                                                std::declval<Batch&>()));
 };
 template <class Loop, class Trainer, class Batch>
 struct batch_step_output<false, Loop, Trainer, Batch> {
-  using type = decltype(std::declval<Loop&>().calculate_eval_batch_loss(std::declval<Trainer&>(), std::declval<Batch&>()));
+  using type = decltype(steps::calculate_eval_batch_loss::call(std::declval<Loop&>(), std::declval<Trainer&>(),
+                                                               std::declval<Batch&>()));
 };
 
 // The steps that take a batch; `Train` selects calculate_train_batch_loss or calculate_eval_batch_loss.
@@ -211,17 +168,19 @@ template <class Loop, class Trainer, class Batch, bool Train>
 consteval bool check_batch_step() {
   constexpr bool callable = [] {
     if constexpr (Train) {
-      return requires(Loop& l, Trainer& t, Batch& b) { l.calculate_train_batch_loss(t, b); };
+      return steps::calculate_train_batch_loss::available<Loop, Trainer&, Batch&>;
     } else {
-      return requires(Loop& l, Trainer& t, Batch& b) { l.calculate_eval_batch_loss(t, b); };
+      return steps::calculate_eval_batch_loss::available<Loop, Trainer&, Batch&>;
     }
   }();
   ACCELERATED_CHECK(callable || !Train,
-                    "accelerated::Trainer: the LoopPolicy lacks the step `calculate_train_batch_loss(trainer, batch&)` "
-                    "for this batch type; derive it from accelerated::DefaultLoop");
+                    "accelerated::Trainer: neither the LoopPolicy nor DefaultLoop has a step "
+                    "`calculate_train_batch_loss(trainer, batch&)` for this batch type (DefaultLoop's reads "
+                    "inputs_of(batch) and targets_of(batch), batch.hpp); define it in the loop policy");
   ACCELERATED_CHECK(callable || Train,
-                    "accelerated::Trainer: the LoopPolicy lacks the step `calculate_eval_batch_loss(trainer, batch&)` "
-                    "for this batch type; derive it from accelerated::DefaultLoop");
+                    "accelerated::Trainer: neither the LoopPolicy nor DefaultLoop has a step "
+                    "`calculate_eval_batch_loss(trainer, batch&)` for this batch type (DefaultLoop's reads "
+                    "inputs_of(batch) and targets_of(batch), batch.hpp); define it in the loop policy");
   if constexpr (callable) {
     using Output = typename batch_step_output<Train, Loop, Trainer, Batch>::type;
     ACCELERATED_CHECK(BatchLossOutput<Output>,

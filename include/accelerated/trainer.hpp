@@ -54,6 +54,7 @@
 #include "policies/device.hpp"
 #include "policies/distributed.hpp"
 #include "policies/loop.hpp"
+#include "policies/loop_steps.hpp"
 #include "policies/precision.hpp"
 #include "run_config.hpp"
 #include "run_history.hpp"
@@ -161,7 +162,7 @@ class Trainer {
       constexpr bool has_eval = !std::is_same_v<std::remove_cvref_t<EvalData>, NoEvalSet>;
       auto train_source = data::as_source(std::forward<TrainData>(train_dataset), "train_dataset");
       if constexpr (detail::check_loader_step<Loop, Trainer, decltype(train_source), Collate, true>()) {
-        auto train_loader = loop_.create_train_dataloader(*this, std::move(train_source),
+        auto train_loader = steps::create_train_dataloader::call(loop_, *this, std::move(train_source),
                                                           sampler_options(options.per_device_batch_size, true), collate);
         if (train_loader.size() == 0) {
           throw std::invalid_argument("accelerated::Trainer::train: drop_last = true with per_device_batch_size = " +
@@ -171,8 +172,8 @@ class Trainer {
         if constexpr (has_eval) {
           auto eval_source = data::as_source(std::forward<EvalData>(eval_dataset), "eval_dataset");
           if constexpr (detail::check_loader_step<Loop, Trainer, decltype(eval_source), Collate, false>()) {
-            auto eval_loader = loop_.create_eval_dataloader(
-                *this, std::move(eval_source),
+            auto eval_loader = steps::create_eval_dataloader::call(
+                loop_, *this, std::move(eval_source),
                 sampler_options(options.eval_per_device_batch_size.value_or(options.per_device_batch_size), false),
                 collate);
             run_training(train_loader, &eval_loader);
@@ -198,7 +199,7 @@ class Trainer {
       }
       auto source = data::as_source(std::forward<Data>(dataset), "dataset");
       if constexpr (detail::check_loader_step<Loop, Trainer, decltype(source), Collate, false>()) {
-        auto loader = loop_.create_eval_dataloader(*this, std::move(source),
+        auto loader = steps::create_eval_dataloader::call(loop_, *this, std::move(source),
                                                    sampler_options(per_device_batch_size, false), collate);
         using Batch = std::remove_cvref_t<decltype(*std::begin(loader))>;
         if constexpr (check_run<Batch, Batch>()) {
@@ -211,7 +212,7 @@ class Trainer {
           } restore{model_.module(), was_training};
           reset_stop();
           place_modules();
-          loop_.evaluation_run_start(*this);
+          steps::evaluation_run_start::call(loop_, *this);
           emit<events::on_evaluation_run_start>();
           try {
             run_eval_epoch(loader, "evaluation_loss", false);
@@ -220,7 +221,7 @@ class Trainer {
             print(error.what());
             emit<events::on_stop_training_error>(error);
           }
-          loop_.evaluation_run_end(*this);
+          steps::evaluation_run_end::call(loop_, *this);
           emit<events::on_evaluation_run_end>();
           rethrow_pending_error();
         }
@@ -666,9 +667,7 @@ class Trainer {
   // Checks the loop policy against the run's batch types, so that a missing step is one named error.
   template <class TrainBatch, class EvalBatch>
   static consteval bool check_run() {
-    if constexpr (!detail::check_loop_policy<Loop, Trainer>()) {
-      return false;
-    } else if constexpr (!detail::check_batch_step<Loop, Trainer, TrainBatch, true>() ||
+    if constexpr (!detail::check_batch_step<Loop, Trainer, TrainBatch, true>() ||
                          !detail::check_batch_step<Loop, Trainer, EvalBatch, false>()) {
       return false;
     } else {
@@ -704,7 +703,7 @@ class Trainer {
       place_modules();
       distributed_.prepare(model_.module());
       parameters_ = model_->parameters();
-      scheduler_ = loop_.create_scheduler(*this);
+      scheduler_ = steps::create_scheduler::call(loop_, *this);
       std::int64_t first_batch = resume ? resume_run_state(*resume) : 0;
       run_started_ = true;
       if constexpr (!std::is_same_v<EvalLoader, NoEvalSet>) {
@@ -715,7 +714,7 @@ class Trainer {
         ~EndOfRun() { trainer.eval_pass_ = nullptr; }
       } end_of_run{*this};
 
-      loop_.training_run_start(*this);
+      steps::training_run_start::call(loop_, *this);
       if (emit<events::on_training_run_start>()) stop_training("stop requested by a callback in on_training_run_start");
       if (resume) resume_callbacks_and_generators(*resume);
       for (std::int64_t epoch = epochs_done_; epoch < run_config_.num_epochs; ++epoch) {
@@ -728,7 +727,7 @@ class Trainer {
           train_loader.set_epoch(history_.current_epoch() - 1);
           reached_max_steps = run_train_epoch(train_loader, eval_loader, std::exchange(first_batch, 0));
           if constexpr (!std::is_same_v<EvalLoader, NoEvalSet>) run_eval_epoch(*eval_loader, "eval_loss_epoch", false);
-          loop_.training_run_epoch_end(*this);
+          steps::training_run_epoch_end::call(loop_, *this);
           {
             detail::ScopedValue point(save_point_, SavePoint::epoch_end);
             // The epoch is complete: a stop raised here (EarlyStopping) takes effect once it is counted, so that a
@@ -745,7 +744,7 @@ class Trainer {
         } catch (const StopTrainingError& error) {
           // A stop between an update's micro-steps leaves their gradients half accumulated: drop them, so that
           // nothing of this run leaks into the next train() call.
-          loop_.optimizer_zero_grad(*this);
+          steps::optimizer_zero_grad::call(loop_, *this);
           print(error.what());
           emit<events::on_stop_training_error>(error);
           break;
@@ -779,7 +778,7 @@ class Trainer {
           break;
         }
       }
-      loop_.training_run_end(*this);
+      steps::training_run_end::call(loop_, *this);
       emit<events::on_training_run_end>();
       rethrow_pending_error();
     }
@@ -794,7 +793,7 @@ class Trainer {
     state_.training = true;
     state_.step = first;
     state_.num_batches = std::min(batches, first + updates_left * accumulation);
-    loop_.train_epoch_start(*this);
+    steps::train_epoch_start::call(loop_, *this);
     if (first == 0) train_tracker_.reset();
     {
       detail::ScopedValue starting(epoch_starting_, true);
@@ -821,13 +820,13 @@ class Trainer {
         if (group_size > 1) output.loss = output.loss / static_cast<double>(group_size);
         // A policy's guard may arm gradient averaging here, once the loss exists (DataParallel's does).
         if constexpr (requires { sync.arm(output.loss); }) sync.arm(output.loss);
-        loop_.backward_step(*this, output.loss);
+        steps::backward_step::call(loop_, *this, output.loss);
       }
       if (update) {
         clip_gradients();
-        loop_.optimizer_step(*this);
-        if (!precision_.step_was_skipped()) loop_.scheduler_step(*this);
-        loop_.optimizer_zero_grad(*this);
+        steps::optimizer_step::call(loop_, *this);
+        if (!precision_.step_was_skipped()) steps::scheduler_step::call(loop_, *this);
+        steps::optimizer_zero_grad::call(loop_, *this);
         reached_max_steps = ++state_.update_step >= run_config_.max_num_train_steps;
       }
       ++state_.step;
@@ -842,7 +841,7 @@ class Trainer {
       if (stop_requested_ && !run_config_.is_distributed) throw StopTrainingError(stop_reason_);
       return !reached_max_steps;
     });
-    loop_.train_epoch_end(*this);
+    steps::train_epoch_end::call(loop_, *this);
     history_.update_metric("train_loss_epoch", global_mean(train_tracker_));
     emit_in_epoch<events::on_train_epoch_end>();
     state_.training = false;
@@ -873,7 +872,7 @@ class Trainer {
     state_.training = false;
     state_.step = 0;
     state_.num_batches = static_cast<std::int64_t>(loader.size());
-    loop_.eval_epoch_start(*this);
+    steps::eval_epoch_start::call(loop_, *this);
     LossMeter tracker;
     {
       detail::ScopedValue starting(epoch_starting_, true);
@@ -893,7 +892,7 @@ class Trainer {
         return true;
       });
     }
-    loop_.eval_epoch_end(*this);
+    steps::eval_epoch_end::call(loop_, *this);
     history_.update_metric(metric, global_mean(tracker));
     emit_in_epoch<events::on_eval_epoch_end>(is_intermediate);
     state_ = saved;
@@ -925,9 +924,9 @@ class Trainer {
     [[maybe_unused]] auto autocast = precision_.autocast(device_.device());
     try {
       if constexpr (Training) {
-        return loop_.calculate_train_batch_loss(*this, batch);
+        return steps::calculate_train_batch_loss::call(loop_, *this, batch);
       } else {
-        return loop_.calculate_eval_batch_loss(*this, batch);
+        return steps::calculate_eval_batch_loss::call(loop_, *this, batch);
       }
     } catch (const c10::Error& error) {
       std::throw_with_nested(StepError(where(Training ? "train" : "eval") + ": " + error.what_without_backtrace()));

@@ -104,12 +104,16 @@ struct any_argument {
     /* A handler with this tag that cannot take the event's arguments: a compile error naming the event. */     \
     template <class Cb, class Tr, class... A>                                                                   \
     static constexpr bool check_handler(type_list<A...>) {                                                      \
-      constexpr bool declared_right = !has_handler<Cb> || handled_by<Cb, Tr, A...>;                            \
-      static_assert(declared_right, "accelerated: a callback's handler for " #NAME                              \
-                                    " cannot take its arguments (see the callback type in 'required from'): "   \
-                                    "take the trainer as `auto&` or the trainer type, and the event's other "   \
-                                    "arguments as const references or values (accelerated/callbacks/events.hpp)"); \
-      return handled_by<Cb, Tr, A...>;                                                                          \
+      /* has_handler only when needed: it may instantiate a handler with a deduced return type. */             \
+      if constexpr (handled_by<Cb, Tr, A...>) {                                                                 \
+        return true;                                                                                            \
+      } else {                                                                                                  \
+        static_assert(!has_handler<Cb>, "accelerated: a callback's handler for " #NAME                          \
+                                        " cannot take its arguments (see the callback type in 'required from'): " \
+                                        "take the trainer as `auto&` or the trainer type, and the event's other " \
+                                        "arguments as const references or values (accelerated/callbacks/events.hpp)"); \
+        return false;                                                                                           \
+      }                                                                                                         \
     }                                                                                                           \
     template <class Cb, class Tr, class... A>                                                                   \
     static bool call(Cb& cb, Tr& tr, const A&... a) {                                                           \
