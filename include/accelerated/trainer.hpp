@@ -46,7 +46,7 @@
 #include "detail/checks.hpp"
 #include "detail/clip_gradients.hpp"
 #include "detail/thread_default.hpp"
-#include "detail/callback_list.hpp"
+#include "callbacks/list.hpp"
 #include "errors.hpp"
 #include "loss_meter.hpp"
 #include "model.hpp"
@@ -142,7 +142,7 @@ class Trainer {
         callbacks_(detail::make_callback_tuple(std::move(callbacks)...)) {
     if constexpr (policies_ok_) {
       allocator_tuning();
-      detail::apply_thread_default();
+      detail::apply_thread_default(local_processes());
       place_modules();
       emit<events::on_init_end>();
     }
@@ -930,6 +930,16 @@ class Trainer {
       }
     } catch (const c10::Error& error) {
       std::throw_with_nested(StepError(where(Training ? "train" : "eval") + ": " + error.what_without_backtrace()));
+    }
+  }
+
+  // The processes sharing this machine, as the launcher describes them (1 when the environment is broken: the
+  // distributed policy reports that, naming the variable).
+  static int local_processes() {
+    try {
+      return static_cast<int>(std::max<std::int64_t>(1, distributed::environment_from_env().local_world_size));
+    } catch (const std::exception&) {
+      return 1;
     }
   }
 

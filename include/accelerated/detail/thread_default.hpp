@@ -15,7 +15,6 @@
 #include <string>
 #include <thread>
 
-#include "../distributed/environment.hpp"
 
 namespace accelerated::detail {
 
@@ -55,20 +54,16 @@ inline int available_cpus() {
 // effect that matters): a different count when the first trainer is built means the user called set_num_threads.
 inline const int initial_num_threads = at::get_num_threads();
 
-inline void apply_thread_default() {
-  static const bool applied = [] {
+// `local_processes`: the processes sharing this machine, as the launcher describes them (the trainer reads it from
+// the environment; this header stays below the distributed layer).
+inline void apply_thread_default(int local_processes) {
+  static const bool applied = [local_processes] {
     const int requested = parse_positive_env("ACCELERATED_NUM_THREADS", -1);
     if (requested == 0) return false;  // keep LibTorch's choice
     const char* omp = std::getenv("OMP_NUM_THREADS");
     if (requested < 0 && omp != nullptr && *omp != '\0') return false;  // the user (or torchrun) chose
     if (requested < 0 && at::get_num_threads() != initial_num_threads) return false;  // torch::set_num_threads
-    int local_processes = 1;  // processes sharing this machine, as the launcher describes them
-    try {
-      local_processes = static_cast<int>(std::max<std::int64_t>(1, distributed::environment_from_env().local_world_size));
-    } catch (const std::exception&) {
-      // a broken environment is reported by the distributed policy, with the variable's name
-    }
-    const int threads = requested > 0 ? requested : std::max(1, available_cpus() / local_processes);
+    const int threads = requested > 0 ? requested : std::max(1, available_cpus() / std::max(1, local_processes));
     if (threads != at::get_num_threads()) at::set_num_threads(threads);
     return true;
   }();

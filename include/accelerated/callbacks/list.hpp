@@ -8,8 +8,8 @@
 #include <type_traits>
 #include <utility>
 
-#include "../callbacks/defaults.hpp"
-#include "../callbacks/events.hpp"
+#include "defaults.hpp"
+#include "events.hpp"
 #include "../errors.hpp"
 
 namespace accelerated::detail {
