@@ -1,7 +1,8 @@
 #pragma once
 // The loop policy: every overridable step of a training run, with the Python original's names. The trainer calls
-// these in the order documented in docs/loop.md and owns nothing they do. To change one step, derive from
-// DefaultLoop and redefine that step; the trainer calls your type directly, so no step is virtual.
+// these in the order documented in docs/loop.md. A loop policy defines only the steps it changes (deriving from
+// DefaultLoop, to call its steps, is optional): the trainer calls the policy's step, or this one's where the policy
+// has none (loop_steps.hpp), directly, so no step is virtual.
 //
 //   struct LabelSmoothing : accelerated::DefaultLoop {
 //     accelerated::BatchOutput calculate_train_batch_loss(auto& trainer, auto& batch) { ... }
