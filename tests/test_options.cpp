@@ -76,3 +76,28 @@ TEST_CASE("a null loss is reported when the default step needs it", "[options][b
   trainer.set_output(test::quiet());
   CHECK_THAT(test::message_of([&] { trainer.train(test::regression_data(8), {}); }), Catch::Contains("null loss"));
 }
+
+TEST_CASE("the run config's arithmetic in one function", "[options][run_config]") {
+  // 10 batches per process, accumulation 3: 4 updates per epoch; 2 processes.
+  const acc::ProcessFacts process{2, 1, 0, "cpu", "bf16"};
+  auto rc = acc::make_run_config(process, {.train_batches = 10, .train_batch_size = 8, .eval_batch_size = 16,
+                                           .gradient_accumulation_steps = 3, .num_epochs = 5});
+  CHECK(rc.num_update_steps_per_epoch == 4);
+  CHECK(rc.train_total_batch_size == 8 * 2 * 3);
+  CHECK(rc.eval_total_batch_size == 32);
+  CHECK(rc.max_num_train_steps == 20);
+  CHECK((rc.is_distributed && !rc.is_world_process_zero && rc.is_local_process_zero));
+  CHECK(rc.mixed_precision == "bf16");
+  // max_num_train_steps bounds the epochs, and the smaller limit wins.
+  rc = acc::make_run_config(process, {.train_batches = 10, .gradient_accumulation_steps = 3, .num_epochs = 5,
+                                      .max_num_train_steps = 6});
+  CHECK(rc.num_epochs == 2);
+  CHECK(rc.max_num_train_steps == 6);
+  rc = acc::make_run_config(process, {.train_batches = 10, .gradient_accumulation_steps = 3, .num_epochs = 0,
+                                      .max_num_train_steps = 9});
+  CHECK(rc.num_epochs == 3);
+  // An evaluate() call: no training batches, one epoch.
+  rc = acc::make_run_config(process, {.eval_batch_size = 4});
+  CHECK(rc.num_epochs == 1);
+  CHECK(rc.max_num_train_steps == 0);
+}

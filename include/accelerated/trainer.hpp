@@ -50,6 +50,7 @@
 #include "errors.hpp"
 #include "loss_meter.hpp"
 #include "model.hpp"
+#include "output.hpp"
 #include "policies.hpp"
 #include "policies/device.hpp"
 #include "policies/distributed.hpp"
@@ -405,19 +406,13 @@ class Trainer {
 
   // Where print() and the progress bar write (std::cout by default); only process zero writes. `terminal` says
   // whether the stream is a terminal (the progress bar then redraws in place); std::cout is checked with isatty.
-  std::ostream& output() { return *out_; }
-  void set_output(std::ostream& out, bool terminal = false) {
-    out_ = &out;
-    out_is_terminal_ = terminal;
-  }
-  bool output_is_terminal() const {
-    return out_is_terminal_ || (out_ == &std::cout && ::isatty(STDOUT_FILENO) == 1);
-  }
+  std::ostream& output() { return output_.stream(); }
+  void set_output(std::ostream& out, bool terminal = false) { output_.set(out, terminal); }
+  bool output_is_terminal() const { return output_.is_terminal(); }
 
   template <class... Args>
   void print(const Args&... args) {
-    if (!run_config_.is_local_process_zero) return;
-    ((*out_) << ... << args) << '\n';
+    output_.print(run_config_.is_local_process_zero, args...);
   }
 
  private:
@@ -634,34 +629,11 @@ class Trainer {
 
   void build_run_config(std::int64_t train_batches, std::int64_t train_batch_size, std::int64_t eval_batch_size,
                         std::int64_t accumulation, std::optional<double> clip_value, std::optional<double> clip_norm) {
-    RunConfig rc;
-    rc.num_processes = distributed_.num_processes();
-    rc.is_distributed = rc.num_processes > 1;
-    rc.is_world_process_zero = distributed_.rank() == 0;
-    rc.is_local_process_zero = distributed_.local_rank() == 0;
-    rc.device = device_.name();
-    rc.mixed_precision = precision_.name();
-    rc.train_per_device_batch_size = train_batch_size;
-    rc.eval_per_device_batch_size = eval_batch_size;
-    rc.gradient_accumulation_steps = accumulation;
-    rc.gradient_clip_value = clip_value;
-    rc.gradient_clip_norm = clip_norm;
-    rc.train_total_batch_size = train_batch_size * rc.num_processes * accumulation;
-    rc.eval_total_batch_size = eval_batch_size * rc.num_processes;
-    rc.num_train_batches_per_epoch = train_batches;
-    rc.num_update_steps_per_epoch = (train_batches + accumulation - 1) / accumulation;
-    rc.num_epochs = train_batches > 0 ? options_.num_epochs : 1;
-    if (train_batches > 0) {
-      const auto per_epoch = rc.num_update_steps_per_epoch;
-      if (options_.max_num_train_steps) {
-        const auto needed = (*options_.max_num_train_steps + per_epoch - 1) / per_epoch;
-        rc.num_epochs = rc.num_epochs == 0 ? needed : std::min(rc.num_epochs, needed);
-        rc.max_num_train_steps = std::min(*options_.max_num_train_steps, rc.num_epochs * per_epoch);
-      } else {
-        rc.max_num_train_steps = rc.num_epochs * per_epoch;
-      }
-    }
-    run_config_ = rc;
+    run_config_ = make_run_config(
+        {distributed_.num_processes(), distributed_.rank(), distributed_.local_rank(), device_.name(),
+         precision_.name()},
+        {train_batches, train_batch_size, eval_batch_size, accumulation, clip_value, clip_norm, options_.num_epochs,
+         options_.max_num_train_steps});
   }
 
   // Checks the loop policy against the run's batch types, so that a missing step is one named error.
@@ -1000,8 +972,7 @@ class Trainer {
   RunConfig train_config_;  // the last train() call's (run_config_ is evaluate()'s after an evaluate())
   TrainOptions options_;
   TrainingState state_;
-  std::ostream* out_ = &std::cout;
-  bool out_is_terminal_ = false;
+  Output output_;
   bool stop_requested_ = false;
   bool stop_non_finite_ = false;  // the stop is for a non-finite loss (multi-process TerminateOnNan)
   std::string stop_reason_;
