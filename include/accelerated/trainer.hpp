@@ -29,7 +29,6 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
-#include <unistd.h>
 #include <utility>
 #include <vector>
 

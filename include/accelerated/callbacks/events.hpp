@@ -31,6 +31,7 @@
 #include <string_view>
 #include <type_traits>
 
+#include "../detail/any_argument.hpp"
 #include "../errors.hpp"
 #include "events.hpp"
 
@@ -51,13 +52,6 @@ struct type_list {};
 namespace detail {
 template <class R>
 constexpr bool returns_bool = std::is_same_v<R, bool>;
-
-// Binds to any parameter a handler may declare (a reference, a const reference or a value of any type, or `auto&`):
-// a handler that takes it, but not the event's real arguments, has the right tag and the wrong parameters.
-struct any_argument {
-  template <class T>
-  operator T&() const;
-};
 
 #define ACCELERATED_UNPARENTHESISE(...) __VA_ARGS__
 }  // namespace detail
@@ -97,10 +91,10 @@ struct any_argument {
     static constexpr bool handled_by = full_form<Cb, Tr, A...> || short_form<Cb, Tr>;                          \
     template <class Cb>                                                                                         \
     static constexpr bool has_handler =                                                                         \
-        requires(Cb& cb, const NAME& e, detail::any_argument& x) { cb(e, x); } ||                                         \
-        requires(Cb& cb, const NAME& e, detail::any_argument& x) { cb(e, x, x); } ||                                      \
-        requires(Cb& cb, const NAME& e, detail::any_argument& x) { cb(e, x, x, x); } ||                                   \
-        requires(Cb& cb, const NAME& e, detail::any_argument& x) { cb(e, x, x, x, x); };                                  \
+        requires(Cb& cb, const NAME& e, accelerated::detail::any_argument& x) { cb(e, x); } ||                                         \
+        requires(Cb& cb, const NAME& e, accelerated::detail::any_argument& x) { cb(e, x, x); } ||                                      \
+        requires(Cb& cb, const NAME& e, accelerated::detail::any_argument& x) { cb(e, x, x, x); } ||                                   \
+        requires(Cb& cb, const NAME& e, accelerated::detail::any_argument& x) { cb(e, x, x, x, x); };                                  \
     /* A handler with this tag that cannot take the event's arguments: a compile error naming the event. */     \
     template <class Cb, class Tr, class... A>                                                                   \
     static constexpr bool check_handler(type_list<A...>) {                                                      \

@@ -298,32 +298,40 @@ class DataParallel {
       throw std::runtime_error("accelerated::DataParallel: rank " + std::to_string(env_.rank) + " of " +
                                std::to_string(env_.world_size) + " failed while " + what +
                                " (a peer may have stopped or died; timeout " + std::to_string(options_.timeout.count()) +
-                               " ms)" + describe_silent_peers() + ": " + error.what());
+                               " ms)" + silent_peers() + ": " + error.what());
     }
   }
 
  public:
-  // After a failed collective (or an error `what` that reads as one): which ranks did not report the failure within a
-  // short grace (see distributed/silent_peers.hpp), as a bracketed sentence; asked once, then remembered.
-  std::string describe_silent_peers(const std::string& what = "collective") {
+  // After an error `what` that reads as a failed exchange with a peer (one the reducer raised inside backward): which
+  // ranks did not report the failure within a short grace, as a bracketed sentence; "" for any other error.
+  std::string describe_silent_peers(const std::string& what) {
 #if ACCELERATED_HAS_GLOO
-    if (what != "collective" && !distributed::looks_like_peer_failure(what)) return "";
+    if (distributed::looks_like_peer_failure(what)) return silent_peers();
+#endif
+    (void)what;
+    return "";
+  }
+
+ private:
+  // After a failed collective: which ranks did not report it within the grace (distributed/silent_peers.hpp); asked
+  // of the store once, then remembered.
+  std::string silent_peers() {
+#if ACCELERATED_HAS_GLOO
     if (!silent_peers_) {
       const auto store_address = env_.master_addr.empty()
                                      ? std::string("(in-process)")
                                      : env_.master_addr + ":" + std::to_string(env_.master_port);
       silent_peers_ = distributed::describe_silent_peers(
-          membership_ ? membership_->store : given_store_, env_.rank, env_.world_size, std::min<std::chrono::milliseconds>(options_.timeout, kSilentGrace),
-          store_address);
+          membership_ ? membership_->store : given_store_, env_.rank, env_.world_size,
+          std::min<std::chrono::milliseconds>(options_.timeout, kSilentGrace), store_address);
     }
     return *silent_peers_;
 #else
-    (void)what;
     return "";
 #endif
   }
 
- private:
   // How long a rank that saw a failure waits for the others to report it too (bounded by the timeout).
   static constexpr std::chrono::milliseconds kSilentGrace{5000};
 

@@ -7,6 +7,7 @@
 #include <string_view>
 #include <utility>
 
+#include "../detail/any_argument.hpp"
 #include "loop.hpp"
 
 namespace accelerated::steps {
@@ -18,24 +19,16 @@ namespace accelerated::steps {
   X(optimizer_zero_grad) X(train_epoch_end) X(eval_epoch_start) X(calculate_eval_batch_loss) X(eval_epoch_end) \
   X(training_run_epoch_end) X(training_run_end) X(evaluation_run_start) X(evaluation_run_end)
 
-namespace detail {
-// Binds to any parameter a step may declare: a step that takes it but not the real arguments is misdeclared.
-struct any_argument {
-  template <class T>
-  operator T&() const;
-};
-}  // namespace detail
-
 #define ACCELERATED_DEFINE_STEP(NAME)                                                                             \
   struct NAME {                                                                                                  \
     static constexpr std::string_view name = #NAME;                                                              \
     template <class Loop, class... A>                                                                            \
     static constexpr bool defined_by = requires(Loop& loop, A&&... a) { loop.NAME(std::forward<A>(a)...); };      \
     template <class Loop>                                                                                        \
-    static constexpr bool declared_by = requires(Loop& l, detail::any_argument& x) { l.NAME(x); } ||            \
-                                        requires(Loop& l, detail::any_argument& x) { l.NAME(x, x); } ||         \
-                                        requires(Loop& l, detail::any_argument& x) { l.NAME(x, x, x); } ||      \
-                                        requires(Loop& l, detail::any_argument& x) { l.NAME(x, x, x, x); };     \
+    static constexpr bool declared_by = requires(Loop& l, accelerated::detail::any_argument& x) { l.NAME(x); } ||            \
+                                        requires(Loop& l, accelerated::detail::any_argument& x) { l.NAME(x, x); } ||         \
+                                        requires(Loop& l, accelerated::detail::any_argument& x) { l.NAME(x, x, x); } ||      \
+                                        requires(Loop& l, accelerated::detail::any_argument& x) { l.NAME(x, x, x, x); };     \
     /* The policy's step or, when it has none, DefaultLoop's can take these arguments. */                        \
     template <class Loop, class... A>                                                                            \
     static constexpr bool available = defined_by<Loop, A...> || defined_by<DefaultLoop, A...>;                   \
