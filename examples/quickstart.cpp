@@ -28,7 +28,8 @@ int main(int argc, char** argv) try {
   trainer.evaluate(test_set, 1000);
   std::cout << trainer.run_history().latest_json() << std::endl;
 } catch (const std::exception& error) {
-  // A failure (a bad path, a peer that died in a multi-process run) ends with its message and exit code 1.
+  // A failure (a bad path, a peer that died in a multi-process run) ends with its message and exit code 1; a
+  // preemption (ACCELERATED_RUN_DIR, docs/preemption.md) with 75, so that the launcher starts it again.
   std::cerr << "quickstart: " << error.what() << std::endl;
-  return 1;
+  return accelerated::exit_code_for(error);
 }

@@ -281,3 +281,174 @@ TEST_CASE("a checkpoint and a training state saved on a GPU load onto this train
   CHECK(torch::equal(test::flat_parameters(*from_cpu.model), test::flat_parameters(*from_gpu.model)));
   fs::remove_all(dir);
 }
+
+// ---- state dicts that Python reads and writes ([state_dict]) ----------------------------------------------------
+namespace {
+// tests/python/state_dict_interop.py's InteropNet, written in C++: convolutions, batch norm and a Sequential.
+struct InteropNetImpl : torch::nn::Module {
+  torch::nn::Sequential features{torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 4, 3).padding(1)),
+                                 torch::nn::BatchNorm2d(4),
+                                 torch::nn::ReLU(),
+                                 torch::nn::Conv2d(torch::nn::Conv2dOptions(4, 8, 3).stride(2)),
+                                 torch::nn::BatchNorm2d(8),
+                                 torch::nn::ReLU(),
+                                 torch::nn::Flatten()};
+  torch::nn::Linear head{72, 10};
+  InteropNetImpl() {
+    register_module("features", features);
+    register_module("head", head);
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return head(features->forward(x)); }
+};
+TORCH_MODULE(InteropNet);
+
+torch::Tensor flat_state(torch::nn::Module& module) {
+  std::vector<torch::Tensor> parts;
+  for (const auto& [name, tensor] : acc::state_dict_of(module)) parts.push_back(tensor.detach().flatten().to(torch::kDouble));
+  return torch::cat(parts);
+}
+
+// A model whose batch-norm buffers have moved away from their initial values.
+InteropNet trained_interop_net(std::uint64_t seed) {
+  torch::manual_seed(seed);
+  InteropNet net;
+  for (int i = 0; i < 3; ++i) net->forward(torch::randn({16, 1, 8, 8}));
+  net->eval();
+  return net;
+}
+
+// The Python interpreter that has torch (Debian's python3-torch installs for /usr/bin/python3), or "".
+std::string python_with_torch() {
+  for (const char* candidate : {"/usr/bin/python3", "python3"}) {
+    if (std::system((std::string(candidate) + " -c 'import torch' >/dev/null 2>&1").c_str()) == 0) return candidate;
+  }
+  return "";
+}
+
+int run_interop_script(const std::string& python, const std::string& mode, const fs::path& weights, const fs::path& io) {
+  const auto script = std::string(ACCELERATED_TEST_SOURCE_DIR) + "/python/state_dict_interop.py";
+  return std::system((python + " '" + script + "' " + mode + " '" + weights.string() + "' '" + io.string() + "'").c_str());
+}
+}  // namespace
+
+TEST_CASE("a state dict round-trips through save_state_dict and load_state_dict", "[state_dict]") {
+  const auto dir = test::fresh_dir("state_dict");
+  auto a = trained_interop_net(1);
+  acc::save_state_dict(a, dir / "weights.pt");
+  const auto entries = acc::read_state_dict(dir / "weights.pt");
+  // Python's names and order: a module's parameters, then its buffers, then its children's.
+  REQUIRE(entries.size() == 16);
+  CHECK(entries[0].first == "features.0.weight");
+  CHECK(entries[2].first == "features.1.weight");
+  CHECK(entries[4].first == "features.1.running_mean");
+  CHECK(entries[6].first == "features.1.num_batches_tracked");
+  CHECK(entries[6].second.scalar_type() == torch::kLong);
+  CHECK(entries[6].second.item<std::int64_t>() == 3);
+  CHECK(entries[15].first == "head.bias");
+  // LibTorch's own pickle_save (a type-tagged dict) is read too.
+  c10::Dict<std::string, torch::Tensor> tagged;
+  tagged.insert("w", torch::ones({2, 2}));
+  const auto bytes = torch::pickle_save(tagged);
+  std::ofstream(dir / "pickle_save.pt", std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  const auto from_libtorch = acc::read_state_dict(dir / "pickle_save.pt");
+  REQUIRE(from_libtorch.size() == 1);
+  CHECK(torch::equal(from_libtorch[0].second, torch::ones({2, 2})));
+
+  auto b = trained_interop_net(2);
+  CHECK_FALSE(torch::equal(flat_state(*a), flat_state(*b)));
+  const auto result = acc::load_state_dict(b, dir / "weights.pt");
+  CHECK(result.missing_keys.empty());
+  CHECK(result.unexpected_keys.empty());
+  CHECK(torch::equal(flat_state(*a), flat_state(*b)));
+  const auto input = torch::randn({2, 1, 8, 8});
+  CHECK(torch::equal(a->forward(input), b->forward(input)));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("load_state_dict checks every name and shape before it changes anything", "[state_dict]") {
+  const auto dir = test::fresh_dir("state_dict_checks");
+  torch::nn::Sequential saved(torch::nn::Linear(4, 3), torch::nn::Linear(3, 2));
+  acc::save_state_dict(saved, dir / "two_layers.pt");
+
+  torch::nn::Sequential other(torch::nn::Linear(4, 5), torch::nn::BatchNorm1d(5));
+  const auto before = flat_state(*other);
+  try {
+    acc::load_state_dict(other, dir / "two_layers.pt");
+    FAIL("a state dict of another architecture was accepted");
+  } catch (const std::invalid_argument& error) {
+    const std::string message = error.what();
+    CHECK_THAT(message, Catch::Contains("does not fit the model"));
+    CHECK_THAT(message, Catch::Contains("missing: \"1.running_mean\", \"1.running_var\", \"1.num_batches_tracked\""));
+    CHECK_THAT(message, Catch::Contains("size mismatch for 0.weight: [3, 4] in the file, [5, 4] in the model"));
+    CHECK_THAT(message, Catch::Contains("size mismatch for 1.weight: [2, 3] in the file, [5] in the model"));
+    CHECK_THAT(message, Catch::Contains("nothing was changed"));
+  }
+  CHECK(torch::equal(flat_state(*other), before));
+
+  // Not strict: missing and unexpected entries are returned; what fits is loaded.
+  torch::nn::Sequential first_only(torch::nn::Linear(4, 3));
+  const auto result = acc::load_state_dict(first_only, dir / "two_layers.pt", {.strict = false});
+  CHECK(result.missing_keys.empty());
+  CHECK(result.unexpected_keys == std::vector<std::string>{"1.weight", "1.bias"});
+  CHECK(torch::equal(first_only[0]->as<torch::nn::Linear>()->weight, saved[0]->as<torch::nn::Linear>()->weight));
+
+  // A name map: the file's "0." becomes "encoder.", the rest is dropped.
+  struct EncoderImpl : torch::nn::Module {
+    torch::nn::Linear encoder{4, 3};
+    EncoderImpl() { register_module("encoder", encoder); }
+  };
+  auto encoder = std::make_shared<EncoderImpl>();
+  acc::load_state_dict(*encoder, dir / "two_layers.pt",
+                       {.rename = [](const std::string& name) {
+                         return name.rfind("0.", 0) == 0 ? "encoder." + name.substr(2) : std::string();
+                       }});
+  CHECK(torch::equal(encoder->encoder->bias, saved[0]->as<torch::nn::Linear>()->bias));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("a damaged or foreign state dict file is refused with its path", "[state_dict]") {
+  const auto dir = test::fresh_dir("state_dict_bad");
+  auto net = trained_interop_net(1);
+  CHECK_THROWS_WITH(acc::load_state_dict(net, dir / "absent.pt"), Catch::Contains("absent.pt' is not a file"));
+  std::ofstream(dir / "text.pt") << "not a zip";
+  CHECK_THROWS_WITH(acc::load_state_dict(net, dir / "text.pt"),
+                    Catch::Contains("text.pt' is not a zip-format torch.save file"));
+  acc::save_state_dict(net, dir / "good.pt");
+  const auto size = fs::file_size(dir / "good.pt");
+  fs::copy_file(dir / "good.pt", dir / "truncated.pt");
+  fs::resize_file(dir / "truncated.pt", size / 2);
+  CHECK_THROWS_WITH(acc::load_state_dict(net, dir / "truncated.pt"), Catch::Contains("truncated.pt"));
+  // LibTorch's own torch::save of a module is a TorchScript-style archive, not a state dict.
+  torch::save(net, (dir / "torch_save.pt").string());
+  CHECK_THROWS_WITH(acc::load_state_dict(net, dir / "torch_save.pt"), Catch::Contains("torch_save.pt"));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("Python reads save_state_dict's file and C++ reads torch.save(model.state_dict())", "[state_dict][python]") {
+  const auto python = python_with_torch();
+  if (python.empty()) ACCELERATED_SKIP("no python3 with torch (Debian: apt-get install python3-torch)");
+  const auto dir = test::fresh_dir("state_dict_python");
+  {  // C++ -> Python: strict load, outputs within 1e-6
+    auto net = trained_interop_net(5);
+    const auto input = torch::randn({5, 1, 8, 8});
+    torch::NoGradGuard no_grad;
+    acc::save_state_dict(net, dir / "from_cpp.pt");
+    acc::save_state_dict({{"input", input}, {"output", net->forward(input)}}, dir / "from_cpp_io.pt");
+    CHECK(run_interop_script(python, "check_cpp_file", dir / "from_cpp.pt", dir / "from_cpp_io.pt") == 0);
+  }
+  {  // Python -> C++: torch.save(model.state_dict()) (an OrderedDict with _metadata), strict, outputs within 1e-6
+    REQUIRE(run_interop_script(python, "write_python_file", dir / "from_python.pt", dir / "from_python_io.pt") == 0);
+    auto net = trained_interop_net(9);
+    const auto result = acc::load_state_dict(net, dir / "from_python.pt");
+    CHECK(result.missing_keys.empty());
+    CHECK(result.unexpected_keys.empty());
+    std::map<std::string, torch::Tensor> io;
+    for (auto& [name, tensor] : acc::read_state_dict(dir / "from_python_io.pt")) io[name] = tensor;
+    net->eval();
+    torch::NoGradGuard no_grad;
+    const auto difference = (net->forward(io.at("input")) - io.at("output")).abs().max().item<double>();
+    INFO("max |output difference| = " << difference);
+    CHECK(difference <= 1e-6);
+  }
+  fs::remove_all(dir);
+}

@@ -558,3 +558,100 @@ TEST_CASE("a stop inside an evaluation leaves the trainer able to save its state
   CHECK_NOTHROW(trainer.save_training_state(dir / "state.pt"));
   fs::remove_all(dir);
 }
+
+// ---- preemption ([preemption]) ---------------------------------------------------------------------------------
+namespace {
+// Delivers `signal` to this process at the end of update `at` (a cluster's SIGTERM arriving mid-run).
+struct SignalAt {
+  std::int64_t at;
+  int signal = SIGTERM;
+  void operator()(acc::on_update_step_end, auto& trainer) {
+    if (trainer.state().update_step == at) ::raise(signal);
+  }
+};
+
+// The resume scenario, preemptible: the run folder `dir` is both SaveTrainingState's (every 3 updates) and the
+// preemption folder, and the run resumes from the newest state in it. `out` receives the trainer's printing.
+acc::RunHistory run_preemptible(const fs::path& dir, std::int64_t signal_at, torch::Tensor& parameters,
+                                std::ostream& out, int signal = SIGTERM) {
+  const auto train = test::regression_data(64, 3);
+  const auto eval = test::regression_data(20, 4);
+  torch::manual_seed(11);
+  if (acc::latest_training_state(dir)) torch::manual_seed(999);  // the state must fix weights and random numbers
+  auto model = std::make_shared<Net>();
+  torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(0.01));
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, cb::SaveTrainingState, SignalAt>
+      trainer(acc::Model(model), torch::nn::MSELoss(), optimizer,
+              cb::SaveTrainingState({.save_dir = dir, .save_every_n_steps = 3, .save_at_end = false}),
+              SignalAt{signal_at, signal});
+  trainer.set_output(out);
+  acc::TrainOptions options{.num_epochs = kEpochs, .per_device_batch_size = 4, .gradient_accumulation_steps = 2};
+  options.resume_from_newest_in = dir;
+  options.preemption_dir = dir;
+  trainer.train(train, options, eval);
+  parameters = test::flat_parameters(*model);
+  return trainer.run_history();
+}
+}  // namespace
+
+TEST_CASE("a preempted run saves the update it agreed on and resumes bit-identical", "[resume][preemption]") {
+  const auto base = test::fresh_dir("preemption");
+  std::ostringstream ignored;
+  torch::Tensor reference, resumed;
+  const auto reference_history = run_preemptible(base / "reference", 0, reference, ignored);  // nothing to resume
+
+  struct sigaction before {};
+  ::sigaction(SIGTERM, nullptr, &before);
+  const auto dir = base / "preempted";
+  torch::Tensor unused;
+  try {
+    run_preemptible(dir, 13, unused, ignored);
+    FAIL("the run was not preempted");
+  } catch (const acc::PreemptedError& error) {
+    CHECK_THAT(std::string(error.what()), Catch::Contains("preempted (SIGTERM on rank 0) at update step 13"));
+  }
+  CHECK(acc::latest_training_state(dir) == dir / "preempted_step_13.pt");
+  struct sigaction after {};
+  ::sigaction(SIGTERM, nullptr, &after);
+  CHECK(after.sa_handler == before.sa_handler);  // the run's handler is gone with the run
+  CHECK(acc::exit_code_for(acc::PreemptedError("x")) == 75);
+  CHECK(acc::exit_code_for(std::runtime_error("x")) == 1);
+
+  std::ostringstream printed;
+  const auto history = run_preemptible(dir, 0, resumed, printed);
+  CHECK_THAT(printed.str(), Catch::Contains("Resuming from '" + (dir / "preempted_step_13.pt").string() + "'"));
+  CHECK(torch::equal(reference, resumed));
+  CHECK(history.get_metric_values("train_loss_epoch") == reference_history.get_metric_values("train_loss_epoch"));
+  CHECK(history.get_metric_values("eval_loss_epoch") == reference_history.get_metric_values("eval_loss_epoch"));
+
+  // SIGUSR1 (SLURM's --signal=USR1@60) preempts as well.
+  CHECK_THROWS_WITH(run_preemptible(base / "usr1", 5, unused, ignored, SIGUSR1),
+                    Catch::Contains("preempted (SIGUSR1 on rank 0) at update step 5"));
+  fs::remove_all(base);
+}
+
+TEST_CASE("resuming from a run folder passes over a damaged newest state", "[resume][preemption][bad_input]") {
+  const auto base = test::fresh_dir("preemption_damaged");
+  std::ostringstream ignored;
+  torch::Tensor reference, resumed, unused;
+  run_preemptible(base / "reference", 0, reference, ignored);
+  const auto dir = base / "run";
+  CHECK_THROWS_AS(run_preemptible(dir, 13, unused, ignored), acc::PreemptedError);
+  // The newest state is cut short (a copy interrupted, a disk that filled): the one before it (step_12) is used.
+  fs::resize_file(dir / "preempted_step_13.pt", fs::file_size(dir / "preempted_step_13.pt") / 2);
+  std::ostringstream printed;
+  run_preemptible(dir, 0, resumed, printed);
+  CHECK_THAT(printed.str(), Catch::Contains("preempted_step_13.pt' is damaged or incomplete, trying the one before it"));
+  CHECK_THAT(printed.str(), Catch::Contains("Resuming from '" + (dir / "step_12.pt").string() + "'"));
+  CHECK(torch::equal(reference, resumed));
+
+  // Every state damaged: an error naming the folder, not a silent fresh start.
+  const auto broken = base / "broken";
+  fs::create_directories(broken);
+  std::ofstream(broken / "step_3.pt") << "not a state";
+  CHECK_THROWS_WITH(run_preemptible(broken, 0, unused, ignored),
+                    Catch::Contains("resume_from_newest_in: no training state in '" + broken.string() + "' loads"));
+  CHECK_THROWS_WITH(acc::TrainOptions{.preemption_signals = {SIGKILL}}.validate(),
+                    Catch::Contains("preemption_signals = 9 is not a signal that can be caught"));
+  fs::remove_all(base);
+}

@@ -575,3 +575,57 @@ TEST_CASE("a loop policy defines only the steps it changes", "[trainer][loop]") 
   CHECK_FALSE(torch::equal(before, test::flat_parameters(*model)));  // the default steps did the rest
   CHECK(trainer.run_history().get_metric_values("train_loss_epoch").size() == 2);
 }
+
+namespace {
+// The loss named in the policy, called directly (docs/loop-policies.md, "A loss the compiler sees").
+struct InlineMse {
+  acc::BatchOutput calculate_train_batch_loss(auto& trainer, auto& batch) {
+    auto outputs = trainer.model()(acc::inputs_of(batch));
+    return {torch::nn::functional::mse_loss(outputs, acc::targets_of(batch)), outputs, outputs.size(0)};
+  }
+  acc::BatchOutput calculate_eval_batch_loss(auto& trainer, auto& batch) {
+    return calculate_train_batch_loss(trainer, batch);
+  }
+};
+}  // namespace
+
+TEST_CASE("a loss called inline by a loop policy trains as the trainer's loss does", "[trainer][loop]") {
+  const acc::TrainOptions options{.num_epochs = 2, .per_device_batch_size = 4};
+  torch::manual_seed(3);
+  auto through_trainer = test::linear_model();
+  auto inline_model = test::linear_model();
+  {
+    torch::NoGradGuard no_grad;
+    for (std::size_t i = 0; i < inline_model->parameters().size(); ++i) {
+      inline_model->parameters()[i].copy_(through_trainer->parameters()[i]);
+    }
+  }
+  torch::optim::SGD o1(through_trainer->parameters(), 0.05);
+  torch::optim::SGD o2(inline_model->parameters(), 0.05);
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess> plain(through_trainer, torch::nn::MSELoss(), o1);
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, InlineMse> inlined(inline_model, nullptr, o2);
+  plain.set_output(test::quiet());
+  inlined.set_output(test::quiet());
+  plain.train(test::regression_data(16), options, test::regression_data(8));
+  inlined.train(test::regression_data(16), options, test::regression_data(8));
+  CHECK(torch::equal(test::flat_parameters(*through_trainer), test::flat_parameters(*inline_model)));
+  CHECK(plain.run_history().get_metric_values("eval_loss_epoch") ==
+        inlined.run_history().get_metric_values("eval_loss_epoch"));
+}
+
+TEST_CASE("a stateful loss callable is called, not copied, at each batch", "[trainer][loss]") {
+  int calls = 0;
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), 0.05);
+  auto counting = [&calls, mse = torch::nn::MSELoss()](const torch::Tensor& out, const torch::Tensor& target) mutable {
+    ++calls;
+    return mse(out, target);
+  };
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess> trainer(model, counting, optimizer);
+  trainer.set_output(test::quiet());
+  trainer.train(test::regression_data(16), {.num_epochs = 1, .per_device_batch_size = 4});
+  CHECK(calls == 4);
+  CHECK_FALSE(acc::LossFunction(nullptr));
+  CHECK_THROWS_WITH(acc::LossFunction(nullptr)(torch::zeros({1}), torch::zeros({1})),
+                    Catch::Contains("null loss"));
+}

@@ -15,6 +15,7 @@
 #include "run_config.hpp"
 #include "run_history.hpp"
 #include "train_options.hpp"
+#include "state_dict.hpp"
 #include "training_state.hpp"
 
 #include "data/collate.hpp"
@@ -52,6 +53,7 @@
 #include "callbacks/save_best_model.hpp"
 #include "callbacks/save_training_state.hpp"
 #include "callbacks/step_based_evaluation.hpp"
+#include "callbacks/tensorboard.hpp"
 #include "callbacks/terminate_on_nan.hpp"
 
 #include "trainer.hpp"

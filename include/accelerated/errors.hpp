@@ -1,6 +1,7 @@
 #pragma once
 // The exceptions the library throws on purpose. Bad arguments are std::invalid_argument, bad files
 // std::runtime_error; both name the argument or path and the value.
+#include <exception>
 #include <stdexcept>
 #include <string>
 
@@ -29,5 +30,20 @@ class StepError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };
+
+// Thrown out of train() on every rank after a preemption signal (TrainOptions::preemption_dir): the training state
+// was saved at the update step the ranks agreed on, and the run is not over (no end events ran). Return exit_code
+// from main (75, EX_TEMPFAIL: "try again"), so a launcher or a requeued job starts the program again, and
+// TrainOptions::resume_from_newest_in continues the run.
+class PreemptedError : public std::runtime_error {
+ public:
+  static constexpr int exit_code = 75;
+  using std::runtime_error::runtime_error;
+};
+
+// What main returns for an error that ended a run: PreemptedError::exit_code after a preemption, 1 otherwise.
+inline int exit_code_for(const std::exception& error) {
+  return dynamic_cast<const PreemptedError*>(&error) != nullptr ? PreemptedError::exit_code : 1;
+}
 
 }  // namespace accelerated

@@ -5,7 +5,6 @@
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
-#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -96,7 +95,9 @@ class Model {
 };
 
 // The loss: a loss module holder (torch::nn::CrossEntropyLoss(), kept so that it moves with the model), any
-// callable (outputs, targets) -> Tensor, or nullptr when the loop policy computes the loss itself.
+// callable (outputs, targets) -> Tensor, or nullptr when the loop policy computes the loss itself. Like the model, it
+// is held as the typed object plus one function pointer that calls it: one direct call per batch, no std::function,
+// no virtual call. (A loop policy that names the loss type may call it inline: see docs/loop.md.)
 class LossFunction {
  public:
   LossFunction(std::nullptr_t) {}  // NOLINT
@@ -106,24 +107,31 @@ class LossFunction {
   LossFunction(L loss)  // NOLINT
   {
     if constexpr (requires { loss.ptr(); }) module_ = loss.ptr();
-    fn_ = std::move(loss);
+    auto typed = std::make_shared<L>(std::move(loss));
+    callable_ = typed.get();
+    call_ = [](void* callable, const torch::Tensor& outputs, const torch::Tensor& targets) -> torch::Tensor {
+      return (*static_cast<L*>(callable))(outputs, targets);
+    };
+    owner_ = std::move(typed);
   }
 
   torch::Tensor operator()(const torch::Tensor& outputs, const torch::Tensor& targets) const {
-    if (!fn_) {
+    if (call_ == nullptr) {
       throw std::logic_error(
           "accelerated::LossFunction: the trainer was built with a null loss; compute the loss in your loop "
           "policy's calculate_train_batch_loss / calculate_eval_batch_loss");
     }
-    return fn_(outputs, targets);
+    return call_(callable_, outputs, targets);
   }
 
-  explicit operator bool() const { return static_cast<bool>(fn_); }
+  explicit operator bool() const { return call_ != nullptr; }
   // The loss module, when the loss is one (moved to the device with the model); null otherwise.
   const std::shared_ptr<torch::nn::Module>& module() const { return module_; }
 
  private:
-  std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&)> fn_;
+  std::shared_ptr<void> owner_;  // keeps the callable alive; copies of this handle share it
+  void* callable_ = nullptr;
+  torch::Tensor (*call_)(void*, const torch::Tensor&, const torch::Tensor&) = nullptr;
   std::shared_ptr<torch::nn::Module> module_;
 };
 

@@ -18,10 +18,11 @@ class Output {
   }
   bool is_terminal() const { return terminal_ || (out_ == &std::cout && ::isatty(STDOUT_FILENO) == 1); }
 
-  // One line, when `enabled` (the trainer passes "this is the local process zero").
+  // One line, when `enabled` (the trainer passes "this is the local process zero"), flushed: these lines are rare
+  // (run and epoch boundaries), and someone tailing a job's log file (SLURM's slurm-<job>.out) should see them then.
   template <class... Args>
   void print(bool enabled, const Args&... args) {
-    if (enabled) ((*out_) << ... << args) << '\n';
+    if (enabled) ((*out_) << ... << args) << '\n' << std::flush;
   }
 
  private:

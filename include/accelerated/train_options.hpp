@@ -5,12 +5,16 @@
 #include <torch/optim/schedulers/lr_scheduler.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <filesystem>
 #include <functional>
 #include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
+
+#include <signal.h>
 
 #include "run_config.hpp"
 
@@ -37,6 +41,14 @@ struct TrainOptions {
   bool reset_run_history = true;
   // A training state to continue (Trainer::load_training_state): the run resumes at the saved batch.
   std::optional<std::filesystem::path> resume_from{};
+  // A run folder (callbacks::SaveTrainingState's save_dir): resume from the newest complete state in it, falling
+  // back past a damaged one to the previous good one, or start fresh when it holds none. resume_from wins if set.
+  std::optional<std::filesystem::path> resume_from_newest_in{};
+  // Preemption: on one of preemption_signals, every rank agrees on one update step, saves the training state there
+  // as preemption_dir/preempted_step_<n>.pt (and names it `latest`), and train() throws PreemptedError. Off unset.
+  std::optional<std::filesystem::path> preemption_dir{};
+  std::vector<int> preemption_signals = {SIGTERM, SIGUSR1};
+  bool requeue_on_preemption = false;  // under SLURM: `scontrol requeue $SLURM_JOB_ID` before train() throws
 
   void validate() const {
     auto fail = [](const std::string& option, const std::string& value, const std::string& rule) {
@@ -64,7 +76,24 @@ struct TrainOptions {
     if (gradient_clip_norm && !(*gradient_clip_norm > 0.0)) {
       fail("gradient_clip_norm", std::to_string(*gradient_clip_norm), "must be > 0");
     }
+    if (preemption_dir && preemption_signals.empty()) fail("preemption_signals", "{}", "is empty: name a signal");
+    for (const int signal : preemption_signals) {
+      if (signal <= 0 || signal >= NSIG || signal == SIGKILL || signal == SIGSTOP) {
+        fail("preemption_signals", std::to_string(signal), "is not a signal that can be caught");
+      }
+    }
   }
 };
+
+// ACCELERATED_RUN_DIR=folder makes an unchanged program preemptible and self-resuming, as a launcher's variables
+// make it distributed: preemption_dir and resume_from_newest_in become the folder where the code left them unset
+// (and resume_from, which wins, is unset). An empty value is ignored.
+inline TrainOptions with_environment(TrainOptions options) {
+  const char* run_dir = std::getenv("ACCELERATED_RUN_DIR");
+  if (run_dir == nullptr || *run_dir == '\0') return options;
+  if (!options.preemption_dir) options.preemption_dir = run_dir;
+  if (!options.resume_from_newest_in && !options.resume_from) options.resume_from_newest_in = run_dir;
+  return options;
+}
 
 }  // namespace accelerated

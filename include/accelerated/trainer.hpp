@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstdint>
 #include <exception>
 #include <filesystem>
@@ -37,13 +38,12 @@
 #include "callbacks/events.hpp"
 #include "checkpoint.hpp"
 #include "concepts.hpp"
-#include "training_state.hpp"
-#include "schedulers/state.hpp"
 #include "data/loader.hpp"
 #include "data/sources.hpp"
 #include "detail/allocator_tuning.hpp"
 #include "detail/checks.hpp"
 #include "detail/clip_gradients.hpp"
+#include "detail/preemption.hpp"
 #include "detail/thread_default.hpp"
 #include "callbacks/list.hpp"
 #include "errors.hpp"
@@ -56,8 +56,11 @@
 #include "policies/loop.hpp"
 #include "policies/loop_steps.hpp"
 #include "policies/precision.hpp"
+#include "resume.hpp"
+#include "run_folder.hpp"
 #include "run_config.hpp"
 #include "run_history.hpp"
+#include "step_failure.hpp"
 #include "train_mode.hpp"
 #include "train_options.hpp"
 
@@ -101,6 +104,15 @@ struct TrainingState {
   LossValue last_loss;           // mean loss of the last batch (before accumulation scaling); on a GPU it is read
                                  // from the device only when used as a double
   bool training = false;         // inside a training epoch (false in eval epochs and evaluate())
+  // Where a training step's time goes, summed over this run's training batches (two clock reads per batch):
+  // waiting for the batch (the loader's gather and collate, before the step) and everything after it (moving it to
+  // the device, forward, backward, the update, the callbacks). On a GPU the compute time is the time to queue the
+  // work, which waits on the device only where something reads back from it.
+  double data_wait_seconds = 0.0;
+  double compute_seconds = 0.0;
+  // The gradients' total L2 norm before clipping, at the last update, when gradient_clip_norm is set (clipping
+  // computes it anyway); undefined otherwise. A tensor on the model's device: reading it is a host sync on a GPU.
+  torch::Tensor grad_norm;
 };
 
 // Every policy has a default, chosen from the environment: a GPU when LibTorch sees one, the precision named by
@@ -157,8 +169,12 @@ class Trainer {
              Collate collate = {}) {
     if constexpr (policies_ok_) {
       options.validate();
-      options_ = options;
-      if (options.resume_from) load_training_state(*options.resume_from);
+      options_ = with_environment(options);  // ACCELERATED_RUN_DIR
+      if (options_.resume_from) {
+        load_training_state(*options_.resume_from);
+      } else if (options_.resume_from_newest_in) {
+        resume_from_newest(*options_.resume_from_newest_in);
+      }
       constexpr bool has_eval = !std::is_same_v<std::remove_cvref_t<EvalData>, NoEvalSet>;
       auto train_source = data::as_source(std::forward<TrainData>(train_dataset), "train_dataset");
       if constexpr (detail::check_loader_step<Loop, Trainer, decltype(train_source), Collate, true>()) {
@@ -262,39 +278,18 @@ class Trainer {
   // or from on_update_step_end, on_training_run_epoch_end or on_training_run_end (callbacks::SaveTrainingState does);
   // a run resumed from it ends bit-identical to the uninterrupted run on CPU. Every process must call it.
   void save_training_state(const std::filesystem::path& path, const std::map<std::string, double>& values = {}) {
-    if (save_point_ == SavePoint::inside) {
+    if (save_point_ == detail::SavePoint::inside) {
       throw std::logic_error("accelerated::Trainer::save_training_state: called in the middle of a step or an eval "
                              "epoch; call it outside train(), or from on_update_step_end, on_training_run_epoch_end "
                              "or on_training_run_end");
     }
-    const auto rng = distributed_.gather(detail::generator_state(torch::kCPU).unsqueeze(0));
-    torch::Tensor cuda_rng;
-    if (device_.device().is_cuda()) cuda_rng = distributed_.gather(detail::generator_state(device_.device()).unsqueeze(0));
+    detail::GeneratorStates generators{distributed_.gather(detail::generator_state(torch::kCPU).unsqueeze(0)), {}};
+    if (device_.device().is_cuda()) {
+      generators.cuda = distributed_.gather(detail::generator_state(device_.device()).unsqueeze(0));
+    }
     if (distributed_.rank() == 0) {
-      const auto position = current_position();
-      torch::serialize::OutputArchive archive;
-      archive.write("accelerated_training_state_version", torch::tensor(training_state_format_version, torch::kLong));
-      accelerated::detail::write_common(archive, model_.module(), optimizer_, values);
-      detail::write_position(archive, position);
-      detail::write_history(archive, history_, history_.current_epoch() + (save_point_ == SavePoint::epoch_end ? 1 : 0));
-      if (scheduler_) {
-        torch::serialize::OutputArchive scheduler;
-        schedulers::save_scheduler_state(scheduler, *scheduler_);
-        archive.write("scheduler", scheduler);
-      }
-      if constexpr (requires(torch::serialize::OutputArchive& a) { precision_.save_state(a); }) {
-        torch::serialize::OutputArchive precision;
-        precision_.save_state(precision);
-        archive.write("precision", precision);
-      }
-      for_each_stateful_callback([&](auto& callback, const std::string& key) {
-        torch::serialize::OutputArchive state;
-        callback.save_state(state);
-        archive.write(key, state);
-      });
-      archive.write("rng_cpu", rng);
-      if (cuda_rng.defined()) archive.write("rng_cuda", cuda_rng);
-      accelerated::detail::save_archive(path, archive);
+      const auto epoch = history_.current_epoch() + (save_point_ == detail::SavePoint::epoch_end ? 1 : 0);
+      detail::write_training_state(path, state_parts(), current_position(), epoch, generators, values);
     }
     distributed_.barrier();
   }
@@ -304,26 +299,7 @@ class Trainer {
   // (same datasets and options; num_epochs and max_num_train_steps count from the run's start). Returns the values.
   std::map<std::string, double> load_training_state(const std::filesystem::path& path) {
     distributed_.barrier();
-    const std::string file = path.string();
-    auto archive = std::make_shared<torch::serialize::InputArchive>(
-        accelerated::detail::open_archive(path, "load_training_state", "training state",
-                                          "accelerated_training_state_version", training_state_format_version,
-                                          device_.device()));
-    auto position = detail::read_position(*archive, file);
-    // What can be checked now is checked before anything changes: the number of processes and every stateful
-    // callback's section. The rest of the run's shape (batch size, accumulation, dataset) is the next train()'s.
-    if (position.in_run && position.num_processes != distributed_.num_processes()) {
-      throw std::invalid_argument("accelerated::load_training_state: '" + file + "' was saved by a run of " +
-                                  std::to_string(position.num_processes) +
-                                  (position.num_processes == 1 ? " process" : " processes") + "; this one has " +
-                                  std::to_string(distributed_.num_processes()) +
-                                  " (an exact resume needs the same number)");
-    }
-    for_each_stateful_callback([&](auto&, const std::string& key) { detail::read_section(*archive, key, file); });
-    auto values = accelerated::detail::read_common(*archive, model_.module(), optimizer_, file, "load_training_state");
-    detail::read_history(*archive, history_, file);
-    pending_resume_ = PendingResume{std::move(archive), position, file};
-    return values;
+    return read_training_state_file(path);
   }
 
   // Caps the batches of the current epoch at n (from on_train_epoch_start or on_eval_epoch_start). In a training
@@ -415,39 +391,79 @@ class Trainer {
   }
 
  private:
-  // Where save_training_state may be called: outside a run's epochs, after an update, at an epoch's end.
-  enum class SavePoint { outside, update_end, epoch_end, inside };
-
-  struct PendingResume {
-    std::shared_ptr<torch::serialize::InputArchive> archive;
-    RunPosition position;
-    std::string file;
-  };
-
-  // Calls fn(callback, key) for each callback with save_state/load_state, keyed by its place in the list.
-  template <class Fn>
-  void for_each_stateful_callback(Fn&& fn) {
-    std::size_t index = 0;
-    boost::hana::for_each(callbacks_, [&](auto& callback) {
-      if constexpr (requires(torch::serialize::OutputArchive& a) { callback.save_state(a); }) {
-        fn(callback, "callback_" + std::to_string(index));
+  // TrainOptions::resume_from_newest_in: the newest state that loads; a damaged one is reported and passed over. A
+  // state of another run's shape is an error, not damage.
+  void resume_from_newest(const std::filesystem::path& dir) {
+    distributed_.barrier();  // here, not per file: a failure to reach the peers is not a damaged file
+    std::string damaged;
+    for (const auto& state : training_states_newest_first(dir)) {
+      try {
+        read_training_state_file(state);
+        output_.print(distributed_.rank() == 0, "Resuming from '", state.string(), "'");
+        return;
+      } catch (const std::invalid_argument&) {
+        throw;
+      } catch (const std::runtime_error& error) {
+        output_.print(distributed_.rank() == 0, "accelerated: the training state '", state.string(),
+                      "' is damaged or incomplete, trying the one before it: ", error.what());
+        damaged += std::string(damaged.empty() ? "" : "; ") + error.what();
       }
-      ++index;
-    });
+    }
+    if (!damaged.empty()) {
+      throw std::runtime_error("accelerated::TrainOptions::resume_from_newest_in: no training state in '" +
+                               dir.string() + "' loads: " + damaged);
+    }
   }
 
-  RunPosition current_position() {
-    RunPosition p;
-    p.in_run = run_started_;
-    if (!run_started_) return p;
-    p.update_step = state_.update_step;
-    p.epochs_done = epochs_done_ + (save_point_ == SavePoint::epoch_end ? 1 : 0);
-    if (save_point_ == SavePoint::update_end) {
-      p.batches_done = state_.step;
-      p.loss_total = train_tracker_.total();
-      p.loss_count = train_tracker_.count();
+  std::map<std::string, double> read_training_state_file(const std::filesystem::path& path) {
+    return detail::read_training_state(path, state_parts(), distributed_.num_processes(), device_.device(),
+                                       pending_resume_);
+  }
+
+  // A preemption signal was received on this process during a preemptible run.
+  bool preemption_received() const {
+    return options_.preemption_dir.has_value() && detail::PreemptionSignals::received() != 0;
+  }
+
+  // At the end of the update step the ranks agreed on: the training state is saved there, named `latest`, the job
+  // requeued if asked, and every rank throws PreemptedError.
+  [[noreturn]] void preempt() {
+    const auto& dir = *options_.preemption_dir;
+    const auto step = state_.update_step;
+    const auto name = "preempted_step_" + std::to_string(step) + ".pt";
+    const bool zero = distributed_.rank() == 0;
+    if (zero) {
+      std::error_code error;
+      std::filesystem::create_directories(dir, error);
+      if (!std::filesystem::is_directory(dir)) {
+        throw std::invalid_argument("accelerated::TrainOptions: preemption_dir = '" + dir.string() +
+                                    "' is not a folder and cannot be created (" + error.message() + ")");
+      }
     }
-    // The training run's shape, also after an evaluate() (which sets run_config() to the evaluation's).
+    save_training_state(dir / name, {{"update_step", static_cast<double>(step)}});
+    std::string requeued;
+    if (zero) {
+      record_latest_training_state(dir, name);
+      if (options_.requeue_on_preemption) requeued = "; " + detail::requeue_slurm_job();
+    }
+    distributed_.barrier();
+    const auto signal = detail::PreemptionSignals::received();
+    throw PreemptedError("accelerated::Trainer: preempted (" +
+                         (signal != 0 ? detail::signal_name(signal) + " on rank " + std::to_string(distributed_.rank())
+                                      : "a signal on rank " + std::to_string(preempted_by_)) +
+                         ") at update step " + std::to_string(step) + "; the training state is saved as '" +
+                         (dir / name).string() + "'" + requeued +
+                         "; TrainOptions::resume_from_newest_in continues the run");
+  }
+
+  detail::TrainingStateParts<Precision, callback_tuple> state_parts() {
+    return {model_.module(), optimizer_, scheduler_.get(), precision_, callbacks_, history_};
+  }
+
+  // The training run's shape, which a resume must share: the last train() call's, also after an evaluate() (which
+  // sets run_config() to its own).
+  RunPosition train_position() const {
+    RunPosition p;
     p.num_processes = train_config_.num_processes;
     p.per_device_batch_size = train_config_.train_per_device_batch_size;
     p.gradient_accumulation_steps = train_config_.gradient_accumulation_steps;
@@ -457,90 +473,19 @@ class Trainer {
     return p;
   }
 
-  // First half of a resume, before the run starts: the run must have the saved shape; the position, the scheduler
-  // and the loss scaler are restored. Returns the batches of the first epoch already trained.
-  std::int64_t resume_run_state(const PendingResume& resume) {
-    const auto& p = resume.position;
-    auto& archive = *resume.archive;
-    auto check = [&](const char* name, std::int64_t here, std::int64_t saved) {
-      if (here != saved) {
-        throw std::invalid_argument("accelerated::Trainer::train: resuming '" + resume.file + "': " + name + " = " +
-                                    std::to_string(here) + " here but " + std::to_string(saved) +
-                                    " in the saved run; an exact resume needs the same datasets and options");
-      }
-    };
-    if (p.in_run) {
-      check("num_processes", run_config_.num_processes, p.num_processes);
-      check("per_device_batch_size", run_config_.train_per_device_batch_size, p.per_device_batch_size);
-      check("gradient_accumulation_steps", run_config_.gradient_accumulation_steps, p.gradient_accumulation_steps);
-      check("batches per epoch (train_dataset size, drop_last)", run_config_.num_train_batches_per_epoch,
-            p.num_train_batches_per_epoch);
-      check("seed", static_cast<std::int64_t>(options_.seed), p.seed);
-      check("shuffle", options_.shuffle, p.shuffle);
-      state_.update_step = p.update_step;
-      epochs_done_ = p.epochs_done;
-      train_tracker_.restore(p.loss_total, p.loss_count);
+  // Where the run stands, with its shape: what a training state saves.
+  RunPosition current_position() {
+    if (!run_started_) return {};
+    auto p = train_position();
+    p.in_run = true;
+    p.update_step = state_.update_step;
+    p.epochs_done = epochs_done_ + (save_point_ == detail::SavePoint::epoch_end ? 1 : 0);
+    if (save_point_ == detail::SavePoint::update_end) {
+      p.batches_done = state_.step;
+      p.loss_total = train_tracker_.total();
+      p.loss_count = train_tracker_.count();
     }
-    torch::serialize::InputArchive scheduler;
-    const bool saved_scheduler = archive.try_read("scheduler", scheduler);
-    if (saved_scheduler && !scheduler_) {
-      throw std::invalid_argument("accelerated::Trainer::train: resuming '" + resume.file +
-                                  "': it holds a scheduler's state, but this run creates no scheduler "
-                                  "(TrainOptions::create_scheduler_fn)");
-    }
-    if (scheduler_ && p.in_run && !saved_scheduler) {
-      throw std::invalid_argument("accelerated::Trainer::train: resuming '" + resume.file +
-                                  "': the saved run had no scheduler, but this run creates one");
-    }
-    if (saved_scheduler) schedulers::load_scheduler_state(scheduler, *scheduler_);
-    if constexpr (requires(torch::serialize::InputArchive& a) { precision_.load_state(a); }) {
-      torch::serialize::InputArchive precision;
-      if (archive.try_read("precision", precision)) precision_.load_state(precision);
-    }
-    return p.in_run ? p.batches_done : 0;
-  }
-
-  // Second half, once on_training_run_start has run (callbacks reset themselves there): their state and the random
-  // generators, last, so the next random number drawn is the one the saved run would have drawn.
-  void resume_callbacks_and_generators(const PendingResume& resume) {
-    auto& archive = *resume.archive;
-    for_each_stateful_callback([&](auto& callback, const std::string& key) {
-      auto section = detail::read_section(archive, key, resume.file);
-      callback.load_state(section);
-    });
-    const auto rank = distributed_.rank();
-    auto restore = [&](const char* key, torch::Device device) {
-      torch::Tensor states;
-      if (!archive.try_read(key, states)) return;
-      if (states.size(0) <= rank) {
-        throw std::runtime_error("accelerated::load_training_state: '" + resume.file + "' holds '" + key +
-                                 "' for " + std::to_string(states.size(0)) + " processes; this is rank " +
-                                 std::to_string(rank));
-      }
-      detail::set_generator_state(device, states[rank].contiguous());
-    };
-    restore("rng_cpu", torch::kCPU);
-    if (device_.device().is_cuda()) restore("rng_cuda", device_.device());
-  }
-
-  // Calls fn(batch) for batches [first, last) of the current epoch; fn returns false to stop. Loaders with random
-  // access (ours) jump to `first`; others are advanced past the skipped batches.
-  template <class Loader, class Fn>
-  static void for_each_batch(Loader& loader, std::int64_t first, std::int64_t last, Fn&& fn) {
-    if (first >= last) return;
-    if constexpr (requires { loader.batch(first); }) {
-      for (auto b = first; b < last; ++b) {
-        if (!fn(loader.batch(b))) return;
-      }
-    } else {
-      auto it = std::begin(loader);
-      const auto end = std::end(loader);
-      std::int64_t b = 0;
-      for (; b < first && it != end; ++b) ++it;
-      for (; b < last && it != end; ++b, ++it) {
-        if (!fn(*it)) return;
-      }
-    }
+    return p;
   }
 
   template <class Event, class... Args>
@@ -571,11 +516,17 @@ class Trainer {
     if (!run_config_.is_distributed) return stop_requested_;
     const auto rank = distributed_.rank();
     std::vector<double> votes(static_cast<std::size_t>(run_config_.num_processes), 0.0);
-    votes[static_cast<std::size_t>(rank)] = stop_non_finite_ ? 2.0 : stop_requested_ ? 1.0 : 0.0;
+    votes[static_cast<std::size_t>(rank)] = stop_non_finite_ ? 2.0 : stop_requested_ ? 1.0 : preemption_received() ? 3.0 : 0.0;
     distributed_.all_reduce_sum(votes);
     const auto first = std::find_if(votes.begin(), votes.end(), [](double v) { return v != 0.0; });
     if (first == votes.end()) return false;
     const auto decider = static_cast<std::int64_t>(first - votes.begin());
+    // A preemption rides on the same vote (no collective of its own): every rank finishes this update and saves.
+    if (std::all_of(votes.begin(), votes.end(), [](double v) { return v == 0.0 || v == 3.0; })) {
+      if (!preempt_agreed_) preempted_by_ = decider;
+      preempt_agreed_ = true;
+      return false;
+    }
     const auto decided = "rank " + std::to_string(decider) + " of " + std::to_string(votes.size());
     const auto non_finite = std::find(votes.begin(), votes.end(), 2.0);
     if (non_finite != votes.end()) {
@@ -675,7 +626,19 @@ class Trainer {
       distributed_.prepare(model_.module());
       parameters_ = model_->parameters();
       scheduler_ = steps::create_scheduler::call(loop_, *this);
-      std::int64_t first_batch = resume ? resume_run_state(*resume) : 0;
+      std::optional<detail::PreemptionSignals> preemption;  // handlers for this run only
+      if (options_.preemption_dir) preemption.emplace(options_.preemption_signals);
+      preempt_agreed_ = false;
+      std::int64_t first_batch = 0;
+      if (resume) {
+        detail::resume_run_shape(*resume, train_position(), state_parts());
+        if (const auto& saved = resume->position; saved.in_run) {
+          state_.update_step = saved.update_step;
+          epochs_done_ = saved.epochs_done;
+          train_tracker_.restore(saved.loss_total, saved.loss_count);
+          first_batch = saved.batches_done;
+        }
+      }
       run_started_ = true;
       if constexpr (!std::is_same_v<EvalLoader, NoEvalSet>) {
         eval_pass_ = [this, eval_loader] { return eval_loss_pass_over(*eval_loader); };
@@ -687,11 +650,11 @@ class Trainer {
 
       steps::training_run_start::call(loop_, *this);
       if (emit<events::on_training_run_start>()) stop_training("stop requested by a callback in on_training_run_start");
-      if (resume) resume_callbacks_and_generators(*resume);
+      if (resume) detail::resume_callbacks_and_generators(*resume, callbacks_, distributed_.rank(), device_.device());
       for (std::int64_t epoch = epochs_done_; epoch < run_config_.num_epochs; ++epoch) {
         bool reached_max_steps = false;
         try {
-          detail::ScopedValue point(save_point_, SavePoint::inside);  // back to outside when the epoch is left
+          detail::ScopedValue point(save_point_, detail::SavePoint::inside);  // back to outside when the epoch is left
           if (stop_agreed()) throw StopTrainingError(stop_reason_);
           // The shuffling order follows the run history's epoch, so successive train() calls and resumed runs
           // each see a new order.
@@ -700,7 +663,7 @@ class Trainer {
           if constexpr (!std::is_same_v<EvalLoader, NoEvalSet>) run_eval_epoch(*eval_loader, "eval_loss_epoch", false);
           steps::training_run_epoch_end::call(loop_, *this);
           {
-            detail::ScopedValue point(save_point_, SavePoint::epoch_end);
+            detail::ScopedValue point(save_point_, detail::SavePoint::epoch_end);
             // The epoch is complete: a stop raised here (EarlyStopping) takes effect once it is counted, so that a
             // later train(reset_run_history = false) starts with the next epoch's data order.
             try {
@@ -719,28 +682,9 @@ class Trainer {
           print(error.what());
           emit<events::on_stop_training_error>(error);
           break;
-        } catch (const StepError&) {
-          throw;  // already says where
-        } catch (const c10::Error& error) {
-          // A LibTorch error outside the loss step (backward, the optimizer, a collective inside backward: CUDA
-          // and NCCL failures are c10::Errors, not std::runtime_errors).
+        } catch (...) {
           if (!run_config_.is_distributed) throw;
-          std::throw_with_nested(
-              StepError(where("train") + silent_peers(error.what_without_backtrace()) + ": " +
-                        error.what_without_backtrace()));
-        } catch (const std::runtime_error& error) {
-          // In a multi-process run, the reducer's all-reduce inside backward fails (Gloo: "Connection closed by
-          // peer", or a timeout) when a peer is gone: say which rank, where, and why that is likely. A collective
-          // of the distributed policy (from the loop or a callback) already says which rank and why.
-          const std::string what = error.what();
-          const bool collective = what.rfind("accelerated::DataParallel", 0) == 0;
-          if (!run_config_.is_distributed || (!collective && what.rfind("accelerated::", 0) == 0)) throw;
-          throw std::runtime_error("accelerated::Trainer: rank " + std::to_string(distributed_.rank()) + " of " +
-                                   std::to_string(run_config_.num_processes) + " failed at epoch " +
-                                   std::to_string(history_.current_epoch()) + ", step " +
-                                   std::to_string(state_.step + 1) +
-                                   (collective ? ": " : " (a peer may have stopped or died)" + silent_peers(what) + ": ") +
-                                   what);
+          detail::rethrow_from_epoch(place("train"), [this](const std::string& what) { return silent_peers(what); });
         }
         if (reached_max_steps) {
           if (options_.max_num_train_steps) {
@@ -772,7 +716,10 @@ class Trainer {
     }
 
     bool reached_max_steps = state_.update_step >= run_config_.max_num_train_steps;
-    for_each_batch(loader, state_.step, state_.num_batches, [&](auto&& loaded) {
+    auto step_ended = std::chrono::steady_clock::now();
+    data::for_each_batch(loader, state_.step, state_.num_batches, [&](auto&& loaded) {
+      const auto step_started = std::chrono::steady_clock::now();
+      state_.data_wait_seconds += std::chrono::duration<double>(step_started - step_ended).count();
       const auto step = state_.step;
       const auto last = state_.num_batches;
       const bool update = (step + 1) % accumulation == 0 || step + 1 == last;
@@ -803,11 +750,15 @@ class Trainer {
       ++state_.step;
       if (update) {
         {
-          detail::ScopedValue point(save_point_, SavePoint::update_end);
+          detail::ScopedValue point(save_point_, detail::SavePoint::update_end);
           emit_in_epoch<events::on_update_step_end>();
+          // Multi-process: agreed in the vote before this update's backward; one process: the flag itself.
+          if (preempt_agreed_ || (!run_config_.is_distributed && preemption_received())) preempt();
         }
         if (std::exchange(evaluation_requested_, false)) run_intermediate_evaluation(eval_loader);
       }
+      step_ended = std::chrono::steady_clock::now();
+      state_.compute_seconds += std::chrono::duration<double>(step_ended - step_started).count();
       // A multi-process stop waits for the next update step (or the epoch's end), where the ranks agree.
       if (stop_requested_ && !run_config_.is_distributed) throw StopTrainingError(stop_reason_);
       return !reached_max_steps;
@@ -839,7 +790,7 @@ class Trainer {
   template <class Loader>
   void run_eval_epoch(Loader& loader, const std::string& metric, bool is_intermediate) {
     const auto saved = state_;
-    detail::ScopedValue point(save_point_, SavePoint::inside);
+    detail::ScopedValue point(save_point_, detail::SavePoint::inside);
     state_.training = false;
     state_.step = 0;
     state_.num_batches = static_cast<std::int64_t>(loader.size());
@@ -849,20 +800,7 @@ class Trainer {
       detail::ScopedValue starting(epoch_starting_, true);
       emit_in_epoch<events::on_eval_epoch_start>(is_intermediate);
     }
-    {
-      torch::NoGradGuard no_grad;
-      for_each_batch(loader, 0, state_.num_batches, [&](auto&& loaded) {
-        emit_in_epoch<events::on_eval_step_start>();
-        auto&& batch = device_.to_device(std::move(loaded));
-        auto output = forward<false>(batch);
-        track(tracker, output.loss, output.batch_size);
-        emit_in_epoch<events::on_eval_step_end>(batch, output);
-        ++state_.step;
-        // Ranks may run different numbers of eval batches: a multi-process stop waits for the epoch's end.
-        if (stop_requested_ && !run_config_.is_distributed) throw StopTrainingError(stop_reason_);
-        return true;
-      });
-    }
+    eval_batches<true>(loader, state_.num_batches, tracker);
     steps::eval_epoch_end::call(loop_, *this);
     history_.update_metric(metric, global_mean(tracker));
     emit_in_epoch<events::on_eval_epoch_end>(is_intermediate);
@@ -875,17 +813,31 @@ class Trainer {
     const bool was_training = model_->is_training();
     model_->eval();
     LossMeter tracker;
-    {
-      torch::NoGradGuard no_grad;
-      for_each_batch(loader, 0, static_cast<std::int64_t>(loader.size()), [&](auto&& loaded) {
-        auto&& batch = device_.to_device(std::move(loaded));
-        auto output = forward<false>(batch);
-        tracker.add(output.loss, output.batch_size);
-        return true;
-      });
-    }
+    eval_batches<false>(loader, static_cast<std::int64_t>(loader.size()), tracker);
     set_training(model_.module(), was_training);
     return global_mean(tracker);
+  }
+
+  // The eval loop: batches [0, last) through the model without gradients, their losses into `tracker`; with the
+  // step events (an eval epoch) or without (eval_loss_pass, which also leaves state().last_loss alone).
+  template <bool WithEvents, class Loader>
+  void eval_batches(Loader& loader, std::int64_t last, LossMeter& tracker) {
+    torch::NoGradGuard no_grad;
+    data::for_each_batch(loader, 0, last, [&](auto&& loaded) {
+      if constexpr (WithEvents) emit_in_epoch<events::on_eval_step_start>();
+      auto&& batch = device_.to_device(std::move(loaded));
+      auto output = forward<false>(batch);
+      if constexpr (WithEvents) {
+        track(tracker, output.loss, output.batch_size);
+        emit_in_epoch<events::on_eval_step_end>(batch, output);
+        ++state_.step;
+        // Ranks may run different numbers of eval batches: a multi-process stop waits for the epoch's end.
+        if (stop_requested_ && !run_config_.is_distributed) throw StopTrainingError(stop_reason_);
+      } else {
+        tracker.add(output.loss, output.batch_size);
+      }
+      return true;
+    });
   }
 
   // The loss step under the precision policy's autocast.
@@ -900,7 +852,7 @@ class Trainer {
         return steps::calculate_eval_batch_loss::call(loop_, *this, batch);
       }
     } catch (const c10::Error& error) {
-      std::throw_with_nested(StepError(where(Training ? "train" : "eval") + ": " + error.what_without_backtrace()));
+      detail::throw_step_error(place(Training ? "train" : "eval"), error);
     }
   }
 
@@ -924,16 +876,9 @@ class Trainer {
     }
   }
 
-  // "accelerated: the train step at epoch 2, step 5 of 10 (rank 1 of 2) failed"
-  std::string where(const char* phase) const {
-    std::string text = std::string("accelerated: the ") + phase + " step at epoch " +
-                       std::to_string(history_.current_epoch()) + ", step " + std::to_string(state_.step + 1) +
-                       " of " + std::to_string(state_.num_batches);
-    if (distributed_.num_processes() > 1) {
-      text += " (rank " + std::to_string(distributed_.rank()) + " of " +
-              std::to_string(distributed_.num_processes()) + ")";
-    }
-    return text + " failed";
+  detail::StepPlace place(const char* phase) const {
+    return {phase, history_.current_epoch(), state_.step + 1, state_.num_batches, distributed_.rank(),
+            distributed_.num_processes()};
   }
 
   void track(LossMeter& tracker, const torch::Tensor& loss, std::int64_t batch_size) {
@@ -953,7 +898,9 @@ class Trainer {
     precision_.unscale_gradients(*optimizer_);
     if (run_config_.gradient_clip_value) torch::nn::utils::clip_grad_value_(parameters_, *run_config_.gradient_clip_value);
     // No host sync: on a GPU the next step can be queued while this one runs.
-    if (run_config_.gradient_clip_norm) detail::clip_grad_norm_no_sync(parameters_, *run_config_.gradient_clip_norm);
+    if (run_config_.gradient_clip_norm) {
+      state_.grad_norm = detail::clip_grad_norm_no_sync(parameters_, *run_config_.gradient_clip_norm);
+    }
   }
 
   Model model_;
@@ -980,11 +927,14 @@ class Trainer {
   LossMeter train_tracker_;                 // the current training epoch's loss so far
   std::int64_t epochs_done_ = 0;            // epochs of the current run completed
   bool run_started_ = false;                // a train() call has set up the run
-  SavePoint save_point_ = SavePoint::outside;
-  std::optional<PendingResume> pending_resume_;
+  detail::SavePoint save_point_ = detail::SavePoint::outside;
+  std::optional<detail::PendingResume> pending_resume_;
   // what callbacks may ask for during a run
   bool epoch_starting_ = false;             // inside on_train_epoch_start / on_eval_epoch_start
   bool evaluation_requested_ = false;
+  // preemption (TrainOptions::preemption_dir)
+  bool preempt_agreed_ = false;
+  std::int64_t preempted_by_ = 0;  // the first rank that voted for it
   std::function<double()> eval_pass_;
   // Last, so that the callbacks' state never moves the other members: the step loop's machine code is the same with
   // or without callbacks that do not handle its events (tests/zero_cost).

@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -18,7 +17,7 @@
 #include <system_error>
 #include <vector>
 
-#include "../detail/atomic_file.hpp"
+#include "../run_folder.hpp"
 #include "events.hpp"
 
 namespace accelerated::callbacks {
@@ -44,12 +43,7 @@ class SaveTrainingState {
 
   // The newest state saved in `save_dir`, if any.
   static std::optional<std::filesystem::path> latest(const std::filesystem::path& save_dir) {
-    std::ifstream in(save_dir / "latest");
-    std::string name;
-    if (!in || !std::getline(in, name) || name.empty()) return std::nullopt;
-    const auto path = save_dir / name;
-    if (!std::filesystem::is_regular_file(path)) return std::nullopt;
-    return path;
+    return latest_training_state(save_dir);
   }
 
   template <class Trainer>
@@ -91,7 +85,7 @@ class SaveTrainingState {
     trainer.save_training_state(options_.save_dir / (name + ".pt"),
                                 {{"update_step", static_cast<double>(trainer.state().update_step)}});
     if (!trainer.run_config().is_world_process_zero) return;
-    accelerated::detail::write_file_atomically(options_.save_dir / "latest", name + ".pt\n");
+    record_latest_training_state(options_.save_dir, name + ".pt");
     if (rotate && options_.max_checkpoints) remove_oldest(trainer.run_config().num_update_steps_per_epoch);
   }
 

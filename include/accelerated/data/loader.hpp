@@ -2,6 +2,7 @@
 // Batches for one process: the sampler picks the indices, the source gathers them, the collate function builds the
 // batch. Tensor data with the default collate skips the per-example path entirely (one index_select per tensor).
 #include <cstdint>
+#include <iterator>
 #include <span>
 #include <type_traits>
 #include <utility>
@@ -87,5 +88,25 @@ class Loader {
   std::int64_t epoch_ = 0;
   std::vector<std::int64_t> order_;
 };
+
+// Calls fn(batch) for batches [first, last) of a loader's current epoch; fn returns false to stop. Loaders with random
+// access (ours) jump to `first`; others are advanced past the skipped batches.
+template <class Loader, class Fn>
+void for_each_batch(Loader& loader, std::int64_t first, std::int64_t last, Fn&& fn) {
+  if (first >= last) return;
+  if constexpr (requires { loader.batch(first); }) {
+    for (auto b = first; b < last; ++b) {
+      if (!fn(loader.batch(b))) return;
+    }
+  } else {
+    auto it = std::begin(loader);
+    const auto end = std::end(loader);
+    std::int64_t b = 0;
+    for (; b < first && it != end; ++b) ++it;
+    for (; b < last && it != end; ++b, ++it) {
+      if (!fn(*it)) return;
+    }
+  }
+}
 
 }  // namespace accelerated::data

@@ -22,6 +22,7 @@ struct Environment {
   std::string master_addr;  // empty when world_size == 1
   int master_port = 0;
   bool agent_serves_store = false;  // torchrun's agent already serves the TCPStore (TORCHELASTIC_USE_AGENT_STORE)
+  std::int64_t restart_count = 0;   // torchrun's restarts of the workers so far (TORCHELASTIC_RESTART_COUNT)
   std::string launcher = "none";    // "torchrun" (or RANK/WORLD_SIZE by hand), "openmpi", "slurm", "none"
 };
 
@@ -52,6 +53,25 @@ inline std::optional<std::int64_t> env_int(const char* name, std::int64_t min) {
   return std::nullopt;
 }
 }  // namespace detail
+
+// The default wait limit of a distributed run: ACCELERATED_TIMEOUT_SECONDS (a positive number) when set, so that an
+// unchanged program can change it; `fallback` otherwise.
+inline std::chrono::milliseconds timeout_from_env(std::chrono::milliseconds fallback) {
+  const auto value = detail::env("ACCELERATED_TIMEOUT_SECONDS");
+  if (!value) return fallback;
+  std::size_t used = 0;
+  double seconds = 0;
+  try {
+    seconds = std::stod(*value, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != value->size() || !(seconds > 0) || seconds > 1e9) {
+    throw std::invalid_argument("accelerated::distributed: ACCELERATED_TIMEOUT_SECONDS = '" + *value +
+                                "' is not a positive number of seconds");
+  }
+  return std::chrono::milliseconds(static_cast<std::int64_t>(seconds * 1000.0 + 0.5));
+}
 
 // Reads the environment; a single process (world_size 1) when no launcher variable is set.
 inline Environment environment_from_env() {
@@ -105,6 +125,7 @@ inline Environment environment_from_env() {
     e.master_addr = *addr;
     e.master_port = static_cast<int>(port_number);
     e.agent_serves_store = env("TORCHELASTIC_USE_AGENT_STORE").value_or("False") == "True";
+    e.restart_count = env_int("TORCHELASTIC_RESTART_COUNT", 0).value_or(0);
   }
   return e;
 }

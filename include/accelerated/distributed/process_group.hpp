@@ -220,7 +220,9 @@ inline std::string describe_store_failure(const Environment& env, std::chrono::m
          where + " (" + role + ")" + hint + ": " + what;
 }
 
-// The TCPStore of the environment, wrapped in a prefix so that our keys never meet a launcher's.
+// The TCPStore of the environment, wrapped in a prefix so that our keys never meet a launcher's, nor those of an
+// earlier attempt: torchrun's agent keeps its store across --max_restarts, so restarted workers would otherwise read
+// the keys of the workers they replace (as torch.distributed does, the prefix names the attempt).
 inline c10::intrusive_ptr<c10d::Store> make_store(const Environment& env, std::chrono::milliseconds timeout) {
   c10d::TCPStoreOptions options;
   options.port = static_cast<std::uint16_t>(env.master_port);
@@ -229,7 +231,8 @@ inline c10::intrusive_ptr<c10d::Store> make_store(const Environment& env, std::c
   options.waitWorkers = false;  // the process group's own first collective waits for everyone, with the timeout
   options.timeout = timeout;
   try {
-    return c10::make_intrusive<c10d::PrefixStore>("accelerated", compat::make_tcp_store(env.master_addr, options));
+    return c10::make_intrusive<c10d::PrefixStore>("accelerated/attempt_" + std::to_string(env.restart_count),
+                                                  compat::make_tcp_store(env.master_addr, options));
   } catch (const std::exception& error) {
     throw std::runtime_error(describe_store_failure(env, timeout, options.isServer, error.what()));
   }

@@ -58,7 +58,9 @@ struct SingleProcess {
 };
 
 struct DataParallelOptions {
-  std::chrono::milliseconds timeout = std::chrono::minutes(5);  // any wait: rendezvous, collectives, a dead peer
+  // Any wait: rendezvous, collectives, a dead peer. 5 minutes, or ACCELERATED_TIMEOUT_SECONDS; a value set in code
+  // wins over both.
+  std::chrono::milliseconds timeout = distributed::timeout_from_env(std::chrono::minutes(5));
 #if ACCELERATED_HAS_GLOO
   distributed::GradientSyncOptions gradient_sync{};
   // Shared memory when every rank runs on this machine, Gloo otherwise (ACCELERATED_TRANSPORT overrides it).

@@ -1,0 +1,403 @@
+#pragma once
+// What Python's torch.save writes for a dict of tensors (a state dict), read and written: a zip archive (PyTorch 1.6
+// and later) holding data.pkl, a pickle of protocol 2 (PyTorch 1.x and 2.x both write it), and one record per
+// storage. LibTorch's own torch::pickle_load turns the collections.OrderedDict a state_dict() is into None (its
+// unpickler only expects one as a tensor's empty backward hooks), so it cannot read
+// `torch.save(model.state_dict(), path)`; and torch::pickle_save tags the dict with torch.jit._pickle.restore_type_tag,
+// which PyTorch 2.6's torch.load refuses by default (weights_only=True). So both directions are written here, from the
+// pickle format (Python's pickletools): the reader knows containers, numbers, strings, the memo, the globals a tensor
+// needs and LibTorch's type tag (anything else is an error naming it); the writer emits exactly what torch.save does
+// for a state dict, whose globals torch.load's weights_only mode allows.
+#include <caffe2/serialize/inline_container.h>
+#include <torch/types.h>
+
+#include <bit>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <variant>
+#include <vector>
+
+namespace accelerated::detail::pickle {
+
+struct Value;
+using Sequence = std::vector<Value>;                     // a tuple or a list
+using Items = std::vector<std::pair<Value, Value>>;      // a dict, in insertion order
+struct Global {                                          // a class or function named by the pickle
+  std::string module, name;
+};
+struct Storage {                                         // a persistent id: ('storage', type, key, location, numel)
+  torch::ScalarType dtype;
+  std::string key;
+};
+struct Mark {};
+
+struct Value {
+  std::variant<std::monostate, bool, std::int64_t, double, std::string, std::shared_ptr<Sequence>,
+               std::shared_ptr<Items>, torch::Tensor, Global, Storage, Mark>
+      v;
+  template <class T>
+  const T* get() const {
+    return std::get_if<T>(&v);
+  }
+};
+
+// The dtype of a legacy storage class name (torch.FloatStorage, ...), which torch.save writes in 1.x and 2.x.
+inline torch::ScalarType storage_dtype(const std::string& name, const std::string& file) {
+  static const std::map<std::string, torch::ScalarType> types{
+      {"FloatStorage", torch::kFloat},   {"DoubleStorage", torch::kDouble}, {"HalfStorage", torch::kHalf},
+      {"BFloat16Storage", torch::kBFloat16}, {"LongStorage", torch::kLong}, {"IntStorage", torch::kInt},
+      {"ShortStorage", torch::kShort},   {"CharStorage", torch::kChar},     {"ByteStorage", torch::kByte},
+      {"BoolStorage", torch::kBool}};
+  const auto found = types.find(name);
+  if (found == types.end()) {
+    throw std::runtime_error("accelerated::load_state_dict: '" + file + "' holds a storage of type torch." + name +
+                             ", which is not supported");
+  }
+  return found->second;
+}
+
+class Reader {
+ public:
+  Reader(caffe2::serialize::PyTorchStreamReader& archive, std::string file) : archive_(archive), file_(std::move(file)) {}
+
+  Value run(const std::string& bytes) {
+    data_ = &bytes;
+    pos_ = 0;
+    while (true) {
+      const auto op = static_cast<std::uint8_t>(byte());
+      switch (op) {
+        case 0x80: byte(); break;                                   // PROTO
+        case 0x95: take(8); break;                                  // FRAME (protocol 4)
+        case '.': return pop();                                     // STOP
+        case '(': stack_.push_back({Mark{}}); break;                // MARK
+        case 'N': stack_.push_back({}); break;                      // NONE
+        case 0x88: stack_.push_back({true}); break;                 // NEWTRUE
+        case 0x89: stack_.push_back({false}); break;                // NEWFALSE
+        case 'K': stack_.push_back({std::int64_t{static_cast<std::uint8_t>(byte())}}); break;  // BININT1
+        case 'M': stack_.push_back({static_cast<std::int64_t>(little<std::uint16_t>())}); break;  // BININT2
+        case 'J': stack_.push_back({static_cast<std::int64_t>(little<std::int32_t>())}); break;   // BININT
+        case 0x8a: stack_.push_back({long1()}); break;              // LONG1
+        case 'G': stack_.push_back({big_double()}); break;          // BINFLOAT
+        case 'X': stack_.push_back({take(little<std::uint32_t>())}); break;                     // BINUNICODE
+        case 0x8c: stack_.push_back({take(static_cast<std::uint8_t>(byte()))}); break;          // SHORT_BINUNICODE
+        case 0x8d: stack_.push_back({take(little<std::uint64_t>())}); break;                    // BINUNICODE8
+        case 'c': {                                                 // GLOBAL
+          auto module = line();
+          stack_.push_back({Global{std::move(module), line()}});
+          break;
+        }
+        case 0x93: {                                                // STACK_GLOBAL
+          auto name = string_of(pop());
+          stack_.push_back({Global{string_of(pop()), std::move(name)}});
+          break;
+        }
+        case ')': stack_.push_back({std::make_shared<Sequence>()}); break;   // EMPTY_TUPLE
+        case ']': stack_.push_back({std::make_shared<Sequence>()}); break;   // EMPTY_LIST
+        case '}': stack_.push_back({std::make_shared<Items>()}); break;      // EMPTY_DICT
+        case 't': case 'l': stack_.push_back({std::make_shared<Sequence>(since_mark())}); break;  // TUPLE, LIST
+        case 0x85: case 0x86: case 0x87: {                          // TUPLE1..3
+          const auto n = static_cast<std::size_t>(op - 0x84);
+          Sequence items(stack_.end() - static_cast<std::ptrdiff_t>(n), stack_.end());
+          stack_.resize(stack_.size() - n);
+          stack_.push_back({std::make_shared<Sequence>(std::move(items))});
+          break;
+        }
+        case 'a': {                                                 // APPEND
+          auto item = pop();
+          sequence_of(top()).push_back(std::move(item));
+          break;
+        }
+        case 'e': {                                                 // APPENDS
+          auto items = since_mark();
+          auto& list = sequence_of(top());
+          list.insert(list.end(), items.begin(), items.end());
+          break;
+        }
+        case 'd': {                                                 // DICT
+          auto items = since_mark();
+          auto dict = std::make_shared<Items>();
+          for (std::size_t i = 0; i + 1 < items.size(); i += 2) dict->emplace_back(items[i], items[i + 1]);
+          stack_.push_back({dict});
+          break;
+        }
+        case 's': {                                                 // SETITEM
+          auto value = pop();
+          auto key = pop();
+          items_of(top()).emplace_back(std::move(key), std::move(value));
+          break;
+        }
+        case 'u': {                                                 // SETITEMS
+          auto items = since_mark();
+          auto& dict = items_of(top());
+          for (std::size_t i = 0; i + 1 < items.size(); i += 2) dict.emplace_back(items[i], items[i + 1]);
+          break;
+        }
+        case 'q': memo_[static_cast<std::uint8_t>(byte())] = top(); break;   // BINPUT
+        case 'r': memo_[little<std::uint32_t>()] = top(); break;             // LONG_BINPUT
+        case 0x94: memo_[memo_.size()] = top(); break;                       // MEMOIZE
+        case 'h': stack_.push_back(memo(static_cast<std::uint8_t>(byte()))); break;  // BINGET
+        case 'j': stack_.push_back(memo(little<std::uint32_t>())); break;             // LONG_BINGET
+        case 'Q': stack_.push_back(persistent(pop())); break;       // BINPERSID
+        case 'R': {                                                 // REDUCE
+          auto args = pop();
+          auto callable = pop();
+          stack_.push_back(reduce(callable, args));
+          break;
+        }
+        case 'b': {                                                 // BUILD: an OrderedDict's _metadata; dropped
+          pop();
+          if (!top().get<std::shared_ptr<Items>>()) fail("BUILD on an object that is not a dict");
+          break;
+        }
+        default:
+          fail("pickle opcode 0x" + hex(op) + " at byte " + std::to_string(pos_ - 1) +
+               ", which a state dict does not use");
+      }
+    }
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& what) const {
+    throw std::runtime_error("accelerated::load_state_dict: '" + file_ + "': " + what);
+  }
+  static std::string hex(std::uint8_t op) {
+    const char* digits = "0123456789abcdef";
+    return {digits[op >> 4], digits[op & 15]};
+  }
+  char byte() {
+    if (pos_ >= data_->size()) fail("data.pkl ends early (a truncated or damaged file)");
+    return (*data_)[pos_++];
+  }
+  std::string take(std::uint64_t n) {
+    if (n > data_->size() - pos_) fail("data.pkl ends early (a truncated or damaged file)");
+    auto out = data_->substr(pos_, n);
+    pos_ += n;
+    return out;
+  }
+  // Pickle's integers are little-endian and its floats big-endian, whatever the machine.
+  template <class T>
+  T little() {
+    const auto bytes = take(sizeof(T));
+    std::uint64_t value = 0;
+    for (std::size_t i = 0; i < sizeof(T); ++i) value |= std::uint64_t{static_cast<std::uint8_t>(bytes[i])} << (8 * i);
+    return static_cast<T>(value);
+  }
+  double big_double() {
+    const auto bytes = take(8);
+    std::uint64_t value = 0;
+    for (std::size_t i = 0; i < 8; ++i) value = (value << 8) | static_cast<std::uint8_t>(bytes[i]);
+    return std::bit_cast<double>(value);
+  }
+  std::int64_t long1() {
+    const auto n = static_cast<std::uint8_t>(byte());
+    if (n > 8) fail("an integer of " + std::to_string(n) + " bytes");
+    const auto bytes = take(n);
+    std::uint64_t value = 0;
+    for (std::size_t i = 0; i < n; ++i) value |= std::uint64_t{static_cast<std::uint8_t>(bytes[i])} << (8 * i);
+    if (n > 0 && n < 8 && (static_cast<std::uint8_t>(bytes[n - 1]) & 0x80)) value |= ~std::uint64_t{0} << (8 * n);
+    return static_cast<std::int64_t>(value);
+  }
+  std::string line() {
+    const auto end = data_->find('\n', pos_);
+    if (end == std::string::npos) fail("data.pkl ends early (a truncated or damaged file)");
+    auto out = data_->substr(pos_, end - pos_);
+    pos_ = end + 1;
+    return out;
+  }
+  Value pop() {
+    if (stack_.empty()) fail("the pickle's stack is empty (a damaged file)");
+    auto value = std::move(stack_.back());
+    stack_.pop_back();
+    return value;
+  }
+  Value& top() {
+    if (stack_.empty()) fail("the pickle's stack is empty (a damaged file)");
+    return stack_.back();
+  }
+  Sequence since_mark() {
+    auto it = stack_.end();
+    while (it != stack_.begin() && !(it - 1)->get<Mark>()) --it;
+    if (it == stack_.begin()) fail("no MARK on the pickle's stack (a damaged file)");
+    Sequence items(it, stack_.end());
+    stack_.erase(it - 1, stack_.end());
+    return items;
+  }
+  Value memo(std::size_t key) {
+    const auto found = memo_.find(key);
+    if (found == memo_.end()) fail("memo entry " + std::to_string(key) + " is read before it is written");
+    return found->second;
+  }
+  Sequence& sequence_of(Value& v) {
+    const auto* s = v.get<std::shared_ptr<Sequence>>();
+    if (!s) fail("an append to something that is not a list");
+    return **s;
+  }
+  Items& items_of(Value& v) {
+    const auto* d = v.get<std::shared_ptr<Items>>();
+    if (!d) fail("a dict item set on something that is not a dict");
+    return **d;
+  }
+  std::string string_of(const Value& v) const {
+    const auto* s = v.get<std::string>();
+    if (!s) fail("a string was expected");
+    return *s;
+  }
+  std::int64_t int_of(const Value& v) const {
+    if (const auto* i = v.get<std::int64_t>()) return *i;
+    if (const auto* b = v.get<bool>()) return *b;
+    fail("an integer was expected");
+  }
+  const Sequence& tuple_of(const Value& v) const {
+    const auto* s = v.get<std::shared_ptr<Sequence>>();
+    if (!s) fail("a tuple was expected");
+    return **s;
+  }
+  std::vector<std::int64_t> ints_of(const Value& v) const {
+    std::vector<std::int64_t> out;
+    for (const auto& item : tuple_of(v)) out.push_back(int_of(item));
+    return out;
+  }
+
+  Value persistent(const Value& id) {
+    const auto& t = tuple_of(id);
+    if (t.size() < 5 || !t[0].get<std::string>() || *t[0].get<std::string>() != "storage" || !t[1].get<Global>()) {
+      fail("a persistent id that is not a storage");
+    }
+    return {Storage{storage_dtype(t[1].get<Global>()->name, file_), string_of(t[2])}};
+  }
+
+  // A storage's bytes, read once per key (tensors may share one).
+  torch::Tensor storage(const Storage& s) {
+    auto& cached = storages_[s.key];
+    if (!cached.defined()) {
+      const auto record = "data/" + s.key;
+      if (!archive_.hasRecord(record)) fail("no record '" + record + "' for a tensor's storage (a damaged file)");
+      auto [data, size] = archive_.getRecord(record);
+      const auto element = static_cast<std::size_t>(c10::elementSize(s.dtype));
+      cached = torch::empty({static_cast<std::int64_t>(size / element)}, torch::TensorOptions().dtype(s.dtype));
+      std::memcpy(cached.data_ptr(), data.get(), size - size % element);
+    }
+    return cached;
+  }
+
+  Value reduce(const Value& callable, const Value& args) {
+    const auto* global = callable.get<Global>();
+    if (!global) fail("a call of something that is not a named class or function");
+    const auto& a = tuple_of(args);
+    const auto name = global->module + "." + global->name;
+    if (name == "collections.OrderedDict" || name == "builtins.dict") return {std::make_shared<Items>()};
+    if (name == "torch._utils._rebuild_tensor_v2" || name == "torch._utils._rebuild_tensor") {
+      if (a.size() < 4 || !a[0].get<Storage>()) fail(name + " with unexpected arguments");
+      const auto data = storage(*a[0].get<Storage>());
+      const auto offset = int_of(a[1]);
+      const auto size = ints_of(a[2]);
+      const auto stride = ints_of(a[3]);
+      std::int64_t last = offset;
+      for (std::size_t d = 0; d < size.size(); ++d) {
+        if (size[d] == 0) last = -1;
+        if (last >= 0) last += (size[d] - 1) * stride[d];
+      }
+      if (last >= data.numel()) fail("a tensor reaches past its storage (a damaged file)");
+      return {data.as_strided(size, stride, offset)};
+    }
+    if (name == "torch.jit._pickle.restore_type_tag") {  // LibTorch's pickle_save tags typed containers
+      if (a.empty()) fail(name + " with unexpected arguments");
+      return a[0];
+    }
+    if (name == "torch._utils._rebuild_parameter") {
+      if (a.empty() || !a[0].get<torch::Tensor>()) fail(name + " with unexpected arguments");
+      return a[0];
+    }
+    fail("an object of type " + name + ", which a state dict does not hold");
+  }
+
+  caffe2::serialize::PyTorchStreamReader& archive_;
+  std::string file_;
+  const std::string* data_ = nullptr;
+  std::size_t pos_ = 0;
+  std::vector<Value> stack_;
+  std::unordered_map<std::size_t, Value> memo_;
+  std::map<std::string, torch::Tensor> storages_;
+};
+
+// The legacy storage class of a dtype, as torch.save names it.
+inline const char* storage_class(torch::ScalarType dtype) {
+  switch (dtype) {
+    case torch::kFloat: return "FloatStorage";
+    case torch::kDouble: return "DoubleStorage";
+    case torch::kHalf: return "HalfStorage";
+    case torch::kBFloat16: return "BFloat16Storage";
+    case torch::kLong: return "LongStorage";
+    case torch::kInt: return "IntStorage";
+    case torch::kShort: return "ShortStorage";
+    case torch::kChar: return "CharStorage";
+    case torch::kByte: return "ByteStorage";
+    case torch::kBool: return "BoolStorage";
+    default:
+      throw std::invalid_argument(std::string("accelerated::save_state_dict: a tensor of dtype ") +
+                                  c10::toString(dtype) + " has no torch.save storage type");
+  }
+}
+
+// data.pkl of torch.save(state_dict): an OrderedDict of tensors rebuilt by torch._utils._rebuild_tensor_v2, tensor i
+// stored (contiguous, on the CPU) as record data/<i>.
+inline std::string write_state_dict_pickle(const std::vector<std::pair<std::string, torch::Tensor>>& entries) {
+  std::string out = "\x80\x02";  // PROTO 2
+  auto global = [&](const std::string& module, const std::string& name) { out += "c" + module + "\n" + name + "\n"; };
+  auto text = [&](const std::string& value) {
+    out += 'X';
+    for (int i = 0; i < 4; ++i) out += static_cast<char>((value.size() >> (8 * i)) & 0xff);
+    out += value;
+  };
+  auto integer = [&](std::int64_t value) {
+    if (value >= INT32_MIN && value <= INT32_MAX) {
+      out += 'J';  // BININT
+      for (int i = 0; i < 4; ++i) out += static_cast<char>((static_cast<std::uint64_t>(value) >> (8 * i)) & 0xff);
+    } else {
+      out += "\x8a\x08";  // LONG1, 8 bytes
+      for (int i = 0; i < 8; ++i) out += static_cast<char>((static_cast<std::uint64_t>(value) >> (8 * i)) & 0xff);
+    }
+  };
+  auto ordered_dict = [&] {
+    global("collections", "OrderedDict");
+    out += ")R";  // EMPTY_TUPLE REDUCE
+  };
+  ordered_dict();
+  out += '(';  // MARK
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    const auto& tensor = entries[i].second;
+    text(entries[i].first);
+    global("torch._utils", "_rebuild_tensor_v2");
+    out += "((";  // the arguments' tuple, then the persistent id's
+    text("storage");
+    global("torch", storage_class(tensor.scalar_type()));
+    text(std::to_string(i));
+    text("cpu");
+    integer(tensor.numel());
+    out += "tQ";  // TUPLE BINPERSID
+    integer(0);   // storage offset
+    out += '(';
+    for (const auto size : tensor.sizes()) integer(size);
+    out += "t(";
+    std::int64_t stride = 1;
+    std::vector<std::int64_t> strides(static_cast<std::size_t>(tensor.dim()));
+    for (auto d = tensor.dim() - 1; d >= 0; --d) {
+      strides[static_cast<std::size_t>(d)] = stride;
+      stride *= tensor.size(d);
+    }
+    for (const auto s : strides) integer(s);
+    out += "t\x89";  // TUPLE, requires_grad = False
+    ordered_dict();    // backward hooks
+    out += "tR";       // TUPLE REDUCE
+  }
+  out += "u.";  // SETITEMS STOP
+  return out;
+}
+
+}  // namespace accelerated::detail::pickle

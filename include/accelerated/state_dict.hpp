@@ -1,0 +1,187 @@
+#pragma once
+// Weights that Python reads, and Python weights that C++ reads. LibTorch's torch::save of a module writes a
+// TorchScript archive, which Python's torch.load does not read as a state dict; these write and read the file
+// `torch.save(model.state_dict(), path)` writes: a zip with a pickled {name: tensor} dict.
+//
+//   accelerated::save_state_dict(model, "weights.pt");    # Python: model.load_state_dict(torch.load("weights.pt"))
+//   accelerated::load_state_dict(model, "from_python.pt"); # Python: torch.save(model.state_dict(), "from_python.pt")
+#include <caffe2/serialize/inline_container.h>
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+#include <torch/types.h>
+#include <torch/utils.h>
+
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "detail/atomic_file.hpp"
+#include "detail/torch_pickle.hpp"
+
+namespace accelerated {
+
+// A state dict's entries in Python's order: a module's own parameters, then its buffers, then each child's, with
+// dotted names ("features.0.weight", "bn.running_mean").
+inline std::vector<std::pair<std::string, torch::Tensor>> state_dict_of(const torch::nn::Module& module) {
+  std::vector<std::pair<std::string, torch::Tensor>> entries;
+  std::function<void(const torch::nn::Module&, const std::string&)> walk = [&](const torch::nn::Module& m,
+                                                                                const std::string& prefix) {
+    for (const auto& item : m.named_parameters(/*recurse=*/false)) entries.emplace_back(prefix + item.key(), item.value());
+    for (const auto& item : m.named_buffers(/*recurse=*/false)) entries.emplace_back(prefix + item.key(), item.value());
+    for (const auto& child : m.named_children()) walk(*child.value(), prefix + child.key() + ".");
+  };
+  walk(module, "");
+  return entries;
+}
+
+// Writes named tensors as Python's torch.save of a state dict does (an OrderedDict, on the CPU), atomically; Python
+// reads it with torch.load(path), weights_only=True included.
+inline void save_state_dict(std::vector<std::pair<std::string, torch::Tensor>> entries,
+                            const std::filesystem::path& path) {
+  for (auto& [name, tensor] : entries) tensor = tensor.detach().to(torch::kCPU).contiguous();
+  std::string bytes;
+  caffe2::serialize::PyTorchStreamWriter writer([&](const void* data, std::size_t size) {
+    bytes.append(static_cast<const char*>(data), size);
+    return size;
+  });
+  const auto pickled = detail::pickle::write_state_dict_pickle(entries);
+  writer.writeRecord("data.pkl", pickled.data(), pickled.size());
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    const auto& tensor = entries[i].second;
+    writer.writeRecord("data/" + std::to_string(i), tensor.data_ptr(), tensor.numel() * tensor.element_size());
+  }
+  writer.writeEndOfFile();
+  detail::write_file_atomically(path, bytes);
+}
+
+// Writes `module`'s parameters and buffers (state_dict_of) as torch.save(model.state_dict(), path) does; Python
+// loads it with model.load_state_dict(torch.load(path), strict=True).
+inline void save_state_dict(const torch::nn::Module& module, const std::filesystem::path& path) {
+  save_state_dict(state_dict_of(module), path);
+}
+
+template <class Impl>
+void save_state_dict(const torch::nn::ModuleHolder<Impl>& module, const std::filesystem::path& path) {
+  save_state_dict(*module, path);
+}
+
+// Reads a state dict written by Python's torch.save(model.state_dict(), path) (PyTorch 1.6 or later: the zip
+// format) or by save_state_dict: {name: tensor} in the file's order, on the CPU.
+inline std::vector<std::pair<std::string, torch::Tensor>> read_state_dict(const std::filesystem::path& path) {
+  const auto file = path.string();
+  if (!std::filesystem::is_regular_file(path)) {
+    throw std::invalid_argument("accelerated::read_state_dict: path = '" + file + "' is not a file");
+  }
+  detail::pickle::Value value;
+  try {
+    caffe2::serialize::PyTorchStreamReader archive(file);
+    if (!archive.hasRecord("data.pkl")) {
+      throw std::runtime_error("accelerated::read_state_dict: '" + file + "' has no data.pkl (not a torch.save file)");
+    }
+    auto [data, size] = archive.getRecord("data.pkl");
+    const std::string pickled(static_cast<const char*>(data.get()), size);
+    value = detail::pickle::Reader(archive, file).run(pickled);
+  } catch (const c10::Error& error) {
+    throw std::runtime_error("accelerated::read_state_dict: '" + file +
+                             "' is not a zip-format torch.save file (PyTorch 1.6 or later), or it is damaged: " +
+                             error.what_without_backtrace());
+  }
+  const auto* items = value.get<std::shared_ptr<detail::pickle::Items>>();
+  if (items == nullptr) {
+    throw std::runtime_error("accelerated::read_state_dict: '" + file + "' holds something other than a dict");
+  }
+  std::vector<std::pair<std::string, torch::Tensor>> entries;
+  for (const auto& [key, item] : **items) {
+    const auto* name = key.get<std::string>();
+    const auto* tensor = item.get<torch::Tensor>();
+    if (name == nullptr || tensor == nullptr) {
+      throw std::runtime_error("accelerated::read_state_dict: '" + file +
+                               "' holds an entry that is not a (name, tensor) pair (not a state dict)");
+    }
+    entries.emplace_back(*name, *tensor);
+  }
+  return entries;
+}
+
+struct LoadStateDictOptions {
+  // Python's strict: every entry of the model must be in the file and every entry of the file in the model. With
+  // false, missing and unexpected entries are returned instead; a shape mismatch is an error either way.
+  bool strict = true;
+  // Maps a name in the file to the model's name for it ("" drops the entry), e.g. to strip a "module." prefix
+  // that DistributedDataParallel adds or to graft a backbone under another name.
+  std::function<std::string(const std::string&)> rename = nullptr;
+};
+
+// What a non-strict load left out, as Python's load_state_dict returns it.
+struct LoadStateDictResult {
+  std::vector<std::string> missing_keys;     // in the model, not in the file
+  std::vector<std::string> unexpected_keys;  // in the file, not in the model
+};
+
+// Loads a state dict file into `module`. Every name and shape is checked before anything changes; a mismatch
+// names every missing, unexpected and mismatched entry at once. Values are converted to each entry's dtype and
+// device (as Python's load_state_dict does).
+inline LoadStateDictResult load_state_dict(torch::nn::Module& module, const std::filesystem::path& path,
+                                           const LoadStateDictOptions& options = {}) {
+  const auto file = path.string();
+  std::map<std::string, torch::Tensor> loaded;
+  std::vector<std::string> file_order;
+  for (auto& [name, tensor] : read_state_dict(path)) {
+    auto target = options.rename ? options.rename(name) : name;
+    if (target.empty()) continue;
+    if (!loaded.emplace(target, std::move(tensor)).second) {
+      throw std::invalid_argument("accelerated::load_state_dict: rename maps two entries of '" + file + "' to '" +
+                                  target + "'");
+    }
+    file_order.push_back(target);
+  }
+  LoadStateDictResult result;
+  std::vector<std::string> mismatched;
+  const auto entries = state_dict_of(module);
+  std::map<std::string, bool> in_model;
+  for (const auto& [name, tensor] : entries) {
+    in_model[name] = true;
+    const auto found = loaded.find(name);
+    if (found == loaded.end()) {
+      result.missing_keys.push_back(name);
+    } else if (found->second.sizes() != tensor.sizes()) {
+      mismatched.push_back(name + ": " + c10::str(found->second.sizes()) + " in the file, " + c10::str(tensor.sizes()) +
+                           " in the model");
+    }
+  }
+  for (const auto& name : file_order) {
+    if (!in_model.count(name)) result.unexpected_keys.push_back(name);
+  }
+  auto quoted = [](const std::vector<std::string>& names) {
+    std::string out;
+    for (const auto& name : names) out += (out.empty() ? "\"" : ", \"") + name + "\"";
+    return out;
+  };
+  std::string problems;
+  if (options.strict && !result.missing_keys.empty()) problems += "; missing: " + quoted(result.missing_keys);
+  if (options.strict && !result.unexpected_keys.empty()) problems += "; unexpected: " + quoted(result.unexpected_keys);
+  for (const auto& m : mismatched) problems += "; size mismatch for " + m;
+  if (!problems.empty()) {
+    throw std::invalid_argument("accelerated::load_state_dict: '" + file + "' does not fit the model" + problems +
+                                " (nothing was changed)");
+  }
+  torch::NoGradGuard no_grad;
+  for (const auto& [name, tensor] : entries) {
+    const auto found = loaded.find(name);
+    if (found != loaded.end()) tensor.copy_(found->second);
+  }
+  return result;
+}
+
+template <class Impl>
+LoadStateDictResult load_state_dict(torch::nn::ModuleHolder<Impl>& module, const std::filesystem::path& path,
+                                    const LoadStateDictOptions& options = {}) {
+  return load_state_dict(*module, path, options);
+}
+
+}  // namespace accelerated
