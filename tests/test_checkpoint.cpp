@@ -345,6 +345,17 @@ TEST_CASE("a state dict round-trips through save_state_dict and load_state_dict"
   CHECK(entries[6].second.scalar_type() == torch::kLong);
   CHECK(entries[6].second.item<std::int64_t>() == 3);
   CHECK(entries[15].first == "head.bias");
+  // An undefined buffer is left out, as Python leaves out a None buffer.
+  struct WithEmptyBuffer : torch::nn::Module {
+    WithEmptyBuffer() {
+      register_parameter("w", torch::ones({2}));
+      register_buffer("unset", torch::Tensor());
+    }
+  } with_empty;
+  acc::save_state_dict(with_empty, dir / "empty_buffer.pt");
+  const auto kept = acc::read_state_dict(dir / "empty_buffer.pt");
+  REQUIRE(kept.size() == 1);
+  CHECK(kept[0].first == "w");
   // LibTorch's own pickle_save (a type-tagged dict) is read too.
   c10::Dict<std::string, torch::Tensor> tagged;
   tagged.insert("w", torch::ones({2, 2}));

@@ -2,6 +2,7 @@
 // environment and fault cases. Every wait is bounded by a short timeout, so a broken test fails instead of hanging.
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 
+#include <fcntl.h>
 #include <signal.h>
 
 #include <atomic>
@@ -824,4 +825,93 @@ TEST_CASE("torchrun restarts a preempted run and it ends bit-identical to an uni
     CHECK(torch::equal(expected[i].second, got[i].second));
   }
   std::filesystem::remove_all(base);
+}
+
+// ---- a hang names the rank ([watchdog]) --------------------------------------------------------------------------
+namespace {
+struct PaceAndMark {  // slow, endless training; says when update 60 is reached
+  std::filesystem::path reached;
+  void operator()(acc::on_update_step_end, auto& trainer) {
+    if (trainer.state().update_step == 60) std::ofstream(reached) << "60\n";  // >1 s in: heartbeats published
+    std::this_thread::sleep_for(20ms);
+  }
+};
+
+// Starts this test program again on the hidden cases `tag`, with `env` added and stdout and stderr to `log`.
+pid_t spawn_self_logged(const std::string& tag, const std::vector<std::string>& env, const std::string& log) {
+  std::vector<std::string> storage(env);
+  for (char** e = environ; *e; ++e) storage.emplace_back(*e);
+  std::vector<char*> envp;
+  for (auto& s : storage) envp.push_back(s.data());
+  envp.push_back(nullptr);
+  std::string exe = std::filesystem::read_symlink("/proc/self/exe").string(), spec = tag, reporter = "--reporter=compact";
+  char* argv[] = {exe.data(), spec.data(), reporter.data(), nullptr};
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  pid_t pid = 0;
+  const int started = ::posix_spawn(&pid, exe.c_str(), &actions, nullptr, argv, envp.data());
+  posix_spawn_file_actions_destroy(&actions);
+  REQUIRE(started == 0);
+  return pid;
+}
+}  // namespace
+
+TEST_CASE("hang worker", "[.hang_worker]") {
+  const std::filesystem::path dir = std::getenv("ACCELERATED_TEST_DIR");
+  const std::string rank = std::getenv("RANK");
+  auto model = torch::nn::Sequential(torch::nn::Linear(8, 16), torch::nn::ReLU(), torch::nn::Linear(16, 1));
+  torch::optim::SGD optimizer(model->parameters(), 0.01);
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::DataParallel, acc::DefaultLoop, PaceAndMark> trainer(
+      model, torch::nn::MSELoss(), optimizer, PaceAndMark{dir / ("reached_" + rank)});
+  trainer.set_output(test::quiet());
+  trainer.train(test::regression_data(240, 5), {.num_epochs = 1000, .per_device_batch_size = 8});
+}
+
+TEST_CASE("a stopped rank is named, with its step and phase, by the others' watchdog", "[distributed][faults][watchdog]") {
+  const std::string transport = GENERATE("shared_memory", "gloo");
+  INFO("transport: " << transport);
+  const auto dir = test::fresh_dir("watchdog_" + transport);
+  const auto port = std::to_string(20000 + std::random_device{}() % 20000);
+  std::vector<pid_t> pids;
+  for (int rank = 0; rank < 3; ++rank) {
+    pids.push_back(spawn_self_logged(
+        "[.hang_worker]",
+        {"RANK=" + std::to_string(rank), "WORLD_SIZE=3", "LOCAL_RANK=" + std::to_string(rank), "LOCAL_WORLD_SIZE=3",
+         "MASTER_ADDR=127.0.0.1", "MASTER_PORT=" + port, "ACCELERATED_TRANSPORT=" + transport,
+         "ACCELERATED_WATCHDOG_SECONDS=2", "ACCELERATED_TIMEOUT_SECONDS=120",
+         "ACCELERATED_TEST_DIR=" + dir.string()},
+        (dir / ("log_" + std::to_string(rank))).string()));
+  }
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  while (!std::filesystem::exists(dir / "reached_2") && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(20ms);
+  }
+  REQUIRE(std::filesystem::exists(dir / "reached_2"));
+  REQUIRE(::kill(pids[2], SIGSTOP) == 0);  // hung, not dead
+  const auto stopped = std::chrono::steady_clock::now();
+  const int status0 = test::wait_for(pids[0], 60s);
+  const int status1 = test::wait_for(pids[1], 60s);
+  const auto took = std::chrono::steady_clock::now() - stopped;
+  ::kill(pids[2], SIGKILL);
+  ::kill(pids[2], SIGCONT);
+  int ignored = 0;
+  ::waitpid(pids[2], &ignored, 0);
+  CHECK((WIFEXITED(status0) && WEXITSTATUS(status0) == acc::DataParallel::hang_exit_code));
+  CHECK((WIFEXITED(status1) && WEXITSTATUS(status1) == acc::DataParallel::hang_exit_code));
+  CHECK(took < 12s);  // the threshold (2 s) + 10 s
+  for (int rank : {0, 1}) {
+    std::ifstream in(dir / ("log_" + std::to_string(rank)));
+    const std::string log((std::istreambuf_iterator<char>(in)), {});
+    INFO("rank " << rank << " printed: " << log);
+    CHECK_THAT(log, Catch::Contains("accelerated: watchdog: rank " + std::to_string(rank) + " of 3 has waited in"));
+    CHECK_THAT(log, Catch::Contains("; rank 2: "));
+    CHECK_THAT(log, Catch::Contains("update step"));
+    CHECK_THAT(log, Catch::Contains(" on ") && Catch::Contains(" is stopped)"));
+    const auto at = log.find("; rank 2: ");
+    REQUIRE(at != std::string::npos);
+    CHECK_THAT(log.substr(at), Catch::Contains("phase ") && Catch::Contains("update step"));
+  }
+  std::filesystem::remove_all(dir);
 }

@@ -31,8 +31,13 @@ inline std::vector<std::pair<std::string, torch::Tensor>> state_dict_of(const to
   std::vector<std::pair<std::string, torch::Tensor>> entries;
   std::function<void(const torch::nn::Module&, const std::string&)> walk = [&](const torch::nn::Module& m,
                                                                                 const std::string& prefix) {
-    for (const auto& item : m.named_parameters(/*recurse=*/false)) entries.emplace_back(prefix + item.key(), item.value());
-    for (const auto& item : m.named_buffers(/*recurse=*/false)) entries.emplace_back(prefix + item.key(), item.value());
+    // An undefined tensor (a buffer registered empty) is left out, as Python leaves out a None buffer.
+    for (const auto& item : m.named_parameters(/*recurse=*/false)) {
+      if (item.value().defined()) entries.emplace_back(prefix + item.key(), item.value());
+    }
+    for (const auto& item : m.named_buffers(/*recurse=*/false)) {
+      if (item.value().defined()) entries.emplace_back(prefix + item.key(), item.value());
+    }
     for (const auto& child : m.named_children()) walk(*child.value(), prefix + child.key() + ".");
   };
   walk(module, "");

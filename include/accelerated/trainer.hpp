@@ -283,6 +283,7 @@ class Trainer {
                              "epoch; call it outside train(), or from on_update_step_end, on_training_run_epoch_end "
                              "or on_training_run_end");
     }
+    beat(distributed::Phase::checkpoint);
     detail::GeneratorStates generators{distributed_.gather(detail::generator_state(torch::kCPU).unsqueeze(0)), {}};
     if (device_.device().is_cuda()) {
       generators.cuda = distributed_.gather(detail::generator_state(device_.device()).unsqueeze(0));
@@ -626,6 +627,10 @@ class Trainer {
       distributed_.prepare(model_.module());
       parameters_ = model_->parameters();
       scheduler_ = steps::create_scheduler::call(loop_, *this);
+      struct Idle {  // however the run ends, the watchdog must not see it waiting still
+        Trainer& trainer;
+        ~Idle() { trainer.beat(distributed::Phase::idle); }
+      } idle_at_end{*this};
       std::optional<detail::PreemptionSignals> preemption;  // handlers for this run only
       if (options_.preemption_dir) preemption.emplace(options_.preemption_signals);
       preempt_agreed_ = false;
@@ -719,6 +724,7 @@ class Trainer {
     auto step_ended = std::chrono::steady_clock::now();
     data::for_each_batch(loader, state_.step, state_.num_batches, [&](auto&& loaded) {
       const auto step_started = std::chrono::steady_clock::now();
+      beat(distributed::Phase::forward);
       state_.data_wait_seconds += std::chrono::duration<double>(step_started - step_ended).count();
       const auto step = state_.step;
       const auto last = state_.num_batches;
@@ -738,9 +744,11 @@ class Trainer {
         if (group_size > 1) output.loss = output.loss / static_cast<double>(group_size);
         // A policy's guard may arm gradient averaging here, once the loss exists (DataParallel's does).
         if constexpr (requires { sync.arm(output.loss); }) sync.arm(output.loss);
+        beat(distributed::Phase::backward);
         steps::backward_step::call(loop_, *this, output.loss);
       }
       if (update) {
+        beat(distributed::Phase::optimizer);
         clip_gradients();
         steps::optimizer_step::call(loop_, *this);
         if (!precision_.step_was_skipped()) steps::scheduler_step::call(loop_, *this);
@@ -757,6 +765,7 @@ class Trainer {
         }
         if (std::exchange(evaluation_requested_, false)) run_intermediate_evaluation(eval_loader);
       }
+      beat(distributed::Phase::data);
       step_ended = std::chrono::steady_clock::now();
       state_.compute_seconds += std::chrono::duration<double>(step_ended - step_started).count();
       // A multi-process stop waits for the next update step (or the epoch's end), where the ranks agree.
@@ -790,6 +799,7 @@ class Trainer {
   template <class Loader>
   void run_eval_epoch(Loader& loader, const std::string& metric, bool is_intermediate) {
     const auto saved = state_;
+    beat(distributed::Phase::eval);
     detail::ScopedValue point(save_point_, detail::SavePoint::inside);
     state_.training = false;
     state_.step = 0;
@@ -873,6 +883,14 @@ class Trainer {
       return distributed_.describe_silent_peers(what);
     } else {
       return "";
+    }
+  }
+
+  // Tells the distributed policy where the loop is, for its watchdog (distributed/watchdog.hpp); nothing when the
+  // policy does not ask.
+  void beat(distributed::Phase phase) {
+    if constexpr (requires { distributed_.heartbeat(phase, std::int64_t{0}); }) {
+      distributed_.heartbeat(phase, state_.update_step);
     }
   }
 

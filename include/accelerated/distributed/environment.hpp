@@ -73,6 +73,24 @@ inline std::chrono::milliseconds timeout_from_env(std::chrono::milliseconds fall
   return std::chrono::milliseconds(static_cast<std::int64_t>(seconds * 1000.0 + 0.5));
 }
 
+// The watchdog's threshold from ACCELERATED_WATCHDOG_SECONDS (a positive number), or zero (not set).
+inline std::chrono::milliseconds watchdog_threshold_from_env() {
+  const auto value = detail::env("ACCELERATED_WATCHDOG_SECONDS");
+  if (!value) return std::chrono::milliseconds(0);
+  std::size_t used = 0;
+  double seconds = 0;
+  try {
+    seconds = std::stod(*value, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != value->size() || !(seconds > 0) || seconds > 1e9) {
+    throw std::invalid_argument("accelerated::distributed: ACCELERATED_WATCHDOG_SECONDS = '" + *value +
+                                "' is not a positive number of seconds");
+  }
+  return std::chrono::milliseconds(static_cast<std::int64_t>(seconds * 1000.0 + 0.5));
+}
+
 // Reads the environment; a single process (world_size 1) when no launcher variable is set.
 inline Environment environment_from_env() {
   using detail::env;

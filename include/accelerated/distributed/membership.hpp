@@ -13,6 +13,7 @@
 #include <string>
 
 #include "environment.hpp"
+#include "watchdog.hpp"
 
 namespace accelerated::distributed {
 
@@ -20,6 +21,8 @@ struct Membership {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::ProcessGroup> group;
   std::string cuda_backend;  // what carries CUDA tensors, once a model on a GPU was prepared ("" before)
+  Heartbeat heartbeat;                  // this process's step and phase
+  std::unique_ptr<Watchdog> watchdog;   // launcher runs only; publishes the heartbeat and watches for a hang
 };
 
 // The membership of `env` in this process: made by `join` the first time, shared after.

@@ -19,6 +19,9 @@
 #include <chrono>
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <iostream>
+#include <thread>
 #include <memory>
 #include <optional>
 #include <span>
@@ -28,6 +31,7 @@
 #include <vector>
 
 #include "../distributed/environment.hpp"
+#include "../distributed/heartbeat.hpp"
 
 // Multi-process training needs LibTorch's Gloo process group and Gloo's own headers, which the official LibTorch
 // zips and wheels do not ship (Debian's libgloo-dev has them).
@@ -38,6 +42,7 @@
 #include "../distributed/membership.hpp"
 #include "../distributed/process_group.hpp"
 #include "../distributed/silent_peers.hpp"
+#include "../distributed/watchdog.hpp"
 #else
 #define ACCELERATED_HAS_GLOO 0
 #endif
@@ -61,6 +66,10 @@ struct DataParallelOptions {
   // Any wait: rendezvous, collectives, a dead peer. 5 minutes, or ACCELERATED_TIMEOUT_SECONDS; a value set in code
   // wins over both.
   std::chrono::milliseconds timeout = distributed::timeout_from_env(std::chrono::minutes(5));
+  // Under a launcher, a rank that has waited this long on its peers (a collective, or backward's gradient averaging)
+  // makes the watchdog report every rank's step and phase and end the process with DataParallel::hang_exit_code.
+  // Zero: a third of the timeout. ACCELERATED_WATCHDOG_SECONDS sets it from outside (distributed/watchdog.hpp).
+  std::chrono::milliseconds watchdog_threshold = distributed::watchdog_threshold_from_env();
 #if ACCELERATED_HAS_GLOO
   distributed::GradientSyncOptions gradient_sync{};
   // Shared memory when every rank runs on this machine, Gloo otherwise (ACCELERATED_TRANSPORT overrides it).
@@ -91,6 +100,9 @@ class DataParallel {
     void arm(const torch::Tensor&) {}
   };
 #endif
+
+  // The exit code of a process the watchdog ended (EX_UNAVAILABLE: a peer is unavailable).
+  static constexpr int hang_exit_code = 69;
 
   DataParallel() : DataParallel(DataParallelOptions{}) {}
 
@@ -148,6 +160,19 @@ class DataParallel {
         return distributed::make_process_group(joined->store, env_.rank, env_.world_size, options_.timeout,
                                                env_.master_addr, options_.transport);
       });
+      const auto threshold = options_.watchdog_threshold.count() > 0 ? options_.watchdog_threshold : options_.timeout / 3;
+      // Published every second (four times per threshold when that is shorter). After its report a rank waits two
+      // publishing intervals before it exits, so that the other ranks, which see the hang within one interval, can
+      // still read the store (rank 0's process serves it).
+      const auto interval = std::min<std::chrono::milliseconds>(std::chrono::seconds(1), threshold / 4);
+      joined->watchdog = std::make_unique<distributed::Watchdog>(
+          joined->store, env_.rank, env_.world_size, joined->heartbeat, threshold,
+          [interval](const std::string& report) {
+            std::cerr << report << std::endl;
+            std::this_thread::sleep_for(2 * interval);
+            std::_Exit(hang_exit_code);  // the training thread is blocked in the collective: only an exit ends it
+          },
+          interval);
       return joined;
     });
 #endif
@@ -204,6 +229,7 @@ class DataParallel {
         if (sync_->trainable_changed()) {
           sync_ = std::make_shared<distributed::GradientSync>(*module_, membership_->group, options_.gradient_sync);
         }
+        distributed::PhaseScope phase(heartbeat(), distributed::Phase::broadcast);
         sync_->broadcast_buffers();
         return 0;
       });
@@ -227,6 +253,7 @@ class DataParallel {
     if (env_.world_size == 1 || values.empty()) return;
     join();
     auto tensor = torch::from_blob(values.data(), {static_cast<std::int64_t>(values.size())}, torch::kDouble).clone();
+    distributed::PhaseScope phase(heartbeat(), distributed::Phase::all_reduce);
     guarded("all_reduce", [&] {
       std::vector<torch::Tensor> tensors{tensor};
       c10d::AllreduceOptions opts;
@@ -248,6 +275,7 @@ class DataParallel {
     const auto& group = membership_->group;
     const auto world = env_.world_size;
     const auto local = tensor.dim() == 0 ? tensor.reshape({1}) : tensor;
+    distributed::PhaseScope phase(heartbeat(), distributed::Phase::gather);
     return guarded("gather", [&] {
       auto size = torch::tensor({local.size(0)}, torch::kLong);
       std::vector<std::vector<torch::Tensor>> sizes_out(1);
@@ -273,10 +301,20 @@ class DataParallel {
 #endif
   }
 
+  // Where the training loop is (the trainer calls it at each phase): read by the watchdog. A no-op before joining
+  // and in a single process.
+  void heartbeat(distributed::Phase phase, std::int64_t update_step) {
+    if (auto* beat = heartbeat()) {
+      beat->set_step(update_step);
+      beat->set(phase);
+    }
+  }
+
   void barrier() {
 #if ACCELERATED_HAS_GLOO
     if (env_.world_size == 1) return;
     join();
+    distributed::PhaseScope phase(heartbeat(), distributed::Phase::barrier);
     guarded("barrier", [&] {
       membership_->group->barrier()->wait(options_.timeout);
       return 0;
@@ -285,6 +323,12 @@ class DataParallel {
   }
 
  private:
+#if ACCELERATED_HAS_GLOO
+  distributed::Heartbeat* heartbeat() { return membership_ ? &membership_->heartbeat : nullptr; }
+#else
+  distributed::Heartbeat* heartbeat() { return nullptr; }
+#endif
+
   static bool on_cuda(torch::nn::Module& module) {
     for (const auto& p : module.parameters()) return p.is_cuda();
     for (const auto& b : module.buffers()) return b.is_cuda();
