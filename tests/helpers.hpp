@@ -4,6 +4,7 @@
 #include "catch.hpp"
 
 #include <signal.h>
+#include <fcntl.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -58,8 +59,9 @@ inline std::filesystem::path fresh_dir(const std::string& name) {
   return dir;
 }
 
-// Starts this test program again, running the hidden test cases tagged `tag`, with `env` added to the environment.
-inline pid_t spawn_self(const std::string& tag, const std::vector<std::string>& env) {
+// Starts this test program again, running the hidden test cases tagged `tag`, with `env` added to the environment;
+// with `log`, its stdout and stderr go to that file.
+inline pid_t spawn_self(const std::string& tag, const std::vector<std::string>& env, const std::string& log = "") {
   std::vector<std::string> storage(env);
   for (char** e = environ; *e; ++e) storage.emplace_back(*e);
   std::vector<char*> envp;
@@ -67,8 +69,16 @@ inline pid_t spawn_self(const std::string& tag, const std::vector<std::string>& 
   envp.push_back(nullptr);
   std::string exe = std::filesystem::read_symlink("/proc/self/exe").string(), spec = tag, reporter = "--reporter=compact";
   char* argv[] = {exe.data(), spec.data(), reporter.data(), nullptr};
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  if (!log.empty()) {
+    posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  }
   pid_t pid = 0;
-  REQUIRE(::posix_spawn(&pid, exe.c_str(), nullptr, nullptr, argv, envp.data()) == 0);
+  const int started = ::posix_spawn(&pid, exe.c_str(), &actions, nullptr, argv, envp.data());
+  posix_spawn_file_actions_destroy(&actions);
+  REQUIRE(started == 0);
   return pid;
 }
 

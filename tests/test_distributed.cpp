@@ -837,25 +837,6 @@ struct PaceAndMark {  // slow, endless training; says when update 60 is reached
   }
 };
 
-// Starts this test program again on the hidden cases `tag`, with `env` added and stdout and stderr to `log`.
-pid_t spawn_self_logged(const std::string& tag, const std::vector<std::string>& env, const std::string& log) {
-  std::vector<std::string> storage(env);
-  for (char** e = environ; *e; ++e) storage.emplace_back(*e);
-  std::vector<char*> envp;
-  for (auto& s : storage) envp.push_back(s.data());
-  envp.push_back(nullptr);
-  std::string exe = std::filesystem::read_symlink("/proc/self/exe").string(), spec = tag, reporter = "--reporter=compact";
-  char* argv[] = {exe.data(), spec.data(), reporter.data(), nullptr};
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  posix_spawn_file_actions_adddup2(&actions, 1, 2);
-  pid_t pid = 0;
-  const int started = ::posix_spawn(&pid, exe.c_str(), &actions, nullptr, argv, envp.data());
-  posix_spawn_file_actions_destroy(&actions);
-  REQUIRE(started == 0);
-  return pid;
-}
 }  // namespace
 
 TEST_CASE("hang worker", "[.hang_worker]") {
@@ -876,7 +857,7 @@ TEST_CASE("a stopped rank is named, with its step and phase, by the others' watc
   const auto port = std::to_string(20000 + std::random_device{}() % 20000);
   std::vector<pid_t> pids;
   for (int rank = 0; rank < 3; ++rank) {
-    pids.push_back(spawn_self_logged(
+    pids.push_back(test::spawn_self(
         "[.hang_worker]",
         {"RANK=" + std::to_string(rank), "WORLD_SIZE=3", "LOCAL_RANK=" + std::to_string(rank), "LOCAL_WORLD_SIZE=3",
          "MASTER_ADDR=127.0.0.1", "MASTER_PORT=" + port, "ACCELERATED_TRANSPORT=" + transport,

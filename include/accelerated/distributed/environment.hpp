@@ -54,10 +54,9 @@ inline std::optional<std::int64_t> env_int(const char* name, std::int64_t min) {
 }
 }  // namespace detail
 
-// The default wait limit of a distributed run: ACCELERATED_TIMEOUT_SECONDS (a positive number) when set, so that an
-// unchanged program can change it; `fallback` otherwise.
-inline std::chrono::milliseconds timeout_from_env(std::chrono::milliseconds fallback) {
-  const auto value = detail::env("ACCELERATED_TIMEOUT_SECONDS");
+// A duration given in the environment as a positive number of seconds (e.g. "2.5"), or `fallback` when unset.
+inline std::chrono::milliseconds seconds_from_env(const char* name, std::chrono::milliseconds fallback) {
+  const auto value = detail::env(name);
   if (!value) return fallback;
   std::size_t used = 0;
   double seconds = 0;
@@ -67,28 +66,21 @@ inline std::chrono::milliseconds timeout_from_env(std::chrono::milliseconds fall
     used = 0;
   }
   if (used != value->size() || !(seconds > 0) || seconds > 1e9) {
-    throw std::invalid_argument("accelerated::distributed: ACCELERATED_TIMEOUT_SECONDS = '" + *value +
+    throw std::invalid_argument(std::string("accelerated::distributed: ") + name + " = '" + *value +
                                 "' is not a positive number of seconds");
   }
   return std::chrono::milliseconds(static_cast<std::int64_t>(seconds * 1000.0 + 0.5));
 }
 
-// The watchdog's threshold from ACCELERATED_WATCHDOG_SECONDS (a positive number), or zero (not set).
+// The default wait limit of a distributed run: ACCELERATED_TIMEOUT_SECONDS when set, so that an unchanged program
+// can change it; `fallback` otherwise.
+inline std::chrono::milliseconds timeout_from_env(std::chrono::milliseconds fallback) {
+  return seconds_from_env("ACCELERATED_TIMEOUT_SECONDS", fallback);
+}
+
+// The watchdog's threshold from ACCELERATED_WATCHDOG_SECONDS, or zero (not set).
 inline std::chrono::milliseconds watchdog_threshold_from_env() {
-  const auto value = detail::env("ACCELERATED_WATCHDOG_SECONDS");
-  if (!value) return std::chrono::milliseconds(0);
-  std::size_t used = 0;
-  double seconds = 0;
-  try {
-    seconds = std::stod(*value, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used != value->size() || !(seconds > 0) || seconds > 1e9) {
-    throw std::invalid_argument("accelerated::distributed: ACCELERATED_WATCHDOG_SECONDS = '" + *value +
-                                "' is not a positive number of seconds");
-  }
-  return std::chrono::milliseconds(static_cast<std::int64_t>(seconds * 1000.0 + 0.5));
+  return seconds_from_env("ACCELERATED_WATCHDOG_SECONDS", std::chrono::milliseconds(0));
 }
 
 // Reads the environment; a single process (world_size 1) when no launcher variable is set.
