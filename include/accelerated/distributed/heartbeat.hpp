@@ -45,7 +45,7 @@ class Heartbeat {
  private:
   std::atomic<int> phase_{0};
   std::atomic<std::int64_t> step_{0};
-  std::atomic<std::int64_t> since_{0};
+  std::atomic<std::int64_t> since_{steady_ms()};  // "idle since the process joined", before the first phase
 };
 
 // Sets a phase for a scope and puts the previous one back.
