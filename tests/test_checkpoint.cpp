@@ -1,4 +1,5 @@
 // Checkpoints (save, load, and every way a load can be refused), SaveBestModel and EarlyStopping.
+#include <algorithm>
 #include <sys/resource.h>
 
 #include <filesystem>
@@ -148,7 +149,7 @@ TEST_CASE("metrics go to CSV and JSON lines and the curves to an SVG after every
   acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, acc::callbacks::MetricsLogger,
                acc::callbacks::LearningCurves>
       trainer(model, torch::nn::MSELoss(), optimizer, acc::callbacks::MetricsLogger(dir / "metrics.csv"),
-              acc::callbacks::LearningCurves(dir / "curves.svg"));
+              acc::callbacks::LearningCurves(dir / "curves.svg", 2));
   const auto data = test::regression_data(32);
   trainer.train(data, {.num_epochs = 3, .per_device_batch_size = 8}, data);
   trainer.evaluate(data, 8);
@@ -173,7 +174,14 @@ TEST_CASE("metrics go to CSV and JSON lines and the curves to an SVG after every
                       Catch::Contains(">eval_loss_epoch</text>"));
   std::size_t polylines = 0;
   for (auto at = svg.find("<polyline"); at != std::string::npos; at = svg.find("<polyline", at + 1)) ++polylines;
-  CHECK(polylines == 2);
+  // Two epoch curves, over the per-update loss, learning rate and gradient norm (every 2 of the 12 updates).
+  CHECK(polylines == 5);
+  CHECK_THAT(svg, Catch::Contains(">lr</text>") && Catch::Contains(">grad_norm</text>") &&
+                      Catch::Contains(">train_loss per update</text>") && Catch::Contains(">grad_norm before clipping</text>"));
+  const auto per_update = svg.find("stroke-opacity");
+  REQUIRE(per_update != std::string::npos);
+  const auto points = svg.substr(svg.find("points=\"", per_update), svg.find("\"/>", per_update) - svg.find("points=\"", per_update));
+  CHECK(std::count(points.begin(), points.end(), ',') == 6);
   CHECK_THAT(svg, Catch::EndsWith("</svg>\n"));
 
   acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, acc::callbacks::MetricsLogger> json(

@@ -2,7 +2,10 @@
 
 #include <filesystem>
 #include <fstream>
+#include <algorithm>
 #include <numeric>
+#include <mutex>
+#include <optional>
 #include <range/v3/view/iota.hpp>
 #include <range/v3/view/transform.hpp>
 #include <set>
@@ -198,4 +201,290 @@ TEST_CASE("Fashion-MNIST loads from the Debian package", "[data][fashion_mnist]"
   CHECK(test_set.targets().min().item<std::int64_t>() == 0);
   CHECK(test_set.targets().max().item<std::int64_t>() == 9);
   CHECK(std::abs(test_set.inputs().mean().item<double>()) < 0.05);  // normalised
+}
+
+// ---- transforms and prefetch ([transforms], [prefetch]) ---------------------------------------------------------
+namespace tf = accelerated::data::transforms;
+
+namespace {
+// Small uint8 images [n, channels, 6, 5] with targets 0..n-1, so a batch's targets name its examples.
+data::TensorDataset small_images(std::int64_t n, std::int64_t channels = 2) {
+  torch::manual_seed(5);
+  return {torch::randint(0, 256, {n, channels, 6, 5}, torch::kByte), torch::arange(n)};
+}
+
+// The same augmentation written with torch ops, one example at a time: the reference the pipeline must equal.
+torch::Tensor reference_example(const torch::Tensor& raw, std::int64_t index, std::uint64_t seed, std::int64_t epoch,
+                                std::int64_t size, std::int64_t padding, const std::vector<float>& mean,
+                                const std::vector<float>& stddev) {
+  data::ExampleRng rng(seed, epoch, index);
+  auto x = raw[index].to(torch::kFloat).div(255.0f);
+  x = torch::constant_pad_nd(x, {padding, padding, padding, padding}, 0.0);
+  const auto top = rng.below(x.size(1) - size + 1);
+  const auto left = rng.below(x.size(2) - size + 1);
+  x = x.narrow(1, top, size).narrow(2, left, size);
+  if (rng.bernoulli(0.5)) x = x.flip({2});
+  const auto m = torch::tensor(mean).view({-1, 1, 1});
+  const auto s = torch::tensor(stddev).view({-1, 1, 1});
+  return (x - m) / s;
+}
+
+std::size_t data_threads() {
+  std::size_t n = 0;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(task.path() / "comm");
+    std::string name;
+    std::getline(comm, name);
+    if (name.rfind("acc-data-", 0) == 0) ++n;
+  }
+  return n;
+}
+}  // namespace
+
+TEST_CASE("crop, flip and normalise equal the same steps written with torch ops, bit for bit", "[data][transforms]") {
+  const auto images = small_images(40);
+  const std::vector<float> mean{0.25f, 0.5f}, stddev{0.5f, 0.2f};
+  const auto augmented = data::augment(
+      images, tf::random_crop(4, 2) | tf::random_horizontal_flip() | tf::normalize(mean, stddev));
+  CHECK(augmented.example_shape() == tf::ExampleShape{2, 4, 4});
+  std::vector<std::int64_t> indices(40);
+  std::iota(indices.begin(), indices.end(), 0);
+  std::reverse(indices.begin(), indices.end());
+  for (const std::int64_t epoch : {0, 3}) {
+    const auto batch = augmented.gather(indices, {.seed = 9, .epoch = epoch});
+    REQUIRE(batch.data.sizes() == torch::IntArrayRef{40, 2, 4, 4});
+    int flipped = 0, moved = 0;
+    for (std::int64_t k = 0; k < 40; ++k) {
+      const auto i = indices[static_cast<std::size_t>(k)];
+      INFO("example " << i << ", epoch " << epoch);
+      CHECK(torch::equal(batch.data[k], reference_example(images.inputs(), i, 9, epoch, 4, 2, mean, stddev)));
+      CHECK(batch.target[k].item<std::int64_t>() == i);
+      data::ExampleRng rng(9, epoch, i);
+      moved += rng.below(7) != 2 || rng.below(6) != 2;
+      flipped += rng.bernoulli(0.5);
+    }
+    CHECK(flipped > 5);  // the draws do vary
+    CHECK(moved > 20);
+  }
+  // Float inputs are read as they are; a user lambda sees the example's slot and index.
+  const auto floats = data::TensorDataset(images.inputs().to(torch::kFloat), images.targets());
+  const auto marked = data::augment(floats, tf::lambda([](tf::ExampleView v) { v.tensor().fill_(static_cast<float>(v.index)); }));
+  const auto b = marked.gather(std::vector<std::int64_t>{7, 3});
+  CHECK(torch::equal(b.data[0], torch::full({2, 6, 5}, 7.0f)));
+  CHECK(torch::equal(b.data[1], torch::full({2, 6, 5}, 3.0f)));
+  const auto plain = data::augment(floats, tf::normalize(0.0f, 1.0f)).gather(std::vector<std::int64_t>{3});
+  CHECK(torch::equal(plain.data[0], floats.inputs()[3]));
+}
+
+TEST_CASE("bad transform arguments are refused by name", "[data][transforms][bad_input]") {
+  const auto images = small_images(4);
+  CHECK_THROWS_WITH(data::augment(images, tf::random_crop(11, 2)),
+                    Catch::Contains("size = 11x11") && Catch::Contains("[2, 6, 5]") && Catch::Contains("padded by 2"));
+  CHECK_THROWS_WITH(data::augment(images, tf::random_crop(0)), Catch::Contains("size = 0x0"));
+  CHECK_THROWS_WITH(data::augment(images, tf::normalize({0.1f, 0.2f, 0.3f}, {1.0f})),
+                    Catch::Contains("3 means") && Catch::Contains("2 channels"));
+  CHECK_THROWS_WITH(data::augment(images, tf::normalize(0.0f, 0.0f)), Catch::Contains("std = 0"));
+  CHECK_THROWS_WITH(data::augment(images, tf::random_horizontal_flip(1.5)), Catch::Contains("p = 1.5"));
+  CHECK_THROWS_WITH(data::augment(data::TensorDataset(torch::zeros({4, 3}, torch::kDouble), torch::zeros({4})),
+                                  tf::random_horizontal_flip()),
+                    Catch::Contains("shape [4, 3]") && Catch::Contains("Double") && Catch::Contains("neither float32"));
+  CHECK_THROWS_WITH(data::augment(data::TensorDataset(torch::zeros({4, 3}), torch::zeros({4})), tf::random_horizontal_flip()),
+                    Catch::Contains("[N, C, H, W]"));
+}
+
+TEST_CASE("prefetched batches equal the training thread's whatever the workers and depth", "[data][prefetch]") {
+  const auto augmented = data::augment(small_images(50), tf::random_crop(5, 1) | tf::random_horizontal_flip());
+  data::Loader loader(augmented, data::EpochSampler(50, {.batch_size = 4, .shuffle = true, .seed = 3}));
+  for (const std::int64_t epoch : {0, 1}) {
+    loader.set_epoch(epoch);
+    std::vector<torch::data::Example<>> reference;
+    data::for_each_batch(loader, 0, loader.size(), [&](auto&& b) { reference.push_back(b); return true; });
+    REQUIRE(reference.size() == 13);
+    for (const auto& [workers, depth] : std::vector<std::pair<int, int>>{{1, 1}, {2, 2}, {3, 7}, {4, 20}}) {
+      INFO("epoch " << epoch << ", " << workers << " workers, depth " << depth);
+      std::vector<torch::data::Example<>> got;
+      data::for_each_batch(loader, 2, loader.size(), [&](auto&& b) { got.push_back(b); return true; }, {workers, depth});
+      REQUIRE(got.size() == 11);
+      for (std::size_t i = 0; i < got.size(); ++i) {
+        CHECK(torch::equal(got[i].data, reference[i + 2].data));
+        CHECK(torch::equal(got[i].target, reference[i + 2].target));
+      }
+      // An early stop leaves no worker behind.
+      int taken = 0;
+      data::for_each_batch(loader, 0, loader.size(), [&](auto&&) { return ++taken < 3; }, {workers, depth});
+      CHECK(taken == 3);
+      CHECK(data_threads() == 0);
+    }
+  }
+}
+
+namespace {
+struct RaiseSignalAt {
+  std::int64_t at;
+  void operator()(acc::on_update_step_end, auto& trainer) {
+    if (trainer.state().update_step == at) ::raise(SIGTERM);
+  }
+};
+
+struct TargetsSeen {
+  std::vector<std::int64_t> targets;
+  void operator()(acc::on_train_step_end, auto&, const auto& batch, const auto&, std::int64_t) {
+    for (std::int64_t k = 0; k < batch.target.size(0); ++k) targets.push_back(batch.target[k].template item<std::int64_t>());
+  }
+};
+
+// 2 epochs of an augmented classification run; `workers` unset = the default. Returns the final parameters.
+torch::Tensor train_augmented(std::optional<int> workers, const std::filesystem::path& dir = {}, std::int64_t preempt_at = 0,
+                              std::vector<std::int64_t>* targets = nullptr) {
+  auto raw = small_images(60, 1);
+  auto labelled = data::TensorDataset(raw.inputs(), torch::arange(60) % 3);
+  const auto train = data::augment(labelled, tf::random_crop(6, 5, 1) | tf::random_horizontal_flip() |
+                                                 tf::normalize(0.5f, 0.3f));
+  torch::manual_seed(2);
+  torch::nn::Sequential model(torch::nn::Flatten(), torch::nn::Linear(30, 3));
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, RaiseSignalAt, TargetsSeen> trainer(
+      model, torch::nn::CrossEntropyLoss(), optimizer, RaiseSignalAt{preempt_at}, TargetsSeen{});
+  std::ostringstream out;
+  trainer.set_output(out);
+  acc::TrainOptions options{.num_epochs = 2, .per_device_batch_size = 8, .seed = 17};
+  options.num_workers = workers;
+  if (!dir.empty()) {
+    options.preemption_dir = dir;
+    options.resume_from_newest_in = dir;
+  }
+  trainer.train(train, options);
+  if (targets) *targets = trainer.callback<TargetsSeen>().targets;
+  return test::flat_parameters(*model);
+}
+}  // namespace
+
+TEST_CASE("training with augmentation is bit-identical with 0, 1 or 3 workers, and resumes exactly",
+          "[data][prefetch][resume]") {
+  std::vector<std::int64_t> seen0, seen3;
+  const auto reference = train_augmented(0, {}, 0, &seen0);
+  CHECK(torch::equal(train_augmented(1), reference));
+  CHECK(torch::equal(train_augmented(3, {}, 0, &seen3), reference));
+  CHECK(torch::equal(train_augmented(std::nullopt), reference));
+  CHECK(seen3 == seen0);  // every batch once, in order
+  CHECK(seen0.size() == 120);
+  CHECK(data_threads() == 0);
+
+  // Preempted mid-epoch 2 with 2 workers, resumed with none: the same run.
+  const auto dir = test::fresh_dir("augmented_resume");
+  CHECK_THROWS_AS(train_augmented(2, dir, 11), acc::PreemptedError);
+  CHECK(data_threads() == 0);
+  CHECK(torch::equal(train_augmented(0, dir), reference));
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("a transform that throws names its example, and no worker outlives train()", "[data][prefetch][bad_input]") {
+  const auto raw = small_images(40, 1);
+  const auto failing = data::augment(raw, tf::lambda([](tf::ExampleView v) {
+                                       if (v.index == 29) throw std::runtime_error("cannot decode");
+                                     }));
+  for (const int workers : {0, 2}) {
+    INFO(workers << " workers");
+    torch::nn::Sequential model(torch::nn::Flatten(), torch::nn::Linear(30, 40));
+    torch::optim::SGD optimizer(model->parameters(), 0.1);
+    acc::Trainer trainer(model, torch::nn::CrossEntropyLoss(), optimizer);
+    std::ostringstream out;
+    trainer.set_output(out);
+    acc::TrainOptions options{.num_epochs = 1, .per_device_batch_size = 4, .shuffle = false};
+    options.num_workers = workers;
+    try {
+      trainer.train(failing, options);
+      FAIL("no error");
+    } catch (const data::TransformError& error) {
+      CHECK(error.index() == 29);
+      CHECK_THAT(std::string(error.what()), Catch::Contains("example 29 (epoch 0): cannot decode"));
+    }
+    CHECK(trainer.state().step == 7);  // the batches before it were trained on
+    CHECK(data_threads() == 0);
+  }
+  acc::TrainOptions bad{};
+  bad.num_workers = -1;
+  CHECK_THROWS_WITH(bad.validate(), Catch::Contains("num_workers = -1"));
+  CHECK_THROWS_WITH((acc::TrainOptions{.prefetch_factor = 0}.validate()), Catch::Contains("prefetch_factor = 0"));
+}
+
+namespace {
+bool on_data_worker() {
+  char name[16] = {};
+  ::pthread_getname_np(::pthread_self(), name, sizeof name);
+  return std::string(name).rfind("acc-data-", 0) == 0;
+}
+}  // namespace
+
+TEST_CASE("a starved worker does not stall the loop: the training thread builds the batch itself",
+          "[data][prefetch]") {
+  // Workers that get no CPU (here: they sleep, as a worker at idle priority on a busy machine waits for a core).
+  const auto raw = small_images(40, 1);
+  const auto slow_on_workers = data::augment(raw, tf::random_horizontal_flip() | tf::lambda([](tf::ExampleView v) {
+                                               if (v.index % 4 == 0 && on_data_worker()) {
+                                                 std::this_thread::sleep_for(std::chrono::milliseconds(200));
+                                               }
+                                             }));
+  data::Loader loader(slow_on_workers, data::EpochSampler(40, {.batch_size = 2, .shuffle = true}));
+  std::vector<torch::Tensor> reference;
+  data::for_each_batch(loader, 0, loader.size(), [&](auto&& b) { reference.push_back(b.data); return true; });
+  data::Prefetcher<decltype(loader)> ahead(loader, 0, loader.size(), {.workers = 2, .depth = 4});
+  for (std::int64_t b = 0; b < loader.size(); ++b) CHECK(torch::equal(ahead.next().data, reference[static_cast<std::size_t>(b)]));
+  // Each worker sleeps 200 ms on half of its batches: in the time the caller takes for 20 batches they finish a few.
+  CHECK(ahead.built_here() >= 10);
+}
+
+TEST_CASE("by default the workers start only when building batches takes a tenth of the step, and stay if they pay",
+          "[data][prefetch]") {
+  const auto raw = small_images(200, 1);
+  auto run = [&](auto steps, std::chrono::milliseconds step_time) {
+    const auto augmented = data::augment(raw, steps);
+    data::Loader loader(augmented, data::EpochSampler(200, {.batch_size = 4}));
+    data::Prefetcher<decltype(loader)> ahead(loader, 0, loader.size(),
+                                             {.workers = 2, .depth = 4, .only_if_input_bound = true, .probe = 8});
+    for (std::int64_t b = 0; b < loader.size(); ++b) {
+      CHECK(ahead.next().target[0].template item<std::int64_t>() == 4 * b);
+      std::this_thread::sleep_for(step_time);  // the step
+    }
+    return std::pair{ahead.workers_started(), ahead.workers_retired()};
+  };
+  // Building takes microseconds against a 5 ms step: no workers.
+  CHECK(run(tf::random_horizontal_flip(), std::chrono::milliseconds(5)) == std::pair{false, false});
+  // Building takes 5 ms against a step of almost nothing: the workers start. Batches come no faster with them (every
+  // build holds one lock, so builds cannot overlap): they are sent away, and every batch still comes, in order.
+  static std::mutex one_at_a_time;
+  CHECK(run(tf::lambda([](tf::ExampleView) {
+              std::lock_guard lock(one_at_a_time);
+              std::this_thread::sleep_for(std::chrono::microseconds(1250));
+            }),
+            std::chrono::milliseconds(0)) == std::pair{true, true});
+  // The same builds without the lock overlap: the workers make batches come faster, and stay.
+  CHECK(run(tf::lambda([](tf::ExampleView) { std::this_thread::sleep_for(std::chrono::microseconds(1250)); }),
+            std::chrono::milliseconds(0)) == std::pair{true, false});
+  CHECK(data_threads() == 0);
+}
+
+TEST_CASE("on CUDA, batches are built in pinned memory, and a GPU run equals itself with workers", "[data][cuda]") {
+  if (!torch::cuda::is_available()) ACCELERATED_SKIP("no CUDA device");
+  const auto augmented = data::augment(small_images(16, 1), tf::random_horizontal_flip());
+  data::Loader loader(augmented, data::EpochSampler(16, {.batch_size = 4}));
+  loader.set_pin_memory(true);
+  const auto batch = loader.batch(0);
+  CHECK(batch.data.is_pinned());
+  CHECK(batch.target.is_pinned());
+  data::Loader plain(data::TensorDataset(torch::zeros({8, 3}), torch::zeros({8})), data::EpochSampler(8, {.batch_size = 4}));
+  plain.set_pin_memory(true);
+  CHECK(plain.batch(0).data.is_pinned());
+  auto run = [&](int workers) {
+    torch::manual_seed(2);
+    torch::nn::Sequential model(torch::nn::Flatten(), torch::nn::Linear(30, 16));
+    torch::optim::SGD optimizer(model->parameters(), 0.1);
+    acc::Trainer<acc::Cuda, acc::FullPrecision, acc::SingleProcess> trainer(model, torch::nn::CrossEntropyLoss(), optimizer);
+    trainer.set_output(test::quiet());
+    acc::TrainOptions options{.num_epochs = 2, .per_device_batch_size = 4};
+    options.num_workers = workers;
+    trainer.train(augmented, options);
+    return test::flat_parameters(*model).cpu();
+  };
+  CHECK(torch::equal(run(0), run(2)));
 }

@@ -1,3 +1,5 @@
+#include <algorithm>
+#include <optional>
 #include <sched.h>
 
 #include <bit>
@@ -271,3 +273,29 @@ TEST_CASE("TensorBoard writes per-update and per-epoch scalars in TensorBoard's 
   CHECK_THROWS_WITH(acc::callbacks::TensorBoard({.every_n_updates = 0}), Catch::Contains("every_n_updates = 0"));
   fs::remove_all(dir);
 }
+
+TEST_CASE("the gradient norm is logged without clipping, equal to the one clipping computes", "[tensorboard][callbacks]") {
+  namespace acc = accelerated;
+  const auto dir = test::fresh_dir("tensorboard_norm");
+  auto norms = [&](const std::string& name, std::optional<double> clip_norm) {
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), 0.05);
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, acc::callbacks::TensorBoard> trainer(
+        model, torch::nn::MSELoss(), optimizer,
+        acc::callbacks::TensorBoard({.log_dir = dir, .run_name = name, .every_n_updates = 3}));
+    trainer.set_output(test::quiet());
+    trainer.train(test::regression_data(32), {.num_epochs = 2, .per_device_batch_size = 4, .gradient_clip_norm = clip_norm});
+    std::vector<std::pair<std::int64_t, float>> out;
+    for (const auto& s : tb_reader::read(trainer.callback<acc::callbacks::TensorBoard>().path()).second) {
+      if (s.tag == "train/grad_norm") out.emplace_back(s.step, s.value);
+    }
+    return out;
+  };
+  // A max_norm no gradient reaches clips nothing (a multiplication by exactly 1): the same run, the norm every update.
+  const auto unclipped = norms("unclipped", std::nullopt);
+  REQUIRE(unclipped.size() == 5);  // updates 3, 6, 9, 12, 15
+  CHECK(unclipped == norms("clipped", 1e30));
+  CHECK(unclipped.front().second > 0);
+  fs::remove_all(dir);
+}
+

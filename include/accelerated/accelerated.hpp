@@ -18,13 +18,17 @@
 #include "state_dict.hpp"
 #include "training_state.hpp"
 
+#include "data/augmented_dataset.hpp"
 #include "data/collate.hpp"
+#include "data/example_rng.hpp"
 #include "data/fashion_mnist.hpp"
 #include "data/idx.hpp"
 #include "data/loader.hpp"
+#include "data/prefetch.hpp"
 #include "data/sampler.hpp"
 #include "data/sources.hpp"
 #include "data/tensor_dataset.hpp"
+#include "data/transforms.hpp"
 
 #include "concepts.hpp"
 #include "policies/device.hpp"

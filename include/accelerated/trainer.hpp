@@ -110,8 +110,9 @@ struct TrainingState {
   // work, which waits on the device only where something reads back from it.
   double data_wait_seconds = 0.0;
   double compute_seconds = 0.0;
-  // The gradients' total L2 norm before clipping, at the last update, when gradient_clip_norm is set (clipping
-  // computes it anyway); undefined otherwise. A tensor on the model's device: reading it is a host sync on a GPU.
+  // The gradients' total L2 norm before clipping, at the last update when gradient_clip_norm is set (clipping
+  // computes it anyway), else at the last update a callback asked for (Trainer::measure_grad_norm); undefined
+  // otherwise. A tensor on the model's device: reading it is a host sync on a GPU.
   torch::Tensor grad_norm;
 };
 
@@ -318,6 +319,18 @@ class Trainer {
   // has finished; needs an eval set in this train() call. Metrics named intermediate_* are removed after its
   // on_eval_epoch_end, so the run history stays one value per epoch.
   void request_evaluation() { evaluation_requested_ = true; }
+
+  // Asks for the gradients' norm before clipping every n updates, in state().grad_norm (a tensor on the device: no
+  // host sync until read), even without gradient_clip_norm; callbacks that log it ask at on_training_run_start.
+  void measure_grad_norm(std::int64_t every_n_updates) {
+    if (every_n_updates <= 0) {
+      throw std::invalid_argument("accelerated::Trainer::measure_grad_norm: every_n_updates = " +
+                                  std::to_string(every_n_updates) + " must be >= 1");
+    }
+    if (std::find(grad_norm_every_.begin(), grad_norm_every_.end(), every_n_updates) == grad_norm_every_.end()) {
+      grad_norm_every_.push_back(every_n_updates);
+    }
+  }
 
   // Runs the eval set of this train() call through the model once more, without callbacks (e.g. with other weights
   // swapped in), and records the global mean loss under `metric`; returns it.
@@ -566,6 +579,25 @@ class Trainer {
     for (const auto& module : registered_modules_) device_.place(*module);
   }
 
+  // How a loader's batches are made: in pinned memory for a CUDA device, and ahead of the step by worker threads
+  // (TrainOptions::num_workers; unset: the default for sources safe to read from several threads, else none).
+  template <class Loader>
+  data::PrefetchOptions prepare_loader(Loader& loader) const {
+    if constexpr (requires { loader.set_pin_memory(true); }) loader.set_pin_memory(device_.device().is_cuda());
+    int workers = 0;
+    bool only_if_input_bound = false;  // the default starts its workers only when they pay (data/prefetch.hpp)
+    if (options_.num_workers) {
+      workers = *options_.num_workers;
+    } else if constexpr (requires { Loader::workers_by_default; }) {
+      if (Loader::workers_by_default) {
+        workers = data::default_num_workers();
+        only_if_input_bound = true;
+      }
+    }
+    return {.workers = workers, .depth = std::max(1, workers * options_.prefetch_factor),
+            .only_if_input_bound = only_if_input_bound};
+  }
+
   data::SamplerOptions sampler_options(std::int64_t batch_size, bool training) const {
     data::SamplerOptions o;
     o.batch_size = batch_size;
@@ -653,6 +685,7 @@ class Trainer {
         ~EndOfRun() { trainer.eval_pass_ = nullptr; }
       } end_of_run{*this};
 
+      grad_norm_every_.clear();
       steps::training_run_start::call(loop_, *this);
       if (emit<events::on_training_run_start>()) stop_training("stop requested by a callback in on_training_run_start");
       if (resume) detail::resume_callbacks_and_generators(*resume, callbacks_, distributed_.rank(), device_.device());
@@ -771,7 +804,7 @@ class Trainer {
       // A multi-process stop waits for the next update step (or the epoch's end), where the ranks agree.
       if (stop_requested_ && !run_config_.is_distributed) throw StopTrainingError(stop_reason_);
       return !reached_max_steps;
-    });
+    }, prepare_loader(loader));
     steps::train_epoch_end::call(loop_, *this);
     history_.update_metric("train_loss_epoch", global_mean(train_tracker_));
     emit_in_epoch<events::on_train_epoch_end>();
@@ -847,7 +880,7 @@ class Trainer {
         tracker.add(output.loss, output.batch_size);
       }
       return true;
-    });
+    }, prepare_loader(loader));
   }
 
   // The loss step under the precision policy's autocast.
@@ -910,16 +943,24 @@ class Trainer {
     return sums[1] > 0 ? sums[0] / sums[1] : 0.0;
   }
 
-  // Clipping runs on update steps only, after the precision policy has unscaled the gradients.
+  // Clipping runs on update steps only, after the precision policy has unscaled the gradients. The norm before
+  // clipping is kept in state().grad_norm when clipping by norm, and on the updates a callback asked for it.
   void clip_gradients() {
-    if (!run_config_.gradient_clip_value && !run_config_.gradient_clip_norm) return;
+    const auto update = state_.update_step + 1;
+    const bool measure = !run_config_.gradient_clip_norm &&
+                         std::any_of(grad_norm_every_.begin(), grad_norm_every_.end(),
+                                     [update](std::int64_t n) { return update % n == 0; });
+    if (!run_config_.gradient_clip_value && !run_config_.gradient_clip_norm && !measure) return;
     precision_.unscale_gradients(*optimizer_);
+    if (measure) state_.grad_norm = detail::grad_norm_no_sync(parameters_);
     if (run_config_.gradient_clip_value) torch::nn::utils::clip_grad_value_(parameters_, *run_config_.gradient_clip_value);
     // No host sync: on a GPU the next step can be queued while this one runs.
     if (run_config_.gradient_clip_norm) {
       state_.grad_norm = detail::clip_grad_norm_no_sync(parameters_, *run_config_.gradient_clip_norm);
     }
   }
+
+  std::vector<std::int64_t> grad_norm_every_;  // measure_grad_norm's intervals, asked again at each run start
 
   Model model_;
   LossFunction loss_;

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../detail/checks.hpp"
+#include "../detail/host_name.hpp"
 #include "../detail/tensorboard_events.hpp"
 #include "events.hpp"
 
@@ -57,6 +58,9 @@ class TensorBoard {
     }
     const auto file = dir / ("events.out.tfevents." + std::to_string(seconds) + "." + host_name());
     writer_ = std::make_unique<accelerated::detail::tensorboard::EventFileWriter>(file.string(), wall_time());
+    if constexpr (requires { trainer.measure_grad_norm(options_.every_n_updates); }) {
+      trainer.measure_grad_norm(options_.every_n_updates);
+    }
     mark(trainer);
   }
 
@@ -118,9 +122,8 @@ class TensorBoard {
     return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
   }
   static std::string host_name() {
-    char name[256] = {};
-    if (::gethostname(name, sizeof name - 1) != 0 || name[0] == '\0') return "localhost";
-    return name;
+    const auto name = accelerated::detail::host_name();
+    return name.empty() ? "localhost" : name;
   }
   static std::string default_run_name(std::time_t seconds) {
     std::tm local{};

@@ -1,7 +1,8 @@
 #pragma once
 // Fashion-MNIST from the IDX files of Debian's dataset-fashion-mnist package (or any folder with the same names,
 // gzipped or not), as a TensorDataset: inputs float [N, 1, 28, 28] normalised with the training set's mean and
-// standard deviation, targets int64 [N].
+// standard deviation, targets int64 [N]. load_fashion_mnist_raw keeps the uint8 pixels, for a transform pipeline
+// (data::augment) that ends with normalize(fashion_mnist_mean, fashion_mnist_std).
 #include <torch/types.h>
 
 #include <filesystem>
@@ -28,8 +29,12 @@ inline std::filesystem::path idx_file(const std::filesystem::path& folder, const
 }
 }  // namespace detail
 
-inline TensorDataset load_fashion_mnist(const std::filesystem::path& folder = fashion_mnist_default_folder,
-                                        Split split = Split::train) {
+inline constexpr float fashion_mnist_mean = 0.2860f;  // of the 60000 training images, pixels in [0, 1]
+inline constexpr float fashion_mnist_std = 0.3530f;
+
+// Inputs uint8 [N, 1, 28, 28] as stored, targets int64 [N].
+inline TensorDataset load_fashion_mnist_raw(const std::filesystem::path& folder = fashion_mnist_default_folder,
+                                            Split split = Split::train) {
   const std::string prefix = split == Split::train ? "train" : "t10k";
   const auto images_path = detail::idx_file(folder, prefix + "-images-idx3-ubyte");
   const auto labels_path = detail::idx_file(folder, prefix + "-labels-idx1-ubyte");
@@ -44,9 +49,15 @@ inline TensorDataset load_fashion_mnist(const std::filesystem::path& folder = fa
                              std::to_string(labels.size(0)) + " labels for " + std::to_string(images.size(0)) +
                              " images");
   }
-  constexpr double mean = 0.2860, stddev = 0.3530;  // of the 60000 training images
-  auto inputs = images.to(torch::kFloat).div_(255.0).sub_(mean).div_(stddev).unsqueeze(1).contiguous();
-  return TensorDataset(std::move(inputs), labels.to(torch::kLong));
+  return TensorDataset(images.unsqueeze(1).contiguous(), labels.to(torch::kLong));
+}
+
+inline TensorDataset load_fashion_mnist(const std::filesystem::path& folder = fashion_mnist_default_folder,
+                                        Split split = Split::train) {
+  const auto raw = load_fashion_mnist_raw(folder, split);
+  constexpr double mean = 0.2860, stddev = 0.3530;  // as before the float constants above: same inputs bit for bit
+  auto inputs = raw.inputs().to(torch::kFloat).div_(255.0).sub_(mean).div_(stddev).contiguous();
+  return TensorDataset(std::move(inputs), raw.targets());
 }
 
 }  // namespace accelerated::data

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../detail/compat.hpp"
+#include "augmented_dataset.hpp"
 #include "tensor_dataset.hpp"
 
 namespace accelerated::data {
@@ -87,8 +88,8 @@ auto as_source(Data&& data, const char* argument) {
     }
     return source;
   };
-  if constexpr (std::is_same_v<D, TensorDataset>) {
-    return check_not_empty(TensorDataset(data));
+  if constexpr (std::is_same_v<D, TensorDataset> || is_augmented_dataset_v<D>) {
+    return check_not_empty(D(data));
   } else if constexpr (std::is_same_v<D, std::pair<torch::Tensor, torch::Tensor>>) {
     return check_not_empty(TensorDataset(data.first, data.second));
   } else if constexpr (torch_dataset<D>) {
@@ -98,7 +99,7 @@ auto as_source(Data&& data, const char* argument) {
   } else {
     static_assert(!sizeof(D*),
                   "accelerated: a dataset must be a torch::data dataset, a std::pair<torch::Tensor, torch::Tensor>, "
-                  "an accelerated::data::TensorDataset, or a sized random-access range of examples");
+                  "an accelerated::data::TensorDataset (augmented or not), or a sized random-access range of examples");
   }
 }
 

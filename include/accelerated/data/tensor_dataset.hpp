@@ -10,7 +10,20 @@
 #include <string>
 #include <vector>
 
+#include "gather_context.hpp"
+
 namespace accelerated::data {
+
+// Rows `indices` of `tensor`, gathered straight into pinned memory when asked.
+inline torch::Tensor gather_rows(const torch::Tensor& tensor, std::span<const std::int64_t> indices, bool pin_memory) {
+  const auto index = torch::from_blob(const_cast<std::int64_t*>(indices.data()),
+                                      {static_cast<std::int64_t>(indices.size())}, torch::kLong);
+  if (!pin_memory) return tensor.index_select(0, index);
+  auto sizes = tensor.sizes().vec();
+  sizes[0] = index.size(0);
+  auto out = torch::empty(sizes, tensor.options().pinned_memory(true));
+  return torch::index_select_out(out, tensor, 0, index);
+}
 
 class TensorDataset {
  public:
@@ -33,10 +46,8 @@ class TensorDataset {
   const torch::Tensor& targets() const { return targets_; }
 
   // The fast path: one gather per tensor.
-  torch::data::Example<> gather(std::span<const std::int64_t> indices) const {
-    const auto index = torch::from_blob(const_cast<std::int64_t*>(indices.data()),
-                                        {static_cast<std::int64_t>(indices.size())}, torch::kLong);
-    return {inputs_.index_select(0, index), targets_.index_select(0, index)};
+  torch::data::Example<> gather(std::span<const std::int64_t> indices, const GatherContext& context = {}) const {
+    return {gather_rows(inputs_, indices, context.pin_memory), gather_rows(targets_, indices, context.pin_memory)};
   }
 
   // The per-example path, used when the user supplies a collate function.

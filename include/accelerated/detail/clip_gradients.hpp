@@ -10,18 +10,34 @@
 
 namespace accelerated::detail {
 
-// Returns the total norm before clipping, as a 0-dim tensor on the gradients' device (undefined if none has a grad).
-inline torch::Tensor clip_grad_norm_no_sync(const std::vector<torch::Tensor>& parameters, double max_norm) {
-  torch::NoGradGuard no_grad;
+inline std::vector<torch::Tensor> gradients_of(const std::vector<torch::Tensor>& parameters) {
   std::vector<torch::Tensor> grads;
   grads.reserve(parameters.size());
   for (const auto& p : parameters) {
     if (p.grad().defined()) grads.push_back(p.grad());
   }
-  if (grads.empty()) return {};
+  return grads;
+}
+
+inline torch::Tensor total_norm(const std::vector<torch::Tensor>& grads) {
   auto norms = at::_foreach_norm(grads, 2);
   for (auto& n : norms) n = n.to(torch::kFloat);  // gradients of several dtypes (fp16/bf16 parameters) meet in fp32
-  const auto total = torch::stack(norms).norm(2);
+  return torch::stack(norms).norm(2);
+}
+
+// The gradients' total L2 norm, as a 0-dim tensor on their device (undefined if none has a grad).
+inline torch::Tensor grad_norm_no_sync(const std::vector<torch::Tensor>& parameters) {
+  torch::NoGradGuard no_grad;
+  const auto grads = gradients_of(parameters);
+  return grads.empty() ? torch::Tensor() : total_norm(grads);
+}
+
+// Returns the total norm before clipping, as a 0-dim tensor on the gradients' device (undefined if none has a grad).
+inline torch::Tensor clip_grad_norm_no_sync(const std::vector<torch::Tensor>& parameters, double max_norm) {
+  torch::NoGradGuard no_grad;
+  const auto grads = gradients_of(parameters);
+  if (grads.empty()) return {};
+  const auto total = total_norm(grads);
   const auto coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
   for (auto& g : grads) g.mul_(coef.to(g.scalar_type()));
   return total;

@@ -6,6 +6,7 @@
 // CPUs it may use, once per program: the CPUs of its affinity mask (taskset, cpusets), capped by a cgroup CPU quota
 // (containers) and by SLURM_CPUS_PER_TASK, divided by the local processes the launcher describes.
 #include <ATen/Parallel.h>
+#include <dlfcn.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -68,6 +69,17 @@ inline void apply_thread_default(int local_processes) {
     return true;
   }();
   (void)applied;
+}
+
+// Makes LibTorch's ops run single-threaded on the calling thread only (a data worker's): at::set_num_threads is
+// process-wide, but OpenMP's thread count is per thread. LibTorch first sets this thread's count from its global one
+// (at its first parallel call), so that happens first; then omp_set_num_threads(1), found at run time because
+// LibTorch loaded the OpenMP runtime (a build without OpenMP has nothing to change).
+inline void use_one_intra_op_thread_here() {
+  (void)at::get_num_threads();
+  using SetThreads = void (*)(int);
+  static const auto set_threads = reinterpret_cast<SetThreads>(::dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
+  if (set_threads != nullptr) set_threads(1);
 }
 
 }  // namespace accelerated::detail

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <string>
 
 namespace accelerated::distributed {
 
@@ -16,6 +17,14 @@ inline const char* phase_name(Phase phase) {
 }
 
 // Phases in which this rank waits on its peers.
+// The phase a published name stands for (a heartbeat read back from the store); idle for a name it does not know.
+inline Phase phase_from_name(const std::string& name) {
+  for (int p = 0; p <= static_cast<int>(Phase::broadcast); ++p) {
+    if (name == phase_name(static_cast<Phase>(p))) return static_cast<Phase>(p);
+  }
+  return Phase::idle;
+}
+
 inline bool waits_on_peers(Phase phase) {
   return phase == Phase::backward || phase == Phase::all_reduce || phase == Phase::gather ||
          phase == Phase::barrier || phase == Phase::broadcast;

@@ -23,6 +23,7 @@
 #include <utility>
 
 #include "../detail/compat.hpp"
+#include "../detail/host_name.hpp"
 
 // NCCL: in CUDA builds of LibTorch 2.x (Torch's CMake config defines USE_C10D_NCCL for them).
 #if defined(USE_C10D_NCCL) && ACCELERATED_TORCH_AT_LEAST(2, 0) && \
@@ -159,11 +160,9 @@ inline std::string attach_cuda_backend(const c10::intrusive_ptr<c10d::ProcessGro
 // This machine, as the ranks compare it: host name and boot id (containers on one host share the boot id, but
 // not necessarily /dev/shm, so the host name is part of it).
 inline std::string machine_identity() {
-  char host[256] = {};
-  ::gethostname(host, sizeof host - 1);
   std::string boot;
   std::ifstream("/proc/sys/kernel/random/boot_id") >> boot;
-  return std::string(host) + "/" + boot;
+  return accelerated::detail::host_name() + "/" + boot;
 }
 
 // True when every rank reports the same machine (through the store, bounded by its timeout).

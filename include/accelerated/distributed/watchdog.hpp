@@ -7,6 +7,7 @@
 // stopped or gone; a store that does not answer is reported as such. The report then ends the process.
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
+#include "../detail/host_name.hpp"
 #include "heartbeat.hpp"
 
 #include <unistd.h>
@@ -27,9 +28,8 @@
 namespace accelerated::distributed {
 
 // What a peer's process is, when it runs on this machine: "stopped" (SIGSTOP, a debugger), "gone", or "".
-inline std::string local_process_state(const std::string& host, std::int64_t pid) {
-  char name[256] = {};
-  if (::gethostname(name, sizeof name - 1) != 0 || host != name || pid <= 0) return "";
+inline std::string local_process_state(const std::string& host, std::int64_t pid, const std::string& this_host) {
+  if (host != this_host || pid <= 0) return "";
   std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
   std::string line;
   if (!stat || !std::getline(stat, line)) return "gone";
@@ -49,7 +49,9 @@ class Watchdog {
            std::chrono::milliseconds threshold, std::function<void(const std::string&)> on_hang,
            std::chrono::milliseconds interval = std::chrono::seconds(1))
       : store_(std::move(store)), rank_(rank), world_size_(world_size), heartbeat_(heartbeat), threshold_(threshold),
-        interval_(interval), on_hang_(std::move(on_hang)), thread_([this] { run(); }) {}
+        interval_(interval), on_hang_(std::move(on_hang)), host_(accelerated::detail::host_name()), thread_([this] { run(); }) {
+    if (host_.empty()) host_ = "unknown";
+  }
   ~Watchdog() {
     {
       std::lock_guard lock(mutex_);
@@ -92,10 +94,10 @@ class Watchdog {
       std::int64_t step = 0, since = 0, pid = 0, published = 0;
       std::string phase, host;
       in >> step >> phase >> since >> published >> pid >> host;
-      const bool behind = step < heartbeat_.step() || (step == heartbeat_.step() && !waits_on(phase));
+      const bool behind = step < heartbeat_.step() || (step == heartbeat_.step() && !waits_on_peers(phase_from_name(phase)));
       out << (behind ? "behind, at " : "at ") << "update step " << step << ", phase " << phase << " since "
           << (now - since) / 1000.0 << " s ago (heard " << (now - published) / 1000.0 << " s ago";
-      const auto state = local_process_state(host, pid);
+      const auto state = local_process_state(host, pid, host_);
       if (!state.empty()) out << "; its process " << pid << " on " << host << " is " << state;
       out << ")";
     }
@@ -103,21 +105,12 @@ class Watchdog {
   }
 
  private:
-  static bool waits_on(const std::string& phase) {
-    for (const auto p : {Phase::backward, Phase::all_reduce, Phase::gather, Phase::barrier, Phase::broadcast}) {
-      if (phase == phase_name(p)) return true;
-    }
-    return false;
-  }
-
   void publish() {
-    char host[256] = {};
-    if (::gethostname(host, sizeof host - 1) != 0 || host[0] == '\0') std::snprintf(host, sizeof host, "unknown");
     // The phase's start in wall-clock time, so that another machine can say "since".
     const auto since_wall = wall_ms() - (steady_ms() - heartbeat_.since_steady_ms());
     const auto text = std::to_string(heartbeat_.step()) + " " + phase_name(heartbeat_.phase()) + " " +
                       std::to_string(since_wall) + " " + std::to_string(wall_ms()) + " " + std::to_string(::getpid()) +
-                      " " + host;
+                      " " + host_;
     store_->set("heartbeat/" + std::to_string(rank_), std::vector<std::uint8_t>(text.begin(), text.end()));
   }
 
@@ -150,6 +143,7 @@ class Watchdog {
   std::chrono::milliseconds threshold_;
   std::chrono::milliseconds interval_;
   std::function<void(const std::string&)> on_hang_;
+  std::string host_;  // read once: the name a peer compares with its own
   bool reported_ = false;
   std::mutex mutex_;
   std::condition_variable wake_;
