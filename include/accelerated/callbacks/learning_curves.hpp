@@ -25,7 +25,7 @@ namespace accelerated::callbacks {
 
 class LearningCurves {
  public:
-  explicit LearningCurves(std::filesystem::path path = "learning_curves.svg", std::int64_t every_n_updates = 10)
+  explicit LearningCurves(std::filesystem::path path = "learning_curves.svg", std::int64_t every_n_updates = 50)
       : path_(std::move(path)), every_n_updates_(every_n_updates) {
     detail::require_positive("callbacks::LearningCurves", "every_n_updates", every_n_updates_);
   }
