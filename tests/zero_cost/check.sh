@@ -20,8 +20,11 @@ split() {  # object, prefix: writes prefix.step, prefix.epoch, prefix.iterator (
                      keep && NF && !/^Disassembly/ { print > file }'
   for part in step epoch iterator; do
     [[ -s $2.$part ]] || continue  # inlined into its caller by this compiler
+    # A relocation to unnamed local code (.text+offset: e.g. a worker thread's entry, when the data workers'
+    # start is inlined into the epoch) names where that code landed in the object, which moves when the file holds
+    # other code (the callbacks' run-end handlers): the offset is layout, not the step's code.
     sed -E -i 's/\.LC[0-9]+/.LC/g; s/RunEndOnly<1>, RunEndOnly<2>, RunEndOnly<3>, RunEndOnly<4>, RunEndOnly<5>/CB/g;
-               s/accelerated::callbacks::Group<>/CB/g; s/PerStep/CB/g' "$2.$part"
+               s/accelerated::callbacks::Group<>/CB/g; s/PerStep/CB/g; s/\.text\+0x[0-9a-f]+/.text+OFFSET/g' "$2.$part"
   done
 }
 calls() { grep -o 'R_X86_64_PLT32.*' "$1" | sort -u; }  # the functions called (GCC may duplicate a cleanup path)
