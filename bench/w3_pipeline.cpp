@@ -9,7 +9,7 @@
 // also (C + X) / max(C, X, (C1 + X) / 2), C1 the step on one thread (its work). Also: how heavy W3 scales with the
 // workers, and the test accuracy after 3 epochs with and without the light augmentation. One JSON line.
 // Usage: bench_w3_pipeline [fashion-mnist folder] [parts=light,heavy,scaling,accuracy] [batches per epoch=all]
-//                          [rounds=2] (each variant keeps its best round)
+//                          [rounds=2] (each variant keeps its best round) [accuracy epochs=3]
 #include <cmath>
 #include <random>
 
@@ -164,16 +164,16 @@ TrainerRun trainer_run(Net& net, const Data& data, std::int64_t batches, std::op
   return run;
 }
 
-double accuracy(Net& net, const acc::data::TensorDataset& test) {
-  torch::NoGradGuard no_grad;
-  net.model->eval();
-  std::int64_t correct = 0;
-  for (std::int64_t start = 0; start < test.size(); start += 1000) {
-    const auto n = std::min<std::int64_t>(1000, test.size() - start);
-    const auto x = test.inputs().narrow(0, start, n).to(torch::kFloat).div(255.0f).sub(kMean).div(kStd);
-    correct += net.model->forward(x).argmax(1).eq(test.targets().narrow(0, start, n)).sum().item<std::int64_t>();
-  }
-  return 100.0 * static_cast<double>(correct) / static_cast<double>(test.size());
+// The test accuracy (%) after each of `epochs` epochs of training on `data`, default workers.
+template <class Data, class Eval>
+std::vector<double> accuracy_per_epoch(Net& net, const Data& data, const Eval& test, std::int64_t epochs) {
+  acc::Trainer trainer(net.model, nn::CrossEntropyLoss(), *net.optimizer, acc::callbacks::Defaults{},
+                       acc::callbacks::Accuracy{});
+  trainer.set_output(bench::null_stream());
+  trainer.train(data, {.num_epochs = epochs, .per_device_batch_size = kBatch, .eval_per_device_batch_size = 1000}, test);
+  auto accuracy = trainer.run_history().get_metric_values("eval_accuracy");
+  for (auto& a : accuracy) a *= 100.0;
+  return accuracy;
 }
 
 bool wants(const std::string& parts, const std::string& part) { return parts.find(part) != std::string::npos; }
@@ -187,6 +187,7 @@ int main(int argc, char** argv) {
   const auto all_batches = (raw.size() + kBatch - 1) / kBatch;
   const std::int64_t batches = argc > 3 ? std::min<std::int64_t>(std::stoll(argv[3]), all_batches) : all_batches;
   const int rounds = argc > 4 ? std::max(1, std::stoi(argv[4])) : 2;
+  const std::int64_t accuracy_epochs = argc > 5 ? std::max(1, std::stoi(argv[5])) : 3;
   const auto light = tf::random_crop(28, 2) | tf::random_horizontal_flip() | tf::normalize(kMean, kStd);
 
   // The first trainer sets the thread count; measure everything after it.
@@ -276,12 +277,17 @@ int main(int argc, char** argv) {
     }
   }
   if (wants(parts, "accuracy")) {
-    const auto test = acc::data::load_fashion_mnist_raw(folder, acc::data::Split::test);
+    const auto test = acc::data::augment(acc::data::load_fashion_mnist_raw(folder, acc::data::Split::test),
+                                         tf::normalize(kMean, kStd));
     auto augmented = fresh_net(), plain = fresh_net();
-    trainer_run(augmented, acc::data::augment(raw, light), batches, std::nullopt, 3);
-    trainer_run(plain, acc::data::augment(raw, tf::normalize(kMean, kStd)), batches, std::nullopt, 3);
-    out.field("accuracy_after_3_epochs.light_augmentation", accuracy(augmented, test))
-        .field("accuracy_after_3_epochs.no_augmentation", accuracy(plain, test));
+    const auto with = accuracy_per_epoch(augmented, acc::data::augment(raw, light), test, accuracy_epochs);
+    const auto without = accuracy_per_epoch(plain, acc::data::augment(raw, tf::normalize(kMean, kStd)), test,
+                                            accuracy_epochs);
+    if (accuracy_epochs >= 3) {
+      out.field("accuracy_after_3_epochs.light_augmentation", with[2])
+          .field("accuracy_after_3_epochs.no_augmentation", without[2]);
+    }
+    out.field("accuracy_per_epoch.light_augmentation", with).field("accuracy_per_epoch.no_augmentation", without);
   }
   out.close();
   std::cout << json.str() << std::endl;

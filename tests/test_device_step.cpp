@@ -133,6 +133,27 @@ TEST_CASE("on the GPU the running loss stays on the device until it is read", "[
   CHECK(torch::allclose(p1.grad(), p2.grad(), 1e-5, 1e-6));
 }
 
+TEST_CASE("a batch copied to the GPU on the side stream is whole when the step, queued behind busy work, reads it",
+          "[cuda]") {
+  REQUIRE_GPU();
+  const torch::Device gpu(torch::kCUDA, 0);
+  const auto compute = c10::impl::VirtualGuardImpl(torch::kCUDA).getStream(gpu);
+  for (int round = 0; round < 20; ++round) {
+    // Keep the compute stream busy, so that the copy (on its own stream) runs while these kernels do.
+    auto busy = torch::randn({2048, 2048}, gpu);
+    for (int k = 0; k < 4; ++k) busy = busy.mm(busy).tanh_();
+    const auto source = torch::arange(1 << 22, torch::kFloat).add_(round);
+    std::tuple<torch::Tensor, std::vector<torch::Tensor>> batch{source, {source.narrow(0, 0, 10)}};
+    const auto moved = acc::detail::to_device(batch, gpu);
+    CHECK(std::get<0>(moved).is_cuda());
+    // Read on the compute stream, which must have waited for the copy; the allocator must not reuse its memory
+    // for the next round's tensors before this read is done.
+    CHECK(torch::equal(std::get<0>(moved).cpu(), source));
+    CHECK(torch::equal(std::get<1>(moved)[0].cpu(), source.narrow(0, 0, 10)));
+  }
+  CHECK(c10::impl::VirtualGuardImpl(torch::kCUDA).getStream(gpu) == compute);  // the side stream was only borrowed
+}
+
 TEST_CASE("NCCL carries CUDA tensors in a one-process group", "[cuda][nccl]") {
   if (!acc::distributed::has_nccl) {
     ACCELERATED_SKIP("this LibTorch has no NCCL (a CUDA build of LibTorch 2.x defines USE_C10D_NCCL)");

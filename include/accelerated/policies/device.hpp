@@ -2,7 +2,8 @@
 // Device policies: where the model, the loss module, registered modules and every batch live. The menu:
 //   Cpu         everything on the CPU; to_device is the identity and costs nothing.
 //   Cuda        the GPU of this process's local rank (the distributed policy's, bound by the trainer; before that
-//               torchrun's, OpenMPI's or SLURM's), else 0; batches are copied through pinned memory without blocking.
+//               torchrun's, OpenMPI's or SLURM's), else 0; batches are copied through pinned memory without blocking,
+//               on a side stream that the step's stream waits for (detail/to_device.hpp).
 //   AutoDevice  Cuda when LibTorch sees a GPU, else Cpu (the trainer's default).
 // A device policy provides, checked by accelerated::DevicePolicy in concepts.hpp:
 //   torch::Device device() const;            std::string name() const;
