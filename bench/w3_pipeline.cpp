@@ -7,8 +7,9 @@
 // compute C per batch (it stands for JPEG decoding). C and X are measured in (b). Pipelining hides at best the smaller
 // of the two; on 2 cores the ceiling is (C + X) / max(C, X, (C + X) / 2), and with C measured on 2 training threads
 // also (C + X) / max(C, X, (C1 + X) / 2), C1 the step on one thread (its work). Also: how heavy W3 scales with the
-// workers, and the test accuracy after 3 epochs with and without the light augmentation. One JSON line.
-// Usage: bench_w3_pipeline [fashion-mnist folder] [parts=light,heavy,scaling,accuracy] [batches per epoch=all]
+// workers, and the test accuracy per epoch (3 by default; full epochs) with and without the light augmentation, and
+// (part ablation) with each of its steps alone. One JSON line.
+// Usage: bench_w3_pipeline [fashion-mnist folder] [parts=light,heavy,scaling,accuracy(,ablation)] [batches per epoch=all]
 //                          [rounds=2] (each variant keeps its best round) [accuracy epochs=3]
 #include <cmath>
 #include <random>
@@ -288,6 +289,20 @@ int main(int argc, char** argv) {
           .field("accuracy_after_3_epochs.no_augmentation", without[2]);
     }
     out.field("accuracy_per_epoch.light_augmentation", with).field("accuracy_per_epoch.no_augmentation", without);
+  }
+  if (wants(parts, "ablation")) {  // which step of the light augmentation costs the accuracy: each alone
+    const auto test = acc::data::augment(acc::data::load_fashion_mnist_raw(folder, acc::data::Split::test),
+                                         tf::normalize(kMean, kStd));
+    auto crop = fresh_net(), flip = fresh_net(), small_crop = fresh_net();
+    out.field("ablation_accuracy_per_epoch.random_crop_28_padding_2",
+              accuracy_per_epoch(crop, acc::data::augment(raw, tf::random_crop(28, 2) | tf::normalize(kMean, kStd)),
+                                 test, accuracy_epochs))
+        .field("ablation_accuracy_per_epoch.random_horizontal_flip",
+               accuracy_per_epoch(flip, acc::data::augment(raw, tf::random_horizontal_flip() | tf::normalize(kMean, kStd)),
+                                  test, accuracy_epochs))
+        .field("ablation_accuracy_per_epoch.random_crop_28_padding_1",
+               accuracy_per_epoch(small_crop, acc::data::augment(raw, tf::random_crop(28, 1) | tf::normalize(kMean, kStd)),
+                                  test, accuracy_epochs));
   }
   out.close();
   std::cout << json.str() << std::endl;
