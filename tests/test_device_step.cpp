@@ -152,6 +152,9 @@ TEST_CASE("a batch copied to the GPU on the side stream is whole when the step, 
     CHECK(torch::equal(std::get<1>(moved)[0].cpu(), source.narrow(0, 0, 10)));
   }
   CHECK(c10::impl::VirtualGuardImpl(torch::kCUDA).getStream(gpu) == compute);  // the side stream was only borrowed
+  // One side stream for every batch (the allocator caches freed memory per stream), and not the compute stream.
+  CHECK(acc::detail::SideStreamCopy(gpu).stream() == acc::detail::SideStreamCopy(gpu).stream());
+  CHECK(acc::detail::SideStreamCopy(gpu).stream() != compute);
 }
 
 TEST_CASE("NCCL carries CUDA tensors in a one-process group", "[cuda][nccl]") {

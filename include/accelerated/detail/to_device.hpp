@@ -10,6 +10,7 @@
 #include <torch/types.h>
 
 #include <map>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <unordered_map>
@@ -34,8 +35,7 @@ struct PlainCopy {
 class SideStreamCopy {
  public:
   explicit SideStreamCopy(const torch::Device& device)
-      : device_(device), gpu_(device.type()), compute_(gpu_.getStream(device)),
-        side_(gpu_.getStreamFromGlobalPool(device)) {}
+      : device_(device), gpu_(device.type()), compute_(gpu_.getStream(device)), side_(copy_stream(compute_.device())) {}
 
   torch::Tensor operator()(const torch::Tensor& tensor) {
     if (!tensor.defined() || tensor.device() == device_) return tensor;
@@ -51,6 +51,9 @@ class SideStreamCopy {
     return copy;
   }
 
+  // The stream the copies run on: the same for every batch to this GPU.
+  const c10::Stream& stream() const { return side_; }
+
   // The compute stream waits for every copy made so far.
   void finish() {
     if (!copied_) return;
@@ -60,6 +63,17 @@ class SideStreamCopy {
   }
 
  private:
+  // One side stream per GPU for the whole process: the caching allocator keeps freed memory for the stream it was
+  // allocated on, so a new pool stream per batch (the pool hands out 32 in turn) would cache up to 32 batches.
+  c10::Stream copy_stream(const c10::Device& gpu) const {
+    static std::mutex mutex;
+    static std::map<c10::DeviceIndex, c10::Stream> streams;
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto found = streams.find(gpu.index());
+    if (found != streams.end()) return found->second;
+    return streams.emplace(gpu.index(), gpu_.getStreamFromGlobalPool(gpu)).first->second;
+  }
+
   torch::Device device_;
   c10::impl::VirtualGuardImpl gpu_;
   c10::Stream compute_, side_;
