@@ -465,6 +465,37 @@ TEST_CASE("a starved worker does not stall the loop: the training thread builds 
   CHECK(ahead.built_here() >= 10);
 }
 
+TEST_CASE("a worker's LibTorch ops run on one thread, and the training threads keep their pool", "[data][prefetch]") {
+  const int before = at::get_num_threads();
+  at::set_num_threads(2);  // so that a worker that kept the process's count would be seen
+  std::mutex mutex;
+  std::set<int> on_workers;
+  const auto counting = data::augment(small_images(40, 1), tf::lambda([&](tf::ExampleView v) {
+                                        if (!on_data_worker()) return;
+                                        (void)v.tensor().add(1.0f);  // a LibTorch op, as a transform would run
+                                        const int threads = at::get_num_threads();
+                                        const std::lock_guard lock(mutex);
+                                        on_workers.insert(threads);
+                                      }));
+  data::Loader loader(counting, data::EpochSampler(40, {.batch_size = 2}));
+  const auto built_by_workers = [&] {
+    const std::lock_guard lock(mutex);
+    return !on_workers.empty();
+  };
+  // Idle-priority workers build only when the cores are free: a 2 ms step leaves them time, and on a busy machine
+  // the epoch is repeated (at most 50 times) until a worker has built something.
+  for (int epoch = 0; epoch < 50 && !built_by_workers(); ++epoch) {
+    data::Prefetcher<decltype(loader)> ahead(loader, 0, loader.size(), {.workers = 2, .depth = 4});
+    for (std::int64_t b = 0; b < loader.size(); ++b) {
+      (void)ahead.next();
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  }
+  CHECK(on_workers == std::set<int>{1});
+  CHECK(at::get_num_threads() == 2);
+  at::set_num_threads(before);
+}
+
 TEST_CASE("by default the workers start only when building batches takes a tenth of the step, and stay if they pay",
           "[data][prefetch]") {
   const auto raw = small_images(200, 1);
