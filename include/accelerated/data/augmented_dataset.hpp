@@ -39,7 +39,7 @@ class AugmentedDataset {
   AugmentedDataset(TensorDataset data, Pipeline pipeline) : data_(std::move(data)), pipeline_(std::move(pipeline)) {
     const auto& x = data_.inputs();
     auto fail = [&](const std::string& why) {
-      throw std::invalid_argument("accelerated::data::augment: the inputs (shape " + shape_of(x) + ", dtype " +
+      throw std::invalid_argument("accelerated::data::augment: the inputs (shape " + c10::str(x.sizes()) + ", dtype " +
                                   std::string(c10::toString(x.scalar_type())) + ", device " + x.device().str() +
                                   ") " + why);
     };
@@ -94,12 +94,6 @@ class AugmentedDataset {
   }
 
  private:
-  static std::string shape_of(const torch::Tensor& t) {
-    std::string s = "[";
-    for (std::int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-    return s + "]";
-  }
-
   TensorDataset data_;
   Pipeline pipeline_;
   torch::Tensor inputs_;
