@@ -62,8 +62,8 @@ int main(int argc, char** argv) try {
         parameters, std::make_unique<torch::optim::AdamOptions>(torch::optim::AdamOptions(1e-4))));
   }
   trainer.train(target_train, options, target_test);
-  std::cout << R"({"eval_accuracy_frozen_backbone":)" << frozen_accuracy
-            << R"(,"eval_accuracy":)" << trainer.run_history().get_latest_metric("eval_accuracy") << "}" << std::endl;
+  trainer.print(R"({"eval_accuracy_frozen_backbone":)", frozen_accuracy, R"(,"eval_accuracy":)",
+                trainer.run_history().get_latest_metric("eval_accuracy"), "}");  // once, on process zero
 } catch (const std::exception& error) {
   // A failure (a bad path, a peer that died in a multi-process run) ends with its message and exit code 1.
   std::cerr << "finetune: " << error.what() << std::endl;

@@ -26,7 +26,7 @@ int main(int argc, char** argv) try {
 
   trainer.train(train_set, {.num_epochs = 3, .per_device_batch_size = 64, .eval_per_device_batch_size = 1000}, test_set);
   trainer.evaluate(test_set, 1000);
-  std::cout << trainer.run_history().latest_json() << std::endl;
+  trainer.print(trainer.run_history().latest_json());  // once, on process zero, as the trainer prints
 } catch (const std::exception& error) {
   // A failure (a bad path, a peer that died in a multi-process run) ends with its message and exit code 1; a
   // preemption (ACCELERATED_RUN_DIR, docs/preemption.md) with 75, so that the launcher starts it again.

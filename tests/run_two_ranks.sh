@@ -38,6 +38,7 @@ fi
 last=$(tail -n 1 "$dir/out0")
 echo "rank 0: $last"
 grep -q "Starting epoch" "$dir/out1" && { echo "rank 1 printed progress: only process zero should"; exit 1; }
+grep -q '^{' "$dir/out1" && { echo "rank 1 printed the metrics line: only process zero should"; exit 1; }
 accuracy=$(echo "$last" | sed -n 's/.*"eval_accuracy":\([0-9.]*\).*/\1/p')
 [[ -n $accuracy ]] || { echo "no eval_accuracy in rank 0's last line"; exit 1; }
 awk -v a="$accuracy" -v m="$min" 'BEGIN { exit !(a >= m) }' || { echo "eval_accuracy $accuracy < $min"; exit 1; }

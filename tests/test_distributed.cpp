@@ -893,6 +893,16 @@ TEST_CASE("a stopped rank is named, with its step and phase, by the others' watc
     const auto at = log.find("; rank 2: ");
     REQUIRE(at != std::string::npos);
     CHECK_THAT(log.substr(at), Catch::Contains("phase ") && Catch::Contains("update step"));
+    // The stopped rank's step is read from its own memory, not from a copy published up to a second before it
+    // stopped: it is this rank's step, or one behind if it stopped in its optimizer step.
+    const auto own_at = log.find(" at update step ");
+    const auto own = std::stoll(log.substr(own_at + 16));
+    const auto peer_at = log.find("update step ", at);
+    const auto peer = std::stoll(log.substr(peer_at + 12));
+    CHECK(peer >= own - 1);
+    CHECK(peer <= own);
+    CHECK_THAT(log.substr(at), Catch::Contains("read from its process"));
+    CHECK(log.find(" is stopped)\n", at) != std::string::npos);  // the report ends its line
   }
   std::filesystem::remove_all(dir);
 }

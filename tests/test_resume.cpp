@@ -641,7 +641,7 @@ TEST_CASE("resuming from a run folder passes over a damaged newest state", "[res
   fs::resize_file(dir / "preempted_step_13.pt", fs::file_size(dir / "preempted_step_13.pt") / 2);
   std::ostringstream printed;
   run_preemptible(dir, 0, resumed, printed);
-  CHECK_THAT(printed.str(), Catch::Contains("preempted_step_13.pt' is damaged or incomplete, trying the one before it"));
+  CHECK_THAT(printed.str(), Catch::Contains("preempted_step_13.pt' is damaged, incomplete or diverged, trying the one before it"));
   CHECK_THAT(printed.str(), Catch::Contains("Resuming from '" + (dir / "step_12.pt").string() + "'"));
   CHECK(torch::equal(reference, resumed));
 

@@ -9,6 +9,7 @@
 #include <torch/serialize/output-archive.h>
 #include <torch/types.h>
 
+#include <c10/util/Exception.h>
 #include <c10/util/Type.h>
 
 #include <cstdint>
@@ -21,6 +22,7 @@
 #include <vector>
 
 #include "detail/atomic_file.hpp"
+#include "errors.hpp"
 
 namespace accelerated {
 
@@ -38,8 +40,44 @@ inline void write_module(torch::serialize::OutputArchive& archive, const torch::
   for (const auto& item : module.named_buffers()) archive.write(item.key(), item.value(), /*is_buffer=*/true);
 }
 
+// A 0-dim tensor that is finite exactly when `t` holds no NaN and no infinity: its sum, accumulated in at least single
+// precision (a half-precision sum would overflow on finite values). No copy of `t` is made; a float32 sum beyond
+// 3.4e38 counts as non-finite, as such weights have diverged anyway.
+inline torch::Tensor finiteness_probe(const torch::Tensor& t) {
+  const auto type = t.scalar_type();
+  const bool narrow = type == torch::kHalf || type == torch::kBFloat16;
+  return narrow ? t.detach().sum(torch::kFloat) : t.detach().sum().to(torch::kDouble);
+}
+
+// The first of the module's parameters and buffers that holds a NaN or an infinity, as "model/<name>", or "" when
+// every value is finite. One read from the device for the whole module (a host sync on a GPU: once per save).
+inline std::string first_non_finite(const torch::nn::Module& module) {
+  std::vector<std::pair<std::string, torch::Tensor>> floating;
+  for (const auto& item : module.named_parameters()) floating.emplace_back(item.key(), item.value());
+  for (const auto& item : module.named_buffers()) floating.emplace_back(item.key(), item.value());
+  std::erase_if(floating, [](const auto& entry) {
+    return !entry.second.defined() || !at::isFloatingType(entry.second.scalar_type()) || entry.second.numel() == 0;
+  });
+  if (floating.empty()) return "";
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> sums;
+  sums.reserve(floating.size());
+  for (const auto& entry : floating) sums.push_back(finiteness_probe(entry.second).to(floating[0].second.device()));
+  const auto finite = torch::stack(sums).isfinite();
+  if (finite.all().item<bool>()) return "";
+  const auto first = finite.logical_not().nonzero()[0][0].item<std::int64_t>();
+  return "model/" + floating[static_cast<std::size_t>(first)].first;
+}
+
+inline bool has_non_finite(const torch::Tensor& value) {
+  return value.defined() && at::isFloatingType(value.scalar_type()) && value.numel() > 0 &&
+         !finiteness_probe(value).isfinite().item<bool>();
+}
+
+// Loads every entry of `module` from `archive`, checking each key and shape first; with `require_finite`, a value
+// holding a NaN or an infinity is refused too (a training state saved after the loss diverged).
 inline void read_module(torch::serialize::InputArchive& archive, torch::nn::Module& module, const std::string& file,
-                        const std::string& caller) {
+                        const std::string& caller, bool require_finite = false) {
   std::map<std::string, torch::Tensor> targets, loaded;
   for (const auto& item : module.named_parameters()) targets.emplace(item.key(), item.value());
   for (const auto& item : module.named_buffers()) targets.emplace(item.key(), item.value());
@@ -52,6 +90,10 @@ inline void read_module(torch::serialize::InputArchive& archive, torch::nn::Modu
     if (value.sizes() != target.sizes()) {
       throw std::runtime_error("accelerated::" + caller + ": 'model/" + key + "' has shape " + shape_of(value) +
                                " in '" + file + "' but " + shape_of(target) + " in the model");
+    }
+    if (require_finite && has_non_finite(value)) {
+      throw std::runtime_error("accelerated::" + caller + ": '" + file + "' holds non-finite values in 'model/" +
+                               key + "' (saved after the loss diverged?); it is not a state to resume from");
     }
     loaded.emplace(key, value);
   }
@@ -71,6 +113,9 @@ inline torch::serialize::InputArchive open_archive(const std::filesystem::path& 
   torch::serialize::InputArchive archive;
   try {
     archive.load_from(file, c10::optional<torch::Device>(device));
+  } catch (const c10::Error& error) {  // LibTorch's message without its C++ backtrace
+    throw std::runtime_error(where + " is not a readable " + noun + " (truncated or corrupt?): " +
+                             error.what_without_backtrace());
   } catch (const std::exception& error) {
     throw std::runtime_error(where + " is not a readable " + noun + " (truncated or corrupt?): " + error.what());
   }
@@ -101,14 +146,16 @@ inline std::string optimizer_type(const torch::optim::Optimizer& optimizer) {
   return c10::demangle(typeid(optimizer).name());
 }
 
-// What a load may change, copied so that a load that fails half-way puts it back: the model's parameters and
-// buffers, and the optimizer's state (through its own serialisation, in memory).
+// What a load may change, copied so that a load that fails half-way (or that another rank could not do) puts it
+// back: the model's parameters and buffers, copied to host memory (a GPU's memory stays for the loaded values), and
+// the optimizer's state (through its own serialisation, in memory).
 class LoadTransaction {
  public:
   LoadTransaction(torch::nn::Module& module, torch::optim::Optimizer* optimizer) : module_(module), optimizer_(optimizer) {
     torch::NoGradGuard no_grad;
-    for (const auto& t : module.parameters()) saved_.push_back(t.detach().clone());
-    for (const auto& t : module.buffers()) saved_.push_back(t.detach().clone());
+    auto host_copy = [](const torch::Tensor& t) { return t.is_cpu() ? t.detach().clone() : t.detach().cpu(); };
+    for (const auto& t : module.parameters()) saved_.push_back(host_copy(t));
+    for (const auto& t : module.buffers()) saved_.push_back(host_copy(t));
     if (optimizer_ != nullptr) {
       torch::serialize::OutputArchive state;
       optimizer_->save(state);
@@ -165,10 +212,13 @@ inline void save_archive(const std::filesystem::path& path, torch::serialize::Ou
   write_atomically(path, [&](const std::string& temporary) { archive.save_to(temporary); });
 }
 
-// `caller` names the loading function in errors.
-inline std::map<std::string, double> read_common(torch::serialize::InputArchive& archive, torch::nn::Module& module,
-                                                 torch::optim::Optimizer* optimizer, const std::string& file,
-                                                 const std::string& caller) {
+// Checks and loads the model and the optimizer (when given) from `archive`, and returns the saved values. Run it under
+// a LoadTransaction, which puts both back unless committed. `caller` names the loading function in errors.
+inline std::map<std::string, double> read_common_uncommitted(torch::serialize::InputArchive& archive,
+                                                             torch::nn::Module& module,
+                                                             torch::optim::Optimizer* optimizer,
+                                                             const std::string& file, const std::string& caller,
+                                                             bool require_finite = false) {
   const std::string where = "accelerated::" + caller + ": ";
   torch::serialize::InputArchive model;
   if (!archive.try_read("model", model)) throw std::runtime_error(where + "'" + file + "' has no entry 'model'");
@@ -184,9 +234,7 @@ inline std::map<std::string, double> read_common(torch::serialize::InputArchive&
                                ", but this optimizer is a " + optimizer_type(*optimizer));
     }
   }
-  // Nothing is changed unless everything loads: a failure puts the model and the optimizer back as they were.
-  LoadTransaction transaction(module, optimizer);
-  read_module(model, module, file, caller);
+  read_module(model, module, file, caller, require_finite);
   if (optimizer != nullptr) {
     try {
       optimizer->load(state);
@@ -195,7 +243,6 @@ inline std::map<std::string, double> read_common(torch::serialize::InputArchive&
                                "' does not fit this optimizer: " + error.what());
     }
   }
-  transaction.commit();
   std::map<std::string, double> values;
   torch::serialize::InputArchive extra;
   if (archive.try_read("values", extra)) {
@@ -207,12 +254,28 @@ inline std::map<std::string, double> read_common(torch::serialize::InputArchive&
   }
   return values;
 }
+
+// The same, committed: nothing is changed unless everything loads.
+inline std::map<std::string, double> read_common(torch::serialize::InputArchive& archive, torch::nn::Module& module,
+                                                 torch::optim::Optimizer* optimizer, const std::string& file,
+                                                 const std::string& caller) {
+  LoadTransaction transaction(module, optimizer);
+  auto values = read_common_uncommitted(archive, module, optimizer, file, caller);
+  transaction.commit();
+  return values;
+}
 }  // namespace detail
 
 // Saves `module`, `optimizer` (when given) and `values` to `path`, atomically.
+// A module holding a NaN or an infinity is not saved (NonFiniteLossError names the entry): a diverged model never
+// replaces a good file.
 inline void save_checkpoint(const std::filesystem::path& path, const torch::nn::Module& module,
                             const torch::optim::Optimizer* optimizer = nullptr,
                             const std::map<std::string, double>& values = {}) {
+  if (const auto bad = detail::first_non_finite(module); !bad.empty()) {
+    throw NonFiniteLossError("accelerated::save_checkpoint: not saving '" + path.string() + "': '" + bad +
+                             "' holds non-finite values (the loss diverged?); the file is left as it was");
+  }
   torch::serialize::OutputArchive archive;
   archive.write("accelerated_format_version", torch::tensor(checkpoint_format_version, torch::kLong));
   detail::write_common(archive, module, optimizer, values);

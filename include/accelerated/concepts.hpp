@@ -66,6 +66,10 @@ template <class P>
 concept distributed_has_prepare = requires(P& p, torch::nn::Module& m) { p.prepare(m); };
 template <class P>
 concept distributed_has_gradient_sync = requires(P& p) { p.gradient_sync(true); };
+// The guard's arm(loss) is not optional: a misspelled optional member would compile and silently train every rank on
+// its own gradients. A guard with nothing to arm declares an empty one.
+template <class P>
+concept distributed_guard_has_arm = requires(P& p, const torch::Tensor& loss) { p.gradient_sync(true).arm(loss); };
 template <class P>
 concept distributed_has_all_reduce = requires(P& p, std::span<double> v) { p.all_reduce_sum(v); };
 template <class P>
@@ -75,7 +79,8 @@ concept distributed_has_gather = requires(P& p, const torch::Tensor& t) {
 };
 template <class P>
 concept DistributedPolicy = distributed_has_ranks<P> && distributed_has_prepare<P> &&
-                            distributed_has_gradient_sync<P> && distributed_has_all_reduce<P> &&
+                            distributed_has_gradient_sync<P> && distributed_guard_has_arm<P> &&
+                            distributed_has_all_reduce<P> &&
                             distributed_has_gather<P>;
 
 // ---- what a batch-loss step returns ---------------------------------------------------------------------------
@@ -121,6 +126,10 @@ consteval bool check_policies() {
                     "accelerated::Trainer: the DistributedPolicy lacks `void prepare(torch::nn::Module&)` (see policies/distributed.hpp)");
   ACCELERATED_CHECK(distributed_has_gradient_sync<Distributed>,
                     "accelerated::Trainer: the DistributedPolicy lacks `auto gradient_sync(bool)` returning a guard (see policies/distributed.hpp)");
+  ACCELERATED_CHECK(!distributed_has_gradient_sync<Distributed> || distributed_guard_has_arm<Distributed>,
+                    "accelerated::Trainer: the DistributedPolicy's gradient_sync(bool) guard lacks "
+                    "`void arm(const torch::Tensor& loss)`, which the trainer calls right before backward (declare an "
+                    "empty one when there is nothing to arm; see policies/distributed.hpp)");
   ACCELERATED_CHECK(distributed_has_all_reduce<Distributed>,
                     "accelerated::Trainer: the DistributedPolicy lacks `void all_reduce_sum(std::span<double>)` (see policies/distributed.hpp)");
   ACCELERATED_CHECK(distributed_has_gather<Distributed>,

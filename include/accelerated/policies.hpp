@@ -6,9 +6,12 @@
 //                                accelerated::policies(accelerated::DataParallel(options), accelerated::BFloat16{}),
 //                                accelerated::callbacks::Defaults{});
 //
-// policies(...) takes any of them, in any order; each is recognised by the concept it satisfies (a device, precision
-// or distributed policy; anything else is the loop policy), and the ones not given are the defaults. A
+// policies(...) takes any of them, in any order; each is recognised by what it has: the family whose concept it
+// satisfies, else the family it resembles (a device policy that lacks to_device is still the device policy, and the
+// trainer's check names the missing member); a loop policy derives from DefaultLoop or declares a step. Anything
+// else is a compile error. The ones not given are the defaults. A
 // default-constructed policy costs nothing: the distributed one joins no process group until the first run.
+#include <concepts>
 #include <type_traits>
 #include <utility>
 
@@ -16,6 +19,7 @@
 #include "policies/device.hpp"
 #include "policies/distributed.hpp"
 #include "policies/loop.hpp"
+#include "policies/loop_steps.hpp"
 #include "policies/precision.hpp"
 
 namespace accelerated {
@@ -30,13 +34,34 @@ struct Policies {
 };
 
 namespace detail {
-enum class PolicyKind { device, precision, distributed, loop };
+enum class PolicyKind { device, precision, distributed, loop, none };
+
+// What a policy of each family has that no other family has, so that an incomplete policy is still recognised (and
+// the trainer's member-by-member check names what it lacks) instead of being taken for another kind.
+template <class T>
+concept resembles_device = device_has_place<T> || device_has_to_device<T>;
+template <class T>
+concept resembles_precision = precision_has_autocast<T> || precision_has_backward<T> || precision_has_unscale<T> ||
+                              precision_has_step<T> || precision_has_skipped<T>;
+template <class T>
+concept resembles_distributed = distributed_has_prepare<T> || distributed_has_gradient_sync<T> ||
+                                distributed_has_all_reduce<T> || requires(T& p) { p.barrier(); };
+// A loop policy derives from DefaultLoop or declares at least one of the loop's steps.
+template <class T>
+concept resembles_loop = std::derived_from<T, DefaultLoop> ||
+#define ACCELERATED_DECLARES_STEP(NAME) steps::NAME::declared_by<T> ||
+                         ACCELERATED_LOOP_STEPS(ACCELERATED_DECLARES_STEP) false;
+#undef ACCELERATED_DECLARES_STEP
 
 template <class T>
-constexpr PolicyKind policy_kind_v = DevicePolicy<T>        ? PolicyKind::device
-                                     : PrecisionPolicy<T>   ? PolicyKind::precision
-                                     : DistributedPolicy<T> ? PolicyKind::distributed
-                                                            : PolicyKind::loop;
+constexpr PolicyKind policy_kind_v = DevicePolicy<T>          ? PolicyKind::device
+                                     : PrecisionPolicy<T>     ? PolicyKind::precision
+                                     : DistributedPolicy<T>   ? PolicyKind::distributed
+                                     : resembles_loop<T>      ? PolicyKind::loop
+                                     : resembles_device<T>    ? PolicyKind::device
+                                     : resembles_precision<T> ? PolicyKind::precision
+                                     : resembles_distributed<T> ? PolicyKind::distributed
+                                                                : PolicyKind::none;
 
 // The given policy of `Kind`, else `Default`.
 template <PolicyKind Kind, class Default, class... Given>
@@ -75,8 +100,12 @@ auto policies(Given... given) {
   static_assert(detail::count_of_kind_v<PolicyKind::distributed, Given...> <= 1,
                 "accelerated::policies: two distributed policies were given; give at most one of each kind");
   static_assert(detail::count_of_kind_v<PolicyKind::loop, Given...> <= 1,
-                "accelerated::policies: two loop policies (or something that is no policy) were given; give at most "
-                "one of each kind");
+                "accelerated::policies: two loop policies were given; give at most one of each kind");
+  static_assert(detail::count_of_kind_v<PolicyKind::none, Given...> == 0,
+                "accelerated::policies: an argument is none of the four policies: it has no member of a device "
+                "policy (place, to_device), a precision policy (autocast, backward, step, ...) or a distributed "
+                "policy (prepare, gradient_sync, all_reduce_sum, ...), and declares no loop step (derive a loop "
+                "policy from accelerated::DefaultLoop); see concepts.hpp");
   using Device = typename detail::policy_of<PolicyKind::device, AutoDevice, Given...>::type;
   using Precision = typename detail::policy_of<PolicyKind::precision, AutoPrecision, Given...>::type;
   using Distributed = typename detail::policy_of<PolicyKind::distributed, AutoDistributed, Given...>::type;

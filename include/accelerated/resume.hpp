@@ -11,6 +11,11 @@
 
 #include <boost/hana/for_each.hpp>
 
+#include <algorithm>
+#include <cmath>
+#include <span>
+#include <vector>
+
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
@@ -97,14 +102,23 @@ struct PendingResume {
   std::string file;
 };
 
-// Opens a training state onto `device` and checks, before anything changes, what can be checked now: the number of
-// processes and every stateful callback's section. Then the model, the optimizer and the run history are loaded;
-// the rest waits in `resume` for the next train(). Returns the saved values.
+// A training state read and checked, with the model and optimizer already loaded under a transaction that puts them
+// back unless commit() is called: every rank stages its file, the ranks agree, and then all commit or all roll back.
+struct StagedTrainingState {
+  std::unique_ptr<LoadTransaction> transaction;
+  PendingResume resume;
+  RunHistory history;
+  std::map<std::string, double> values;
+};
+
+// Opens a training state onto `device` and checks everything that can be checked before a run: the number of
+// processes, each stateful callback's section, the run history, the random generators' rows, and (a diverged run's
+// state is no state to resume from) that the weights and the saved loss are finite. Then the model and the optimizer
+// are loaded, uncommitted. Nothing else changes.
 template <class Precision, class CallbackTuple>
-std::map<std::string, double> read_training_state(const std::filesystem::path& path,
-                                                  const TrainingStateParts<Precision, CallbackTuple>& parts,
-                                                  std::int64_t num_processes, torch::Device device,
-                                                  std::optional<PendingResume>& resume) {
+StagedTrainingState stage_training_state(const std::filesystem::path& path,
+                                         const TrainingStateParts<Precision, CallbackTuple>& parts,
+                                         std::int64_t num_processes, std::int64_t rank, torch::Device device) {
   const std::string file = path.string();
   auto archive = std::make_shared<torch::serialize::InputArchive>(open_archive(
       path, "load_training_state", "training state", "accelerated_training_state_version",
@@ -116,11 +130,100 @@ std::map<std::string, double> read_training_state(const std::filesystem::path& p
                                 (position.num_processes == 1 ? " process" : " processes") + "; this one has " +
                                 std::to_string(num_processes) + " (an exact resume needs the same number)");
   }
+  if (!std::isfinite(position.loss_total) || !std::isfinite(position.loss_count)) {
+    throw std::runtime_error("accelerated::load_training_state: '" + file + "' holds a non-finite loss (" +
+                             std::to_string(position.loss_total) +
+                             ", saved after the loss diverged?); it is not a state to resume from");
+  }
   for_each_stateful_callback(parts.callbacks, [&](auto&, const std::string& key) { read_section(*archive, key, file); });
-  auto values = read_common(*archive, parts.model, parts.optimizer, file, "load_training_state");
-  read_history(*archive, parts.history, file);
-  resume = PendingResume{std::move(archive), position, file};
-  return values;
+  for (const char* key : {"rng_cpu", "rng_cuda"}) {
+    torch::Tensor states;
+    if (archive->try_read(key, states) && (states.dim() < 1 || states.size(0) <= rank)) {
+      throw std::runtime_error("accelerated::load_training_state: '" + file + "' holds '" + key + "' for " +
+                               std::to_string(states.dim() < 1 ? 0 : states.size(0)) + " processes; this is rank " +
+                               std::to_string(rank));
+    }
+  }
+  StagedTrainingState staged;
+  staged.history = parts.history;
+  read_history(*archive, staged.history, file);
+  staged.transaction = std::make_unique<LoadTransaction>(parts.model, parts.optimizer);
+  staged.values = read_common_uncommitted(*archive, parts.model, parts.optimizer, file, "load_training_state",
+                                          /*require_finite=*/true);
+  staged.resume = PendingResume{std::move(archive), position, file};
+  return staged;
+}
+
+// Makes a staged state the trainer's: the model and optimizer stay loaded, the run history is replaced, and the rest
+// waits in `resume` for the next train(). Returns the saved values.
+template <class Precision, class CallbackTuple>
+std::map<std::string, double> commit_training_state(StagedTrainingState& staged,
+                                                    const TrainingStateParts<Precision, CallbackTuple>& parts,
+                                                    std::optional<PendingResume>& resume) {
+  staged.transaction->commit();
+  parts.history = std::move(staged.history);
+  resume = std::move(staged.resume);
+  return std::move(staged.values);
+}
+
+// Rank 0's `text` on every rank: its length, then its bytes, in two all-reduces of the distributed policy.
+template <class Distributed>
+std::string text_of_rank_zero(Distributed& distributed, const std::string& text) {
+  if (distributed.num_processes() == 1) return text;
+  const bool zero = distributed.rank() == 0;
+  double length = zero ? static_cast<double>(text.size()) : 0.0;
+  distributed.all_reduce_sum(std::span<double>(&length, 1));
+  std::vector<double> bytes(static_cast<std::size_t>(length), 0.0);
+  if (zero) std::copy(text.begin(), text.end(), bytes.begin());
+  distributed.all_reduce_sum(std::span<double>(bytes));
+  std::string agreed;
+  for (const double b : bytes) agreed.push_back(static_cast<char>(static_cast<unsigned char>(b)));
+  return agreed;
+}
+
+// What every rank made of one training state, agreed in one all-reduce.
+struct AgreedLoad {
+  enum Verdict { loaded = 0, damaged = 1, refused = 2 };  // refused: another run's shape (std::invalid_argument)
+  std::vector<int> verdicts;                             // by rank
+  Verdict mine = loaded;
+  std::string error;                                     // this rank's, when it could not load
+  std::optional<StagedTrainingState> staged;             // this rank's, when it could
+
+  bool everywhere() const {
+    return std::all_of(verdicts.begin(), verdicts.end(), [](int v) { return v == loaded; });
+  }
+  bool refused_somewhere() const { return std::find(verdicts.begin(), verdicts.end(), refused) != verdicts.end(); }
+  // "rank 1 of 2" or "ranks 1, 3 of 4": where the state does not load.
+  std::string failed_ranks() const {
+    std::string ranks;
+    int count = 0;
+    for (std::size_t r = 0; r < verdicts.size(); ++r) {
+      if (verdicts[r] == loaded) continue;
+      ranks += (count++ ? ", " : "") + std::to_string(r);
+    }
+    return (count > 1 ? "ranks " : "rank ") + ranks + " of " + std::to_string(verdicts.size());
+  }
+};
+
+// Every rank stages its copy of the state (`stage()` returns a StagedTrainingState) and the ranks vote. Nothing is
+// committed here: the caller commits only when the state loaded everywhere; otherwise `staged` rolls back.
+template <class Distributed, class Stage>
+AgreedLoad stage_on_every_rank(Distributed& distributed, Stage&& stage) {
+  AgreedLoad outcome;
+  try {
+    outcome.staged.emplace(stage());
+  } catch (const std::invalid_argument& error) {
+    outcome.mine = AgreedLoad::refused;
+    outcome.error = error.what();
+  } catch (const std::exception& error) {
+    outcome.mine = AgreedLoad::damaged;
+    outcome.error = error.what();
+  }
+  std::vector<double> votes(static_cast<std::size_t>(distributed.num_processes()), 0.0);
+  votes[static_cast<std::size_t>(distributed.rank())] = static_cast<double>(outcome.mine);
+  distributed.all_reduce_sum(std::span<double>(votes));
+  for (const double v : votes) outcome.verdicts.push_back(static_cast<int>(v));
+  return outcome;
 }
 
 // First half of a resume, before the run starts: the run (`here`, described as a position) must have the saved
@@ -177,10 +280,6 @@ void resume_callbacks_and_generators(const PendingResume& resume, CallbackTuple&
   auto restore = [&](const char* key, torch::Device generator) {
     torch::Tensor states;
     if (!archive.try_read(key, states)) return;
-    if (states.size(0) <= rank) {
-      throw std::runtime_error("accelerated::load_training_state: '" + resume.file + "' holds '" + key + "' for " +
-                               std::to_string(states.size(0)) + " processes; this is rank " + std::to_string(rank));
-    }
     set_generator_state(generator, states[rank].contiguous());
   };
   restore("rng_cpu", torch::kCPU);

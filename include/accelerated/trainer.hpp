@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <exception>
 #include <filesystem>
@@ -261,6 +262,7 @@ class Trainer {
   // best metric) to `path`, atomically; in a multi-process run, world process zero writes and every rank waits.
   void save_checkpoint(const std::filesystem::path& path, const std::map<std::string, double>& values = {},
                        bool save_optimizer = true) {
+    require_finite_state("save_checkpoint", path, false);
     if (distributed_.rank() == 0) {
       accelerated::save_checkpoint(path, model_.module(), save_optimizer ? optimizer_ : nullptr, values);
     }
@@ -284,6 +286,8 @@ class Trainer {
                              "epoch; call it outside train(), or from on_update_step_end, on_training_run_epoch_end "
                              "or on_training_run_end");
     }
+    require_finite_state("save_training_state", path,
+                         run_started_ && save_point_ == detail::SavePoint::update_end);
     beat(distributed::Phase::checkpoint);
     detail::GeneratorStates generators{distributed_.gather(detail::generator_state(torch::kCPU).unsqueeze(0)), {}};
     if (device_.device().is_cuda()) {
@@ -299,9 +303,19 @@ class Trainer {
   // Loads a training state: the model, the optimizer and the run history at once; the position, scheduler, loss
   // scaler, callbacks' state and random generators when the next train() starts, which then continues the saved run
   // (same datasets and options; num_epochs and max_num_train_steps count from the run's start). Returns the values.
+  // Every rank reads the file; it is loaded only if it loads on every rank (otherwise nothing changes anywhere and
+  // every rank throws, naming the ranks that could not read it).
   std::map<std::string, double> load_training_state(const std::filesystem::path& path) {
     distributed_.barrier();
-    return read_training_state_file(path);
+    auto outcome = stage_everywhere(path);
+    if (!outcome.everywhere()) {
+      const auto what = "accelerated::load_training_state: '" + path.string() + "' does not load on " +
+                        outcome.failed_ranks() + "; nothing was loaded" +
+                        (outcome.error.empty() ? std::string() : " (here: " + outcome.error + ")");
+      if (outcome.refused_somewhere()) throw std::invalid_argument(what);
+      throw std::runtime_error(what);
+    }
+    return detail::commit_training_state(*outcome.staged, state_parts(), pending_resume_);
   }
 
   // Caps the batches of the current epoch at n (from on_train_epoch_start or on_eval_epoch_start). In a training
@@ -405,33 +419,81 @@ class Trainer {
   }
 
  private:
-  // TrainOptions::resume_from_newest_in: the newest state that loads; a damaged one is reported and passed over. A
-  // state of another run's shape is an error, not damage.
+  // TrainOptions::resume_from_newest_in: the newest state that loads on every rank. Rank 0 names each candidate (by
+  // file name, inside each rank's `dir`), every rank tries it and the ranks vote, so that they resume from the same
+  // file or fall back together; a state that is damaged anywhere is reported and passed over. A state of another
+  // run's shape is an error, not damage.
   void resume_from_newest(const std::filesystem::path& dir) {
     distributed_.barrier();  // here, not per file: a failure to reach the peers is not a damaged file
+    const bool zero = distributed_.rank() == 0;
+    std::vector<std::string> candidates;
+    if (zero) {
+      for (const auto& state : training_states_newest_first(dir)) candidates.push_back(state.filename().string());
+    }
     std::string damaged;
-    for (const auto& state : training_states_newest_first(dir)) {
-      try {
-        read_training_state_file(state);
-        output_.print(distributed_.rank() == 0, "Resuming from '", state.string(), "'");
+    for (std::size_t i = 0;; ++i) {
+      const auto name = detail::text_of_rank_zero(distributed_, i < candidates.size() ? candidates[i] : "");
+      if (name.empty()) break;
+      const auto state = dir / name;
+      auto outcome = stage_everywhere(state);
+      if (outcome.everywhere()) {
+        detail::commit_training_state(*outcome.staged, state_parts(), pending_resume_);
+        output_.print(zero, "Resuming from '", state.string(), "'");
         return;
-      } catch (const std::invalid_argument&) {
-        throw;
-      } catch (const std::runtime_error& error) {
-        output_.print(distributed_.rank() == 0, "accelerated: the training state '", state.string(),
-                      "' is damaged or incomplete, trying the one before it: ", error.what());
-        damaged += std::string(damaged.empty() ? "" : "; ") + error.what();
       }
+      const bool alone = distributed_.num_processes() == 1;
+      if (!outcome.error.empty() && !alone) {
+        output_.print(true, "accelerated: rank ", distributed_.rank(), " cannot read '", state.string(),
+                      "': ", outcome.error);
+      }
+      if (outcome.refused_somewhere()) {
+        throw std::invalid_argument("accelerated::TrainOptions::resume_from_newest_in: '" + state.string() +
+                                    "' does not fit this run on " + outcome.failed_ranks() +
+                                    (outcome.error.empty() ? std::string() : ": " + outcome.error));
+      }
+      if (alone) {
+        output_.print(true, "accelerated: the training state '", state.string(),
+                      "' is damaged, incomplete or diverged, trying the one before it: ", outcome.error);
+      } else {
+        output_.print(zero, "accelerated: the training state '", name, "' does not load on ", outcome.failed_ranks(),
+                      " (damaged, incomplete or diverged); every rank tries the one before it");
+      }
+      damaged += (damaged.empty() ? "" : "; ") + ("'" + name + "' on " + outcome.failed_ranks()) +
+                 (outcome.error.empty() ? std::string() : ": " + outcome.error);
     }
     if (!damaged.empty()) {
       throw std::runtime_error("accelerated::TrainOptions::resume_from_newest_in: no training state in '" +
-                               dir.string() + "' loads: " + damaged);
+                               dir.string() + "' loads on every rank: " + damaged);
     }
   }
 
-  std::map<std::string, double> read_training_state_file(const std::filesystem::path& path) {
-    return detail::read_training_state(path, state_parts(), distributed_.num_processes(), device_.device(),
-                                       pending_resume_);
+  detail::AgreedLoad stage_everywhere(const std::filesystem::path& path) {
+    return detail::stage_on_every_rank(distributed_, [&] {
+      return detail::stage_training_state(path, state_parts(), distributed_.num_processes(), distributed_.rank(),
+                                          device_.device());
+    });
+  }
+
+  // Before any save: a state holding a NaN or an infinity (weights, buffers, or the epoch's loss so far) on any rank
+  // is not written, so that `latest` and every saved file stay good. One read from the device and one all-reduce;
+  // every rank then throws the same NonFiniteLossError.
+  void require_finite_state(const char* caller, const std::filesystem::path& path, bool with_loss) {
+    auto bad = detail::first_non_finite(model_.module());
+    if (bad.empty() && with_loss && !std::isfinite(train_tracker_.total())) bad = "the epoch's loss so far";
+    std::vector<double> votes(static_cast<std::size_t>(distributed_.num_processes()), 0.0);
+    votes[static_cast<std::size_t>(distributed_.rank())] = bad.empty() ? 0.0 : 1.0;
+    distributed_.all_reduce_sum(votes);
+    const auto first = std::find(votes.begin(), votes.end(), 1.0);
+    if (first == votes.end()) return;
+    const auto rank = static_cast<std::int64_t>(first - votes.begin());
+    throw NonFiniteLossError(
+        std::string("accelerated::Trainer::") + caller + ": not saving '" + path.string() + "': " +
+        (rank == distributed_.rank() ? "'" + bad + "'" : std::string("the state")) + " holds non-finite values" +
+        (run_config_.is_distributed ? " on rank " + std::to_string(rank) + " of " + std::to_string(votes.size())
+                                    : std::string()) +
+        " at epoch " + std::to_string(history_.current_epoch()) + ", update step " +
+        std::to_string(state_.update_step) +
+        " (the loss diverged); the files saved before are left as they were");
   }
 
   // A preemption signal was received on this process during a preemptible run.
@@ -442,6 +504,7 @@ class Trainer {
   // At the end of the update step the ranks agreed on: the training state is saved there, named `latest`, the job
   // requeued if asked, and every rank throws PreemptedError.
   [[noreturn]] void preempt() {
+    const auto signal = detail::PreemptionSignals::consume();  // acted on: not raised again when the run ends
     const auto& dir = *options_.preemption_dir;
     const auto step = state_.update_step;
     const auto name = "preempted_step_" + std::to_string(step) + ".pt";
@@ -461,7 +524,6 @@ class Trainer {
       if (options_.requeue_on_preemption) requeued = "; " + detail::requeue_slurm_job();
     }
     distributed_.barrier();
-    const auto signal = detail::PreemptionSignals::received();
     throw PreemptedError("accelerated::Trainer: preempted (" +
                          (signal != 0 ? detail::signal_name(signal) + " on rank " + std::to_string(distributed_.rank())
                                       : "a signal on rank " + std::to_string(preempted_by_)) +
@@ -775,8 +837,8 @@ class Trainer {
         // (a diverged loss among them) ends every rank here, before anything is averaged or stepped.
         if (update && run_config_.is_distributed && stop_agreed()) throw StopTrainingError(stop_reason_);
         if (group_size > 1) output.loss = output.loss / static_cast<double>(group_size);
-        // A policy's guard may arm gradient averaging here, once the loss exists (DataParallel's does).
-        if constexpr (requires { sync.arm(output.loss); }) sync.arm(output.loss);
+        // The policy's guard arms gradient averaging here, once the loss exists (DataParallel's does).
+        sync.arm(output.loss);
         beat(distributed::Phase::backward);
         steps::backward_step::call(loop_, *this, output.loss);
       }

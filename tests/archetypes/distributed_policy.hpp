@@ -11,7 +11,8 @@ struct ExampleDistributed {
   void prepare(torch::nn::Module&) { note("prepare"); }
 
   // Alive over one micro-batch's forward and backward; `update` is false on accumulation micro-steps (no averaging
-  // needed). The trainer calls guard.arm(loss) right before backward when the guard has it.
+  // needed). The trainer calls guard.arm(loss) right before backward; it is required (empty when there is nothing
+  // to arm), so that a misspelled one is a compile error, not a run whose ranks never average.
   struct Guard {
     void arm(const torch::Tensor&) {}
   };

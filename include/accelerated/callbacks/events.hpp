@@ -95,6 +95,14 @@ constexpr bool returns_bool = std::is_same_v<R, bool>;
         requires(Cb& cb, const NAME& e, accelerated::detail::any_argument& x) { cb(e, x, x); } ||                                      \
         requires(Cb& cb, const NAME& e, accelerated::detail::any_argument& x) { cb(e, x, x, x); } ||                                   \
         requires(Cb& cb, const NAME& e, accelerated::detail::any_argument& x) { cb(e, x, x, x, x); };                                  \
+    /* A member function named after the event (pytorch-accelerated's form), which the trainer never calls. */ \
+    template <class Cb>                                                                                         \
+    static constexpr bool member_named_by =                                                                     \
+        requires(Cb& cb) { cb.NAME(); } ||                                                                      \
+        requires(Cb& cb, accelerated::detail::any_argument& x) { cb.NAME(x); } ||                               \
+        requires(Cb& cb, accelerated::detail::any_argument& x) { cb.NAME(x, x); } ||                            \
+        requires(Cb& cb, accelerated::detail::any_argument& x) { cb.NAME(x, x, x); } ||                         \
+        requires(Cb& cb, accelerated::detail::any_argument& x) { cb.NAME(x, x, x, x); };                        \
     /* A handler with this tag that cannot take the event's arguments: a compile error naming the event. */     \
     template <class Cb, class Tr, class... A>                                                                   \
     static constexpr bool check_handler(type_list<A...>) {                                                      \
@@ -152,7 +160,11 @@ bool emit(Callbacks& callbacks, Trainer& trainer, const A&... args) {
 template <class Cb, class Trainer, class Run>
 constexpr bool check_callback() {
   bool handles_any = false;
-#define ACCELERATED_CHECK_EVENT(NAME, ARGUMENTS) \
+#define ACCELERATED_CHECK_EVENT(NAME, ARGUMENTS)                                                                   \
+  static_assert(!NAME::member_named_by<Cb>,                                                                        \
+                "accelerated: a callback has a member function " #NAME "(...), which the trainer never calls "     \
+                "(the Python original's form); write it as a handler that takes the event's tag: "                 \
+                "void operator()(accelerated::" #NAME ", auto& trainer, ...) (accelerated/callbacks/events.hpp)"); \
   handles_any = NAME::check_handler<Cb, Trainer>(typename NAME::template arguments<Run>{}) || handles_any;
   ACCELERATED_EVENTS(ACCELERATED_CHECK_EVENT)
 #undef ACCELERATED_CHECK_EVENT

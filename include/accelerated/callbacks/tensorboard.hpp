@@ -84,7 +84,10 @@ class TensorBoard {
     }
     if (state.grad_norm.defined()) values.emplace_back("train/grad_norm", state.grad_norm.template item<float>());
     if constexpr (requires { trainer.precision().scaler().get_scale(); }) {
-      values.emplace_back("train/loss_scale", static_cast<float>(trainer.precision().scaler().get_scale()));
+      // AutoPrecision has a scaler in every mode, and uses it in fp16 only.
+      bool scaling = true;
+      if constexpr (requires { trainer.precision().scales_loss(); }) scaling = trainer.precision().scales_loss();
+      if (scaling) values.emplace_back("train/loss_scale", static_cast<float>(trainer.precision().scaler().get_scale()));
     }
     const auto now = std::chrono::steady_clock::now();
     const double elapsed = std::chrono::duration<double>(now - last_time_).count();

@@ -6,8 +6,9 @@
 // Workers only use cycles the training threads leave idle: they run at SCHED_IDLE priority, so they never slow the
 // step down by taking a core from it (measured on 2 cores: a worker at normal priority made heavy W3 slower than no
 // worker at all, docs/performance.md). A worker that gets no cycles (a machine busy with other work) must not stall
-// the run either: while the training thread waits for a batch, it watches the CPU time of the worker building it, and
-// builds the batch itself when that worker gets less than a tenth of a core; the worker's late copy is dropped.
+// the run either: while the training thread waits for a batch, it watches the worker building it, and builds the batch
+// itself when that worker is starved (PrefetchDecision::worker_starved: it gets less than a tenth of a core while
+// waiting for one); the worker's late copy is dropped. A worker waiting on I/O keeps its batch.
 //
 // By default (only_if_input_bound) the workers are a measured choice per epoch: they start when building batches
 // takes a tenth of the step, and leave again when a timed trial shows they did not make batches come faster.
@@ -18,12 +19,14 @@
 #include <pthread.h>
 #include <sched.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
+#include <fstream>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -51,6 +54,35 @@ struct PrefetchOptions {
   double min_gain = 0.05;
 };
 
+// The prefetcher's decisions, as functions of what it measured: tested with given numbers, apart from the clocks.
+struct PrefetchDecision {
+  // After the probe: start the workers when building batches took more than `input_bound` of the rest of the step.
+  static bool start_workers(double build_seconds, double step_seconds, double input_bound) {
+    return build_seconds > input_bound * step_seconds;
+  }
+  // After the trial: keep them when they made the period between batches shorter by at least `min_gain`.
+  static bool keep_workers(double period_with, double period_without, double min_gain) {
+    return period_with <= (1.0 - min_gain) * period_without;
+  }
+  // While the training thread waits for a worker's batch: the worker is starved (builds it here) when, since the
+  // last look, it ran less than a tenth of the time and spent most of it runnable but not running (waiting for a
+  // core its idle priority yields). A worker that waits on a disk or a network filesystem is not running either,
+  // but it is not waiting for a core: it keeps its batch. Where the wait for a core cannot be read (`run_delay`
+  // negative), low CPU time alone decides.
+  static bool worker_starved(double wall, double cpu, double run_delay) {
+    if (cpu >= 0.1 * wall) return false;
+    return run_delay < 0.0 || run_delay > 0.5 * wall;
+  }
+};
+
+// What the prefetcher measured (only_if_input_bound), in seconds; zero where it did not measure.
+struct PrefetchMeasures {
+  double build_seconds = 0.0;   // the probe: building its batches on the training thread
+  double step_seconds = 0.0;    // the probe: the rest of the step, between batches
+  double inline_period = 0.0;   // the probe: seconds per batch without workers
+  double trial_period = 0.0;    // the trial: seconds per batch with workers
+};
+
 // The default number of workers: one per core. They run at idle priority, so they take only the cycles the training
 // threads leave (see above); measured on 2 cores with heavy W3, 2 workers hid more than 1 (docs/performance.md).
 inline int default_num_workers() { return accelerated::detail::available_cpus(); }
@@ -69,6 +101,7 @@ class Prefetcher {
         last_(last),
         slots_(static_cast<std::size_t>(depth_)) {
     worker_clocks_.resize(static_cast<std::size_t>(std::max(0, options.workers)), CLOCK_THREAD_CPUTIME_ID);
+    worker_tids_.resize(worker_clocks_.size(), 0);
     if (!options.only_if_input_bound) start_workers();
   }
   ~Prefetcher() { shut_down(); }
@@ -84,6 +117,7 @@ class Prefetcher {
     std::unique_lock lock(mutex_);
     auto last_wall = Clock::now();
     auto last_cpu = std::chrono::duration<double>::zero();
+    double last_delay = -1.0;
     int watched = -1;
     for (;;) {
       if (slot.index == b && slot.state == State::ready) {
@@ -101,10 +135,18 @@ class Prefetcher {
       // A worker is building it: wait while the worker gets CPU time. One that got less than a tenth of a core
       // since the last look is starved (other programs take the cores its idle priority yields): build it here.
       const auto now = Clock::now();
-      const auto cpu = thread_cpu_time(worker_clocks_[static_cast<std::size_t>(slot.worker)]);
-      if (watched == slot.worker && cpu - last_cpu < 0.1 * std::chrono::duration<double>(now - last_wall)) break;
+      const auto worker = static_cast<std::size_t>(slot.worker);
+      const auto cpu = thread_cpu_time(worker_clocks_[worker]);
+      const auto delay = run_delay(worker_tids_[worker]);
+      if (watched == slot.worker &&
+          PrefetchDecision::worker_starved(std::chrono::duration<double>(now - last_wall).count(),
+                                           (cpu - last_cpu).count(),
+                                           delay < 0.0 || last_delay < 0.0 ? -1.0 : delay - last_delay)) {
+        break;
+      }
       watched = slot.worker;
       last_cpu = cpu;
+      last_delay = delay;
       last_wall = now;
       const auto look = std::clamp(std::chrono::duration<double>(build_cpu_ / 2), std::chrono::duration<double>(1e-3),
                                    std::chrono::duration<double>(20e-3));
@@ -123,6 +165,8 @@ class Prefetcher {
   bool workers_started() const { return !workers_.empty(); }
   // Workers started, timed, and sent away because they did not make batches faster (only_if_input_bound).
   bool workers_retired() const { return retired_; }
+  // What the probe and the trial measured, from which those two decisions were made.
+  const PrefetchMeasures& measures() const { return measures_; }
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -134,6 +178,16 @@ class Prefetcher {
     std::optional<Batch> batch;
     std::exception_ptr error;
   };
+
+  // Seconds thread `tid` of this process has spent runnable but waiting for a core (the kernel's schedstat), or -1
+  // where the kernel does not say.
+  static double run_delay(pid_t tid) {
+    if (tid <= 0) return -1.0;
+    std::ifstream in("/proc/self/task/" + std::to_string(tid) + "/schedstat");
+    unsigned long long on_cpu = 0, waiting = 0;
+    if (!(in >> on_cpu >> waiting)) return -1.0;
+    return 1e-9 * static_cast<double>(waiting);
+  }
 
   static std::chrono::duration<double> thread_cpu_time(clockid_t clock = CLOCK_THREAD_CPUTIME_ID) {
     timespec t{};
@@ -185,9 +239,11 @@ class Prefetcher {
     build_seconds_ += std::chrono::duration<double>(last_handed_out_ - called).count();
     if (++probed_ == options_.probe) {
       settled_ = true;
-      if (build_seconds_ > options_.input_bound * step_seconds_) {
-        // The period between batches without workers, to compare the trial with.
-        inline_period_ = (build_seconds_ + step_seconds_) / static_cast<double>(options_.probe);
+      measures_.build_seconds = build_seconds_;
+      measures_.step_seconds = step_seconds_;
+      // The period between batches without workers, to compare the trial with.
+      measures_.inline_period = (build_seconds_ + step_seconds_) / static_cast<double>(options_.probe);
+      if (PrefetchDecision::start_workers(build_seconds_, step_seconds_, options_.input_bound)) {
         trial_ = 0;
         start_workers();
       }
@@ -202,9 +258,9 @@ class Prefetcher {
     const auto now = Clock::now();
     if (trial_ == warm_up) trial_start_ = now;
     if (trial_++ < warm_up + options_.probe) return;
-    const double period = std::chrono::duration<double>(now - trial_start_).count() / options_.probe;
+    measures_.trial_period = std::chrono::duration<double>(now - trial_start_).count() / options_.probe;
     trial_ = -1;
-    if (period > (1.0 - options_.min_gain) * inline_period_) {
+    if (!PrefetchDecision::keep_workers(measures_.trial_period, measures_.inline_period, options_.min_gain)) {
       {
         std::lock_guard lock(mutex_);
         retired_ = true;
@@ -223,6 +279,7 @@ class Prefetcher {
     ::pthread_getcpuclockid(::pthread_self(), &clock);
     std::unique_lock lock(mutex_);
     worker_clocks_[static_cast<std::size_t>(worker)] = clock;  // known before this worker claims anything
+    worker_tids_[static_cast<std::size_t>(worker)] = ::gettid();
     for (;;) {
       space_.wait(lock, [&] {
         return stopping_ || retired_ || next_claim_ >= last_ || next_claim_ < next_out_ + depth_;
@@ -270,6 +327,7 @@ class Prefetcher {
   const std::int64_t last_;
   std::vector<Slot> slots_;
   std::vector<clockid_t> worker_clocks_;  // each worker's CPU-time clock
+  std::vector<pid_t> worker_tids_;        // and its thread id (its schedstat: time spent waiting for a core)
   std::chrono::duration<double> build_cpu_{0.0};
   std::int64_t built_here_ = 0;
   int probed_ = 0;  // the probe (only_if_input_bound): batches built and seconds spent building and stepping
@@ -277,7 +335,7 @@ class Prefetcher {
   double step_seconds_ = 0.0;
   Clock::time_point last_handed_out_{};
   bool settled_ = false;       // the probe is over
-  double inline_period_ = 0.0;  // seconds per batch in the probe
+  PrefetchMeasures measures_;
   int trial_ = -1;             // batches into the workers' trial, -1 when none runs
   Clock::time_point trial_start_{};
   bool retired_ = false;

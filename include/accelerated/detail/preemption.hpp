@@ -1,7 +1,9 @@
 #pragma once
 // The signals a cluster sends before it stops a job (SLURM: SIGTERM, or the one --signal=USR1@60 names; Kubernetes
 // and torchrun's agent: SIGTERM). While a run is preemptible, their handler only records the signal; the trainer
-// reads the record at update steps. The previous handlers are put back when the run ends.
+// reads the record at update steps. The previous handlers are put back when the run ends, and a signal recorded but
+// never acted on (it came after the last update step's vote: during the last evaluation, or in on_training_run_end)
+// is raised again under them, so that it is not lost.
 #include <signal.h>
 
 #include <atomic>
@@ -32,12 +34,15 @@ class PreemptionSignals {
   }
   ~PreemptionSignals() {
     for (const auto& [signal, previous] : installed_) ::sigaction(signal, &previous, nullptr);
+    if (const int signal = preemption_signal.exchange(0)) ::raise(signal);
   }
   PreemptionSignals(const PreemptionSignals&) = delete;
   PreemptionSignals& operator=(const PreemptionSignals&) = delete;
 
   // The signal received since the run started, or 0.
   static int received() { return preemption_signal.load(std::memory_order_relaxed); }
+  // The same, marked as acted on (the run was preempted): it is not raised again when the run ends.
+  static int consume() { return preemption_signal.exchange(0); }
 
  private:
   struct Installed {

@@ -1,9 +1,17 @@
 #pragma once
 // Where this process is in the training loop (update step, phase, since when), kept by the training thread in
-// relaxed atomics (a clock read and two stores per phase change) and read by the watchdog (watchdog.hpp).
+// relaxed atomics (a clock read and two stores per phase change) and read by the watchdog (watchdog.hpp), also by
+// the watchdogs of the other processes on this machine, straight from this process's memory.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <new>
+#include <optional>
 #include <string>
 
 namespace accelerated::distributed {
@@ -16,7 +24,6 @@ inline const char* phase_name(Phase phase) {
   return names[static_cast<int>(phase)];
 }
 
-// Phases in which this rank waits on its peers.
 // The phase a published name stands for (a heartbeat read back from the store); idle for a name it does not know.
 inline Phase phase_from_name(const std::string& name) {
   for (int p = 0; p <= static_cast<int>(Phase::broadcast); ++p) {
@@ -25,6 +32,7 @@ inline Phase phase_from_name(const std::string& name) {
   return Phase::idle;
 }
 
+// Phases in which this rank waits on its peers.
 inline bool waits_on_peers(Phase phase) {
   return phase == Phase::backward || phase == Phase::all_reduce || phase == Phase::gather ||
          phase == Phase::barrier || phase == Phase::broadcast;
@@ -39,23 +47,87 @@ inline std::int64_t wall_ms() {
       .count();
 }
 
+// The heartbeat's fields. They live in a memory file (memfd) that a peer on the same machine maps through
+// /proc/<pid>/fd/<fd>, so that it reads the step and phase exactly, even of a process that is stopped; the store's
+// copy, published once a second, is what a peer on another machine reads.
+struct HeartbeatSlot {
+  std::atomic<std::int64_t> pid{0};
+  std::atomic<int> phase{0};
+  std::atomic<std::int64_t> step{0};
+  std::atomic<std::int64_t> since{0};  // steady_ms(): CLOCK_MONOTONIC, one clock for every process of a machine
+};
+static_assert(std::atomic<std::int64_t>::is_always_lock_free && std::atomic<int>::is_always_lock_free,
+              "a heartbeat shared between processes needs lock-free atomics");
+
 // This process's place in the loop. Written by the training thread, read by the watchdog.
 class Heartbeat {
  public:
-  void set(Phase phase) {
-    since_.store(steady_ms(), std::memory_order_relaxed);
-    phase_.store(static_cast<int>(phase), std::memory_order_relaxed);
+  Heartbeat() {
+    fd_ = ::memfd_create("accelerated_heartbeat", MFD_CLOEXEC);
+    if (fd_ >= 0 && ::ftruncate(fd_, sizeof(HeartbeatSlot)) == 0) {
+      void* memory = ::mmap(nullptr, sizeof(HeartbeatSlot), PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
+      if (memory != MAP_FAILED) slot_ = new (memory) HeartbeatSlot();
+    }
+    if (slot_ == &local_ && fd_ >= 0) {  // no shared memory here: peers read the store's copy only
+      ::close(fd_);
+      fd_ = -1;
+    }
+    slot_->since.store(steady_ms());  // "idle since the process joined", before the first phase
+    slot_->pid.store(::getpid());
   }
-  void set_step(std::int64_t step) { step_.store(step, std::memory_order_relaxed); }
-  Phase phase() const { return static_cast<Phase>(phase_.load(std::memory_order_relaxed)); }
-  std::int64_t step() const { return step_.load(std::memory_order_relaxed); }
-  std::int64_t since_steady_ms() const { return since_.load(std::memory_order_relaxed); }
+  ~Heartbeat() {
+    if (slot_ != &local_) ::munmap(slot_, sizeof(HeartbeatSlot));
+    if (fd_ >= 0) ::close(fd_);
+  }
+  Heartbeat(const Heartbeat&) = delete;
+  Heartbeat& operator=(const Heartbeat&) = delete;
+
+  void set(Phase phase) {
+    slot_->since.store(steady_ms(), std::memory_order_relaxed);
+    slot_->phase.store(static_cast<int>(phase), std::memory_order_relaxed);
+  }
+  void set_step(std::int64_t step) { slot_->step.store(step, std::memory_order_relaxed); }
+  Phase phase() const { return static_cast<Phase>(slot_->phase.load(std::memory_order_relaxed)); }
+  std::int64_t step() const { return slot_->step.load(std::memory_order_relaxed); }
+  std::int64_t since_steady_ms() const { return slot_->since.load(std::memory_order_relaxed); }
+  // The memory file's descriptor in this process, published with the heartbeat; -1 when there is none.
+  int shared_fd() const { return fd_; }
 
  private:
-  std::atomic<int> phase_{0};
-  std::atomic<std::int64_t> step_{0};
-  std::atomic<std::int64_t> since_{steady_ms()};  // "idle since the process joined", before the first phase
+  HeartbeatSlot local_;
+  HeartbeatSlot* slot_ = &local_;
+  int fd_ = -1;
 };
+
+// A heartbeat read from a process on this machine.
+struct HeartbeatReading {
+  Phase phase = Phase::idle;
+  std::int64_t step = 0;
+  std::int64_t since_steady_ms = 0;
+};
+
+// The heartbeat of process `pid` on this machine, read from its memory file (descriptor `fd` in that process): exact
+// even when the process is stopped. Empty when it cannot be read (gone, another PID namespace, no memory file).
+inline std::optional<HeartbeatReading> read_local_heartbeat(std::int64_t pid, std::int64_t fd) {
+  if (pid <= 0 || fd < 0) return std::nullopt;
+  const auto path = "/proc/" + std::to_string(pid) + "/fd/" + std::to_string(fd);
+  const int file = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (file < 0) return std::nullopt;
+  struct stat info {};
+  void* memory = MAP_FAILED;
+  if (::fstat(file, &info) == 0 && info.st_size >= static_cast<off_t>(sizeof(HeartbeatSlot))) {
+    memory = ::mmap(nullptr, sizeof(HeartbeatSlot), PROT_READ, MAP_SHARED, file, 0);
+  }
+  ::close(file);
+  if (memory == MAP_FAILED) return std::nullopt;
+  const auto* slot = static_cast<const HeartbeatSlot*>(memory);
+  std::optional<HeartbeatReading> reading;
+  if (slot->pid.load() == pid) {  // that descriptor is that process's heartbeat, not some other file
+    reading = HeartbeatReading{static_cast<Phase>(slot->phase.load()), slot->step.load(), slot->since.load()};
+  }
+  ::munmap(memory, sizeof(HeartbeatSlot));
+  return reading;
+}
 
 // Sets a phase for a scope and puts the previous one back.
 class PhaseScope {

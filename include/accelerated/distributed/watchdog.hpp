@@ -2,9 +2,12 @@
 // A hang names the rank. The training thread keeps this process's heartbeat (update step, phase, since when) in
 // relaxed atomics: a clock read and two stores per phase change. A watchdog thread publishes it to the group's store
 // once a second (key heartbeat/<rank>), and watches its own rank: when it has waited in a collective (or in backward,
-// where the gradients are averaged) longer than the threshold, it reads every rank's heartbeat and reports which
-// ranks are behind, at which step and phase, since when, and, for a peer on this machine, whether its process is
-// stopped or gone; a store that does not answer is reported as such. The report then ends the process.
+// where the gradients are averaged) longer than the threshold, it reads every rank's heartbeat. A peer that is busy
+// (in a save, an evaluation, a forward: any phase that does not wait on others) and alive is waited for: a long save
+// on rank 0 is not a hang. Otherwise it reports which ranks are behind, at which step and phase, for how long, and,
+// for a peer on this machine, whether its process is stopped or gone (its step and phase then read from the
+// process's own memory, exact even when it is stopped); a store that does not answer is reported as such. The report
+// then ends the process.
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
 #include "../detail/host_name.hpp"
@@ -19,6 +22,7 @@
 #include <cstdio>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -66,51 +70,134 @@ class Watchdog {
   std::chrono::milliseconds threshold() const { return threshold_; }
   std::chrono::milliseconds interval() const { return interval_; }
 
-  // The report as it would be made now (public for tests and for an error raised elsewhere).
+ private:
+  // The report as it would be made now (on the watchdog's thread: it keeps what it has seen of each peer).
   std::string describe() {
+    std::vector<PeerView> peers;
+    for (std::int64_t r = 0; r < world_size_; ++r) {
+      if (r == rank_) continue;
+      peers.push_back(read_peer(r));
+      if (!peers.back().store_error.empty()) break;  // the store is gone: every further read would wait for it
+    }
+    return describe(peers);
+  }
+
+  // What this rank knows of a peer when it looks.
+  struct PeerView {
+    std::int64_t rank = 0;
+    bool published = false;        // the store holds its heartbeat
+    std::string store_error;       // the store did not answer
+    std::int64_t step = 0;
+    Phase phase = Phase::idle;
+    std::string phase_text;
+    std::int64_t phase_ms = 0;     // in that phase for so long: exact when read from the process's memory
+    std::int64_t heard_ms = 0;     // since the store's copy was published (two machines' clocks)
+    bool exact = false;            // read from the process's memory on this machine
+    std::int64_t pid = 0;
+    std::string host;
+    std::string process_state;     // a process on this machine: "stopped", "gone" or ""
+    bool fresh = true;             // its store copy changed within the last few publishing intervals seen here
+
+    bool silent() const {
+      return !published || !store_error.empty() || process_state == "stopped" || process_state == "gone" || !fresh;
+    }
+    // Working on something of its own (a save, an evaluation, a long forward): not hung, and not waiting on others.
+    bool busy() const { return !silent() && phase != Phase::idle && !waits_on_peers(phase); }
+  };
+
+  PeerView read_peer(std::int64_t r) {
+    PeerView peer;
+    peer.rank = r;
+    std::string value;
+    try {
+      const auto key = "heartbeat/" + std::to_string(r);
+      if (!store_->check({key})) return peer;
+      const auto bytes = store_->get(key);
+      value.assign(bytes.begin(), bytes.end());
+    } catch (const std::exception& error) {
+      peer.store_error = error.what();
+      return peer;
+    }
+    peer.published = true;
+    std::istringstream in(value);
+    std::int64_t since = 0, published = 0, fd = -1;
+    in >> peer.step >> peer.phase_text >> since >> published >> peer.pid >> peer.host >> fd;
+    peer.phase = phase_from_name(peer.phase_text);
+    const auto now = wall_ms();
+    peer.phase_ms = now - since;
+    peer.heard_ms = now - published;
+    // The store's copy changes at every publication (once an interval): unchanged for three, the peer is silent.
+    auto& seen = seen_[r];
+    if (seen.value != value) seen = {value, steady_ms()};
+    peer.fresh = steady_ms() - seen.changed_ms < 3 * interval_.count() + 500;
+    peer.process_state = local_process_state(peer.host, peer.pid, host_);
+    if (peer.host == host_) {
+      if (const auto exact = read_local_heartbeat(peer.pid, fd)) {
+        peer.exact = true;
+        peer.step = exact->step;
+        peer.phase = exact->phase;
+        peer.phase_text = phase_name(exact->phase);
+        peer.phase_ms = steady_ms() - exact->since_steady_ms;
+        peer.fresh = true;  // read now, from the process itself; a stopped or gone one says so in process_state
+      }
+    }
+    return peer;
+  }
+
+  std::string describe(const std::vector<PeerView>& peers) const {
     const auto waited = steady_ms() - heartbeat_.since_steady_ms();
     std::ostringstream out;
     out << "accelerated: watchdog: rank " << rank_ << " of " << world_size_ << " has waited in "
         << phase_name(heartbeat_.phase()) << " for " << waited / 1000.0 << " s (threshold "
         << threshold_.count() / 1000.0 << " s) at update step " << heartbeat_.step();
-    const auto now = wall_ms();
-    for (std::int64_t r = 0; r < world_size_; ++r) {
-      if (r == rank_) continue;
-      out << "; rank " << r << ": ";
-      std::string value;
-      try {
-        const auto key = "heartbeat/" + std::to_string(r);
-        if (!store_->check({key})) {
-          out << "no heartbeat published";
-          continue;
-        }
-        const auto bytes = store_->get(key);
-        value.assign(bytes.begin(), bytes.end());
-      } catch (const std::exception& error) {
-        out << "the rendezvous store does not answer (rank 0's process may be gone): " << error.what();
+    for (const auto& peer : peers) {
+      out << "; rank " << peer.rank << ": ";
+      if (!peer.store_error.empty()) {
+        out << "the rendezvous store does not answer (rank 0's process may be gone): " << peer.store_error;
         break;
       }
-      std::istringstream in(value);
-      std::int64_t step = 0, since = 0, pid = 0, published = 0;
-      std::string phase, host;
-      in >> step >> phase >> since >> published >> pid >> host;
-      const bool behind = step < heartbeat_.step() || (step == heartbeat_.step() && !waits_on_peers(phase_from_name(phase)));
-      out << (behind ? "behind, at " : "at ") << "update step " << step << ", phase " << phase << " since "
-          << (now - since) / 1000.0 << " s ago (heard " << (now - published) / 1000.0 << " s ago";
-      const auto state = local_process_state(host, pid, host_);
-      if (!state.empty()) out << "; its process " << pid << " on " << host << " is " << state;
+      if (!peer.published) {
+        out << "no heartbeat published";
+        continue;
+      }
+      const bool behind =
+          peer.step < heartbeat_.step() || (peer.step == heartbeat_.step() && !waits_on_peers(peer.phase));
+      out << (behind ? "behind, at " : "at ") << "update step " << peer.step << ", phase " << peer.phase_text
+          << " for " << peer.phase_ms / 1000.0 << " s";
+      if (peer.exact) {
+        out << " (read from its process " << peer.pid << " on " << peer.host;
+        if (!peer.process_state.empty()) out << ", which is " << peer.process_state;
+      } else {
+        out << " (as published " << peer.heard_ms / 1000.0 << " s ago";
+        if (!peer.process_state.empty()) out << "; its process " << peer.pid << " on " << peer.host << " is " << peer.process_state;
+      }
       out << ")";
     }
     return out.str();
   }
 
- private:
+  // Whether some peer is busy (a long save on rank 0, say) and none is silent: then this rank waits for it rather
+  // than ending a healthy run. The peer found busy last time is looked at first, so a long wait costs one store
+  // read per interval.
+  bool peer_is_busy() {
+    if (busy_peer_ >= 0 && read_peer(busy_peer_).busy()) return true;
+    busy_peer_ = -1;
+    for (std::int64_t r = 0; r < world_size_; ++r) {
+      if (r == rank_) continue;
+      const auto peer = read_peer(r);
+      if (peer.silent()) return false;
+      if (peer.busy() && busy_peer_ < 0) busy_peer_ = r;
+    }
+    return busy_peer_ >= 0;
+  }
+
   void publish() {
-    // The phase's start in wall-clock time, so that another machine can say "since".
+    // The phase's start in wall-clock time, so that another machine can say "since"; the memory file's descriptor,
+    // so that a peer on this machine can read the heartbeat itself.
     const auto since_wall = wall_ms() - (steady_ms() - heartbeat_.since_steady_ms());
     const auto text = std::to_string(heartbeat_.step()) + " " + phase_name(heartbeat_.phase()) + " " +
                       std::to_string(since_wall) + " " + std::to_string(wall_ms()) + " " + std::to_string(::getpid()) +
-                      " " + host_;
+                      " " + host_ + " " + std::to_string(heartbeat_.shared_fd());
     store_->set("heartbeat/" + std::to_string(rank_), std::vector<std::uint8_t>(text.begin(), text.end()));
   }
 
@@ -128,13 +215,19 @@ class Watchdog {
         // A store that does not answer is reported when this rank is found waiting; publishing goes on trying.
       }
       const auto phase = heartbeat_.phase();
-      if (!reported_ && waits_on_peers(phase) && steady_ms() - heartbeat_.since_steady_ms() > threshold_.count()) {
+      if (!reported_ && waits_on_peers(phase) && steady_ms() - heartbeat_.since_steady_ms() > threshold_.count() &&
+          !peer_is_busy()) {
         reported_ = true;
         on_hang_(describe());
       }
       lock.lock();
     }
   }
+
+  struct Seen {
+    std::string value;
+    std::int64_t changed_ms = 0;
+  };
 
   c10::intrusive_ptr<c10d::Store> store_;
   std::int64_t rank_;
@@ -145,6 +238,8 @@ class Watchdog {
   std::function<void(const std::string&)> on_hang_;
   std::string host_;  // read once: the name a peer compares with its own
   bool reported_ = false;
+  std::int64_t busy_peer_ = -1;
+  std::map<std::int64_t, Seen> seen_;  // each peer's store copy as last read, and when it last changed
   std::mutex mutex_;
   std::condition_variable wake_;
   bool stop_ = false;

@@ -11,7 +11,8 @@
 //                    ranks (the trainer's default), so one binary runs alone or under a launcher.
 // A distributed policy provides, checked by accelerated::DistributedPolicy in concepts.hpp:
 //   std::int64_t num_processes() const;  rank() const;  local_rank() const;
-//   void prepare(torch::nn::Module&);    auto gradient_sync(bool enabled);  (a guard alive over forward and backward)
+//   void prepare(torch::nn::Module&);    auto gradient_sync(bool enabled);  (a guard alive over forward and backward,
+//                                                                           with void arm(const torch::Tensor& loss))
 //   void all_reduce_sum(std::span<double>);  torch::Tensor gather(const torch::Tensor&);  void barrier();
 #include <torch/nn/module.h>
 #include <torch/types.h>
@@ -50,7 +51,9 @@
 namespace accelerated {
 
 struct SingleProcess {
-  struct NoSyncGuard {};
+  struct NoSyncGuard {
+    void arm(const torch::Tensor&) {}
+  };
 
   std::int64_t num_processes() const { return 1; }
   std::int64_t rank() const { return 0; }

@@ -135,6 +135,7 @@ class AutoPrecision {
 
   // The loss scaler (used in fp16 mode only).
   precision::GradScaler& scaler() { return fp16_.scaler(); }
+  bool scales_loss() const { return mode_ == Mode::fp16; }
 
  private:
   static Mode mode_from_env() {
