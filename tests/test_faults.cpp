@@ -11,6 +11,8 @@
 #include <fstream>
 #include <future>
 #include <limits>
+#include <map>
+#include <set>
 #include <random>
 #include <thread>
 
@@ -391,4 +393,319 @@ TEST_CASE("the watchdog waits for a peer that is busy saving, three times its th
   }
   CHECK(acc::latest_training_state(dir / "states") == dir / "states" / "step_3.pt");
   fs::remove_all(dir);
+}
+
+// ---- the faults together: one seeded fault per run, invariants checked after each ---------------------------------
+// A run is 2 or 3 ranks as processes (shared memory or Gloo), training states every 4 updates keeping 3, preemption
+// and the watchdog on (threshold 2 s), and one fault chosen by the run's seed. ACCELERATED_FAULT_RUNS sets the number
+// of runs (default 6: one of each kind, in the seed's order), ACCELERATED_FAULT_SEED the first seed (default:
+// random, printed), so a failure replays; scripts/soak-faults.sh runs as many as you like.
+namespace {
+enum class Fault { slow_save, unreadable_newest, non_finite, sigterm, sigstop, sigkill };
+const char* fault_name(Fault f) {
+  static const char* names[] = {"slow_save", "unreadable_newest", "non_finite", "sigterm", "sigstop", "sigkill"};
+  return names[static_cast<int>(f)];
+}
+constexpr std::int64_t kChaosThresholdSeconds = 2;
+
+// Paces the run (10 ms an update, as a real step takes time), says when update 6 is reached, and injects the
+// worker's own faults: a slow first save (rank 0 writes), a loss that turns NaN on one rank, a crash of every rank.
+struct ChaosHooks {
+  fs::path dir;
+  std::string rank;
+  std::string fault;
+  std::int64_t fault_rank = -1;
+  std::int64_t fault_step = 0;
+  std::shared_ptr<std::atomic<bool>> poisoned = std::make_shared<std::atomic<bool>>(false);
+  mutable bool slept = false;
+
+  void operator()(acc::on_train_step_start, auto& trainer) {
+    poisoned->store(fault == "non_finite" && trainer.distributed().rank() == fault_rank &&
+                    trainer.state().update_step + 1 >= fault_step);
+  }
+  void operator()(acc::on_update_step_end, auto& trainer) {
+    if (trainer.state().update_step == 6) std::ofstream(dir / ("reached_" + rank)) << "6\n";
+    if (fault == "crash" && trainer.state().update_step == fault_step) throw std::runtime_error("simulated crash");
+    std::this_thread::sleep_for(10ms);
+  }
+  void save_state(torch::serialize::OutputArchive& archive) const {
+    if (fault == "slow_save" && !slept) {  // three times the watchdog's threshold, on the writing rank
+      slept = true;
+      std::this_thread::sleep_for(std::chrono::seconds(3 * kChaosThresholdSeconds));
+    }
+    archive.write("paced", torch::tensor(1));
+  }
+  void load_state(torch::serialize::InputArchive&) {}
+};
+
+std::string env_or(const char* name, const std::string& fallback) {
+  const char* value = std::getenv(name);
+  return value ? value : fallback;
+}
+
+// Whether every tensor of a training state's model, and its saved loss, is finite (read without a trainer, so any
+// number of processes' state can be checked).
+bool saved_state_is_finite(const fs::path& path) {
+  torch::serialize::InputArchive archive;
+  archive.load_from(path.string());
+  torch::serialize::InputArchive model, position;
+  archive.read("model", model);
+  for (const auto& key : model.keys()) {
+    torch::Tensor value;
+    model.read(key, value);
+    if (!torch::isfinite(value).all().item<bool>()) return false;
+  }
+  archive.read("position", position);
+  torch::Tensor loss;
+  position.read("loss_total", loss);
+  return std::isfinite(loss.item<double>());
+}
+}  // namespace
+
+TEST_CASE("chaos worker", "[.chaos_worker]") {
+  const fs::path dir = std::getenv("CHAOS_DIR");
+  const std::string rank = std::getenv("RANK"), attempt = std::getenv("CHAOS_ATTEMPT");
+  ChaosHooks hooks{dir, rank, env_or("CHAOS_FAULT", "none"), std::stoll(env_or("CHAOS_FAULT_RANK", "-1")),
+                   std::stoll(env_or("CHAOS_FAULT_STEP", "0"))};
+  auto poisoned = hooks.poisoned;
+  auto loss = [poisoned](const torch::Tensor& out, const torch::Tensor& target) {
+    return torch::mse_loss(out, *poisoned ? target * std::numeric_limits<double>::quiet_NaN() : target);
+  };
+  auto model = test::linear_model();
+  torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(0.01));
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::DataParallel, acc::DefaultLoop, ChaosHooks, cb::TerminateOnNan,
+               cb::SaveTrainingState>
+      trainer(model, loss, optimizer, hooks, cb::TerminateOnNan(50),
+              cb::SaveTrainingState({.save_dir = dir / "states", .save_every_n_steps = 4, .max_checkpoints = 3}));
+  std::ofstream out(dir / ("out_" + rank + "_" + attempt));
+  trainer.set_output(out);
+  acc::TrainOptions options{.num_epochs = 2, .per_device_batch_size = 8, .seed = 4};  // 12 updates an epoch
+  options.preemption_dir = dir / "states";
+  const auto view = dir / ("view_" + rank);  // this rank's view of the run folder, when the test made one
+  options.resume_from_newest_in = fs::exists(view) ? view : dir / "states";
+  int code = 0;
+  std::string message = "finished";
+  try {
+    trainer.train(test::regression_data(192, 5), options);
+    torch::save(test::flat_parameters(*model), (dir / ("final_" + rank + ".pt")).string());
+  } catch (const std::exception& error) {
+    code = acc::exit_code_for(error);
+    message = error.what();
+  }
+  std::ofstream(dir / ("resumed_" + rank + "_" + attempt))
+      << (trainer.resumed_from() ? trainer.resumed_from()->filename().string() : std::string("none"));
+  std::ofstream(dir / ("message_" + rank + "_" + attempt)) << message;
+  out.close();
+  std::_Exit(code);
+}
+
+TEST_CASE("faults together: one seeded fault per run keeps every invariant", "[faults][chaos][distributed]") {
+  const auto runs = std::stoi(env_or("ACCELERATED_FAULT_RUNS", "6"));
+  const auto first_seed = static_cast<std::uint32_t>(std::stoul(env_or("ACCELERATED_FAULT_SEED",
+                                                                       std::to_string(std::random_device{}() % 100000))));
+  const auto base = test::fresh_dir("chaos");
+  std::map<std::string, torch::Tensor> reference;  // by world size and transport (their sums differ in the last bits)
+  struct Attempt {
+    std::vector<int> status;
+    std::vector<std::string> message, resumed;
+    std::chrono::steady_clock::duration took{};
+  };
+  // One attempt of a run: every rank started, `act(pids)` does what the test does to them, every rank waited for.
+  auto attempt = [&](const fs::path& dir, int world, const std::string& transport, int number,
+                     const std::vector<std::string>& fault_env, auto act) {
+    const auto port = std::to_string(20000 + std::random_device{}() % 20000);
+    std::vector<pid_t> pids;
+    for (int r = 0; r < world; ++r) {
+      std::vector<std::string> env{"RANK=" + std::to_string(r), "WORLD_SIZE=" + std::to_string(world),
+                                   "LOCAL_RANK=" + std::to_string(r), "LOCAL_WORLD_SIZE=" + std::to_string(world),
+                                   "MASTER_ADDR=127.0.0.1", "MASTER_PORT=" + port, "ACCELERATED_TRANSPORT=" + transport,
+                                   "ACCELERATED_WATCHDOG_SECONDS=" + std::to_string(kChaosThresholdSeconds),
+                                   "ACCELERATED_TIMEOUT_SECONDS=60", "CHAOS_DIR=" + dir.string(),
+                                   "CHAOS_ATTEMPT=" + std::to_string(number)};
+      env.insert(env.end(), fault_env.begin(), fault_env.end());
+      pids.push_back(test::spawn_self("[.chaos_worker]", env, (dir / ("log_" + std::to_string(r))).string()));
+    }
+    const auto started = std::chrono::steady_clock::now();
+    act(pids);
+    Attempt result;
+    for (int r = 0; r < world; ++r) {
+      result.status.push_back(test::wait_for(pids[static_cast<std::size_t>(r)], 90s));
+      const auto suffix = std::to_string(r) + "_" + std::to_string(number);
+      result.message.push_back(read_text(dir / ("message_" + suffix)));
+      result.resumed.push_back(read_text(dir / ("resumed_" + suffix)));
+    }
+    result.took = std::chrono::steady_clock::now() - started;
+    return result;
+  };
+  auto wait_until_reached = [](const fs::path& file) {
+    const auto deadline = std::chrono::steady_clock::now() + 60s;
+    while (!fs::exists(file) && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(10ms);
+    return fs::exists(file);
+  };
+  auto exited_with = [](int status, int code) { return WIFEXITED(status) && WEXITSTATUS(status) == code; };
+  auto final_of = [](const fs::path& dir) {
+    torch::Tensor t;
+    torch::load(t, (dir / "final_0.pt").string());
+    return t;
+  };
+  auto nothing = [](const std::vector<pid_t>&) {};
+
+  for (int i = 0; i < runs; ++i) {
+    const auto seed = first_seed + static_cast<std::uint32_t>(i);
+    std::mt19937 rng(seed);
+    const auto fault = static_cast<Fault>((i + static_cast<int>(first_seed)) % 6);  // every kind in 6 runs
+    const int world = 2 + static_cast<int>(rng() % 2);
+    const std::string transport = rng() % 2 ? "gloo" : "shared_memory";
+    const int faulty = static_cast<int>(rng() % static_cast<std::uint32_t>(world));
+    const std::int64_t step = 5 + static_cast<std::int64_t>(rng() % 12);
+    std::cout << "fault run " << i << ": seed " << seed << ", " << fault_name(fault) << " on rank " << faulty << " of "
+              << world << " over " << transport << ", step " << step << std::endl;
+    INFO("replay with ACCELERATED_FAULT_SEED=" << seed << " ACCELERATED_FAULT_RUNS=1 (run " << i << "): "
+                                               << fault_name(fault) << " on rank " << faulty << " of " << world
+                                               << " over " << transport << ", step " << step);
+    const auto shape = std::to_string(world) + "_" + transport;
+    if (!reference.count(shape)) {
+      const auto dir = base / ("reference_" + shape);
+      fs::create_directories(dir);
+      const auto done = attempt(dir, world, transport, 0, {}, nothing);
+      for (int r = 0; r < world; ++r) REQUIRE(exited_with(done.status[static_cast<std::size_t>(r)], 0));
+      reference[shape] = final_of(dir);
+    }
+    const auto dir = base / ("run_" + std::to_string(i));
+    fs::create_directories(dir);
+    const std::vector<std::string> at_fault{"CHAOS_FAULT_RANK=" + std::to_string(faulty),
+                                            "CHAOS_FAULT_STEP=" + std::to_string(step)};
+    auto with = [&](const char* kind) {
+      auto env = at_fault;
+      env.push_back(std::string("CHAOS_FAULT=") + kind);
+      return env;
+    };
+    auto signal_at_update_6 = [&](int signal) {
+      return [&, signal](const std::vector<pid_t>& pids) {
+        REQUIRE(wait_until_reached(dir / ("reached_" + std::to_string(faulty))));
+        ::kill(pids[static_cast<std::size_t>(faulty)], signal);
+      };
+    };
+    Attempt first;
+    int only_state = 0;  // unreadable_newest: how many states there were (with one, no state loads everywhere)
+    bool resumable = true;  // a second attempt must finish bit-identical to the reference
+    switch (fault) {
+      case Fault::slow_save: {
+        first = attempt(dir, world, transport, 1, with("slow_save"), nothing);
+        for (int r = 0; r < world; ++r) CHECK(exited_with(first.status[static_cast<std::size_t>(r)], 0));
+        CHECK(torch::equal(final_of(dir), reference[shape]));
+        resumable = false;
+        break;
+      }
+      case Fault::unreadable_newest: {
+        first = attempt(dir, world, transport, 1, {"CHAOS_FAULT=crash", "CHAOS_FAULT_STEP=" + std::to_string(step)},
+                        nothing);
+        for (int r = 0; r < world; ++r) {
+          CHECK(exited_with(first.status[static_cast<std::size_t>(r)], 1));
+          CHECK_THAT(first.message[static_cast<std::size_t>(r)], Catch::Contains("simulated crash"));
+        }
+        // Every rank reads its own copy of the folder; the faulty rank's newest state is cut short.
+        const auto newest = acc::latest_training_state(dir / "states");
+        REQUIRE(newest);
+        for (const auto& entry : fs::directory_iterator(dir / "states")) only_state += entry.path().extension() == ".pt";
+        for (int r = 0; r < world; ++r) {
+          const auto view = dir / ("view_" + std::to_string(r));
+          fs::copy(dir / "states", view);
+          if (r == faulty) fs::resize_file(view / newest->filename(), fs::file_size(view / newest->filename()) / 2);
+        }
+        break;
+      }
+      case Fault::non_finite: {
+        first = attempt(dir, world, transport, 1, with("non_finite"), nothing);
+        for (int r = 0; r < world; ++r) {
+          CHECK(exited_with(first.status[static_cast<std::size_t>(r)], 1));
+          CHECK_THAT(first.message[static_cast<std::size_t>(r)], Catch::Contains("non-finite"));
+        }
+        resumable = false;
+        break;
+      }
+      case Fault::sigterm: {
+        first = attempt(dir, world, transport, 1, {}, signal_at_update_6(SIGTERM));
+        for (int r = 0; r < world; ++r) {
+          CHECK(exited_with(first.status[static_cast<std::size_t>(r)], acc::PreemptedError::exit_code));
+          CHECK_THAT(first.message[static_cast<std::size_t>(r)], Catch::Contains("preempted (") &&
+                                                                   Catch::Contains("at update step"));
+        }
+        break;
+      }
+      case Fault::sigstop:
+      case Fault::sigkill: {
+        const int signal = fault == Fault::sigstop ? SIGSTOP : SIGKILL;
+        const auto sent = std::chrono::steady_clock::now();
+        first = attempt(dir, world, transport, 1, {}, [&](const std::vector<pid_t>& pids) {
+          REQUIRE(wait_until_reached(dir / ("reached_" + std::to_string(faulty))));
+          ::kill(pids[static_cast<std::size_t>(faulty)], signal);
+          if (signal == SIGSTOP) {
+            // The others end by themselves within the threshold + 10 s (exited: a zombie, not yet waited for);
+            // then the stopped one is taken away.
+            auto ended = [](pid_t pid) {
+              std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+              std::string line;
+              return !std::getline(stat, line) || line.substr(line.rfind(')') + 2, 1) == "Z";
+            };
+            const auto deadline = std::chrono::steady_clock::now() + 60s;
+            for (int r = 0; r < world; ++r) {
+              while (r != faulty && !ended(pids[static_cast<std::size_t>(r)]) &&
+                     std::chrono::steady_clock::now() < deadline) {
+                std::this_thread::sleep_for(20ms);
+              }
+            }
+            CHECK(std::chrono::steady_clock::now() - sent < std::chrono::seconds(kChaosThresholdSeconds + 10));
+            ::kill(pids[static_cast<std::size_t>(faulty)], SIGKILL);
+            ::kill(pids[static_cast<std::size_t>(faulty)], SIGCONT);
+          }
+        });
+        std::optional<int> survivors;
+        for (int r = 0; r < world; ++r) {
+          if (r == faulty) continue;
+          const auto status = first.status[static_cast<std::size_t>(r)];
+          INFO("rank " << r << " log: " << read_text(dir / ("log_" + std::to_string(r))));
+          CHECK(WIFEXITED(status));
+          CHECK(WEXITSTATUS(status) != 0);
+          if (survivors) CHECK(WEXITSTATUS(status) == *survivors);  // every survivor ends the same way
+          survivors = WEXITSTATUS(status);
+          CHECK_THAT(read_text(dir / ("log_" + std::to_string(r))) + first.message[static_cast<std::size_t>(r)],
+                     Catch::Contains("rank " + std::to_string(faulty)));
+        }
+        CHECK(first.took < std::chrono::seconds(kChaosThresholdSeconds + 20));
+        break;
+      }
+    }
+    // No saved state holds a non-finite value, whatever happened.
+    for (const auto& entry : fs::directory_iterator(dir / "states")) {
+      if (entry.path().extension() != ".pt") continue;
+      INFO(entry.path());
+      CHECK(saved_state_is_finite(entry.path()));
+    }
+    if (!resumable) continue;
+    // Started again: every rank resumes from the same file and the run ends bit-identical to the uninterrupted one.
+    const auto second = attempt(dir, world, transport, 2, {}, nothing);
+    if (only_state == 1) {  // its only state cut short for one rank: every rank refuses to start afresh, by name
+      for (int r = 0; r < world; ++r) {
+        CHECK(exited_with(second.status[static_cast<std::size_t>(r)], 1));
+        CHECK_THAT(second.message[static_cast<std::size_t>(r)], Catch::Contains("loads on every rank"));
+      }
+      continue;
+    }
+    for (int r = 0; r < world; ++r) {
+      INFO("rank " << r << ": " << second.message[static_cast<std::size_t>(r)]);
+      CHECK(exited_with(second.status[static_cast<std::size_t>(r)], 0));
+      CHECK(second.resumed[static_cast<std::size_t>(r)] == second.resumed[0]);
+    }
+    CHECK(second.resumed[0] != "none");
+    if (transport == "gloo" && world > 2) {
+      // Not bit-identical here: the resumed run's first update averages with the reducer's first bucket layout, the
+      // uninterrupted run's with the layout rebuilt after its first update, and Gloo's ring sums 3 ranks' values in
+      // an order that depends on where a value sits in its bucket (docs/checkpoints.md).
+      CHECK((final_of(dir) - reference[shape]).abs().max().item<double>() < 1e-5);
+    } else {
+      CHECK(torch::equal(final_of(dir), reference[shape]));
+    }
+  }
+  fs::remove_all(base);
 }

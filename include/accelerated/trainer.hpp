@@ -315,6 +315,7 @@ class Trainer {
       if (outcome.refused_somewhere()) throw std::invalid_argument(what);
       throw std::runtime_error(what);
     }
+    resumed_from_ = path;
     return detail::commit_training_state(*outcome.staged, state_parts(), pending_resume_);
   }
 
@@ -396,6 +397,8 @@ class Trainer {
   const RunHistory& run_history() const { return history_; }
   const TrainOptions& train_options() const { return options_; }
   const TrainingState& state() const { return state_; }
+  // The training state last loaded (load_training_state, resume_from, resume_from_newest_in), the same on every rank.
+  const std::optional<std::filesystem::path>& resumed_from() const { return resumed_from_; }
   callback_tuple& callbacks() { return callbacks_; }
 
   // The callback of type T in this trainer's list (a compile error if there is none).
@@ -437,6 +440,7 @@ class Trainer {
       const auto state = dir / name;
       auto outcome = stage_everywhere(state);
       if (outcome.everywhere()) {
+        resumed_from_ = state;
         detail::commit_training_state(*outcome.staged, state_parts(), pending_resume_);
         output_.print(zero, "Resuming from '", state.string(), "'");
         return;
@@ -1050,6 +1054,7 @@ class Trainer {
   bool run_started_ = false;                // a train() call has set up the run
   detail::SavePoint save_point_ = detail::SavePoint::outside;
   std::optional<detail::PendingResume> pending_resume_;
+  std::optional<std::filesystem::path> resumed_from_;
   // what callbacks may ask for during a run
   bool epoch_starting_ = false;             // inside on_train_epoch_start / on_eval_epoch_start
   bool evaluation_requested_ = false;

@@ -6,6 +6,7 @@
 // store's full timeout.
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <future>
@@ -34,27 +35,40 @@ inline std::string describe_silent_peers(const c10::intrusive_ptr<c10d::Store>& 
   auto result = std::make_shared<std::promise<std::string>>();
   auto answer = result->get_future();
   std::thread([=] {
+    std::vector<std::int64_t> silent;
+    bool read_once = false;  // a full read of the reports succeeded
+    auto names = [&] {
+      std::string text;
+      for (auto r : silent) text += (text.empty() ? "" : ", ") + std::to_string(r);
+      return text;
+    };
     try {
       const auto key = [](std::int64_t r) { return "failure_seen/" + std::to_string(r); };
       store->set(key(rank), std::vector<std::uint8_t>{1});
       const auto deadline = std::chrono::steady_clock::now() + grace;
-      std::vector<std::int64_t> silent;
       do {
-        silent.clear();
+        std::vector<std::int64_t> now_silent;
         for (std::int64_t r = 0; r < world_size; ++r) {
-          if (r != rank && !store->check({key(r)})) silent.push_back(r);
+          if (r != rank && !store->check({key(r)})) now_silent.push_back(r);
         }
+        silent = std::move(now_silent);
+        read_once = true;
         if (silent.empty()) break;
         std::this_thread::sleep_for(std::chrono::milliseconds(50));
       } while (std::chrono::steady_clock::now() < deadline);
-      std::string names;
-      for (auto r : silent) names += (names.empty() ? "" : ", ") + std::to_string(r);
       result->set_value(silent.empty() ? " [every other rank saw the failure too]"
-                                       : " [rank" + std::string(silent.size() > 1 ? "s " : " ") + names +
+                                       : " [rank" + std::string(silent.size() > 1 ? "s " : " ") + names() +
                                              " did not report the failure within " + std::to_string(grace.count()) +
                                              " ms: unreachable, stopped or stuck]");
     } catch (...) {
-      result->set_value("");  // the store answered with an error: the wait below reports it
+      // The store went away while this rank waited. If rank 0, which serves it, had reported the failure, it ended
+      // after its own grace: the ones that had not reported are still the ones to name.
+      const bool zero_reported =
+          read_once && rank != 0 && std::find(silent.begin(), silent.end(), std::int64_t{0}) == silent.end();
+      result->set_value(zero_reported && !silent.empty()
+                            ? " [rank" + std::string(silent.size() > 1 ? "s " : " ") + names() +
+                                  " did not report the failure before rank 0 ended: unreachable, stopped or stuck]"
+                            : std::string());  // else the wait below reports the store
     }
   }).detach();  // a store that does not answer keeps this thread blocked; the run is over, it holds only the store
   if (answer.wait_for(grace + std::chrono::milliseconds(500)) == std::future_status::ready) {

@@ -15,6 +15,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -22,6 +23,8 @@
 #include <cstdio>
 #include <fstream>
 #include <functional>
+#include <future>
+#include <memory>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -44,6 +47,26 @@ inline std::string local_process_state(const std::string& host, std::int64_t pid
     case 'Z': case 'X': return "gone";
     default: return "";
   }
+}
+
+// Runs a store operation on a thread of its own and waits for it at most `timeout`: the store is served by rank 0's
+// process, and a stopped rank 0 must not stop the watchdog too. False when it did not finish in time (the thread
+// then finishes or fails alone; it holds only what `operation` captured). The store's own error is rethrown.
+template <class Operation>
+bool finished_within(std::chrono::milliseconds timeout, Operation operation) {
+  auto done = std::make_shared<std::promise<void>>();
+  auto future = done->get_future();
+  std::thread([done, operation = std::move(operation)]() mutable {
+    try {
+      operation();
+      done->set_value();
+    } catch (...) {
+      done->set_exception(std::current_exception());
+    }
+  }).detach();
+  if (future.wait_for(timeout) != std::future_status::ready) return false;
+  future.get();
+  return true;
 }
 
 class Watchdog {
@@ -75,9 +98,7 @@ class Watchdog {
   std::string describe() {
     std::vector<PeerView> peers;
     for (std::int64_t r = 0; r < world_size_; ++r) {
-      if (r == rank_) continue;
-      peers.push_back(read_peer(r));
-      if (!peers.back().store_error.empty()) break;  // the store is gone: every further read would wait for it
+      if (r != rank_) peers.push_back(read_peer(r));  // each store read bounded by store_wait()
     }
     return describe(peers);
   }
@@ -99,41 +120,55 @@ class Watchdog {
     bool fresh = true;             // its store copy changed within the last few publishing intervals seen here
 
     bool silent() const {
-      return !published || !store_error.empty() || process_state == "stopped" || process_state == "gone" || !fresh;
+      return !published || (!store_error.empty() && !exact) || process_state == "stopped" ||
+             process_state == "gone" || !fresh;
     }
     // Working on something of its own (a save, an evaluation, a long forward): not hung, and not waiting on others.
     bool busy() const { return !silent() && phase != Phase::idle && !waits_on_peers(phase); }
   };
 
+  // One peer as it is now: its store copy (a bounded read), and for a peer on this machine its heartbeat read from
+  // its process's memory, which needs the store only once (for its pid and descriptor, kept from then on).
   PeerView read_peer(std::int64_t r) {
     PeerView peer;
     peer.rank = r;
-    std::string value;
+    auto value = std::make_shared<std::string>();
+    const auto key = "heartbeat/" + std::to_string(r);
+    bool answered = false;
     try {
-      const auto key = "heartbeat/" + std::to_string(r);
-      if (!store_->check({key})) return peer;
-      const auto bytes = store_->get(key);
-      value.assign(bytes.begin(), bytes.end());
+      answered = finished_within(store_wait(), [store = store_, key, value] {
+        if (!store->check({key})) return;
+        const auto bytes = store->get(key);
+        value->assign(bytes.begin(), bytes.end());
+      });
+      if (!answered) peer.store_error = "no answer within " + std::to_string(store_wait().count()) + " ms";
     } catch (const std::exception& error) {
       peer.store_error = error.what();
-      return peer;
     }
-    peer.published = true;
-    std::istringstream in(value);
-    std::int64_t since = 0, published = 0, fd = -1;
-    in >> peer.step >> peer.phase_text >> since >> published >> peer.pid >> peer.host >> fd;
-    peer.phase = phase_from_name(peer.phase_text);
-    const auto now = wall_ms();
-    peer.phase_ms = now - since;
-    peer.heard_ms = now - published;
-    // The store's copy changes at every publication (once an interval): unchanged for three, the peer is silent.
-    auto& seen = seen_[r];
-    if (seen.value != value) seen = {value, steady_ms()};
-    peer.fresh = steady_ms() - seen.changed_ms < 3 * interval_.count() + 500;
+    auto& known = known_[r];
+    if (answered && !value->empty()) {
+      peer.published = true;
+      std::istringstream in(*value);
+      std::int64_t since = 0, published = 0, fd = -1;
+      in >> peer.step >> peer.phase_text >> since >> published >> peer.pid >> peer.host >> fd;
+      peer.phase = phase_from_name(peer.phase_text);
+      const auto now = wall_ms();
+      peer.phase_ms = now - since;
+      peer.heard_ms = now - published;
+      known = {peer.pid, fd, peer.host};
+      // The store's copy changes at every publication (once an interval): unchanged for three, the peer is silent.
+      auto& seen = seen_[r];
+      if (seen.value != *value) seen = {*value, steady_ms()};
+      peer.fresh = steady_ms() - seen.changed_ms < 3 * interval_.count() + 500;
+    } else if (known.pid > 0) {  // the store is out of reach, but where the peer is was read before
+      peer.pid = known.pid;
+      peer.host = known.host;
+    }
     peer.process_state = local_process_state(peer.host, peer.pid, host_);
     if (peer.host == host_) {
-      if (const auto exact = read_local_heartbeat(peer.pid, fd)) {
+      if (const auto exact = read_local_heartbeat(peer.pid, known.fd)) {
         peer.exact = true;
+        peer.published = true;
         peer.step = exact->step;
         peer.phase = exact->phase;
         peer.phase_text = phase_name(exact->phase);
@@ -144,6 +179,9 @@ class Watchdog {
     return peer;
   }
 
+  // How long a store operation may take before the store counts as out of reach.
+  std::chrono::milliseconds store_wait() const { return std::max<std::chrono::milliseconds>(2 * interval_, std::chrono::milliseconds(500)); }
+
   std::string describe(const std::vector<PeerView>& peers) const {
     const auto waited = steady_ms() - heartbeat_.since_steady_ms();
     std::ostringstream out;
@@ -152,9 +190,10 @@ class Watchdog {
         << threshold_.count() / 1000.0 << " s) at update step " << heartbeat_.step();
     for (const auto& peer : peers) {
       out << "; rank " << peer.rank << ": ";
-      if (!peer.store_error.empty()) {
-        out << "the rendezvous store does not answer (rank 0's process may be gone): " << peer.store_error;
-        break;
+      if (!peer.store_error.empty() && !peer.exact) {
+        out << "the rendezvous store does not answer (rank 0's process may be stopped or gone): " << peer.store_error;
+        if (!peer.process_state.empty()) out << "; its process " << peer.pid << " on " << peer.host << " is " << peer.process_state;
+        continue;
       }
       if (!peer.published) {
         out << "no heartbeat published";
@@ -198,7 +237,29 @@ class Watchdog {
     const auto text = std::to_string(heartbeat_.step()) + " " + phase_name(heartbeat_.phase()) + " " +
                       std::to_string(since_wall) + " " + std::to_string(wall_ms()) + " " + std::to_string(::getpid()) +
                       " " + host_ + " " + std::to_string(heartbeat_.shared_fd());
-    store_->set("heartbeat/" + std::to_string(rank_), std::vector<std::uint8_t>(text.begin(), text.end()));
+    if (publishing_->exchange(true)) return;  // the last one has not finished: the store is slow or out of reach
+    auto pending = publishing_;
+    finished_within(store_wait(), [store = store_, key = "heartbeat/" + std::to_string(rank_),
+                                   bytes = std::vector<std::uint8_t>(text.begin(), text.end()), pending] {
+      try {
+        store->set(key, bytes);
+      } catch (...) {
+        pending->store(false);
+        throw;
+      }
+      pending->store(false);
+    });
+  }
+
+  // Until every peer's place is known (its host, pid and memory file), read the missing ones once an interval.
+  void learn_peers() {
+    for (std::int64_t r = 0; r < world_size_; ++r) {
+      if (r == rank_ || known_[r].pid > 0) continue;
+      try {
+        read_peer(r);
+      } catch (const std::exception&) {
+      }
+    }
   }
 
   void run() {
@@ -211,6 +272,11 @@ class Watchdog {
       lock.unlock();
       try {
         publish();
+        if (!all_known_) {
+          learn_peers();
+          all_known_ = std::all_of(known_.begin(), known_.end(), [](const auto& k) { return k.second.pid > 0; }) &&
+                       static_cast<std::int64_t>(known_.size()) >= world_size_ - 1;
+        }
       } catch (const std::exception&) {
         // A store that does not answer is reported when this rank is found waiting; publishing goes on trying.
       }
@@ -228,6 +294,11 @@ class Watchdog {
     std::string value;
     std::int64_t changed_ms = 0;
   };
+  struct Known {  // where a peer is, as it published it
+    std::int64_t pid = 0;
+    std::int64_t fd = -1;
+    std::string host;
+  };
 
   c10::intrusive_ptr<c10d::Store> store_;
   std::int64_t rank_;
@@ -240,6 +311,9 @@ class Watchdog {
   bool reported_ = false;
   std::int64_t busy_peer_ = -1;
   std::map<std::int64_t, Seen> seen_;  // each peer's store copy as last read, and when it last changed
+  std::map<std::int64_t, Known> known_;
+  bool all_known_ = false;
+  std::shared_ptr<std::atomic<bool>> publishing_ = std::make_shared<std::atomic<bool>>(false);
   std::mutex mutex_;
   std::condition_variable wake_;
   bool stop_ = false;
