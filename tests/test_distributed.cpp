@@ -660,11 +660,18 @@ TEST_CASE("two-trainers worker", "[.two_trainers_worker]") {
       auto model = test::linear_model();
       torch::optim::SGD optimizer(model->parameters(), 0.05);
       acc::Trainer<acc::Cpu, acc::FullPrecision> trainer(model, torch::nn::MSELoss(), optimizer);
-      if (trainer_index == 1) trainer.distributed() = acc::DataParallel(short_timeout(20s));
+      if (trainer_index == 1) trainer.distributed() = acc::DataParallel(acc::DataParallelOptions{});  // the same options
       trainer.set_output(test::quiet());
       trainer.train(data, {.num_epochs = 2, .per_device_batch_size = 4});
       outcome += " " + trainer.distributed().transport();
     }
+    // A third with another timeout would silently get the first one's group: it is an error naming both.
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), 0.05);
+    acc::Trainer<acc::Cpu, acc::FullPrecision> trainer(model, torch::nn::MSELoss(), optimizer);
+    trainer.distributed() = acc::DataParallel(short_timeout(20s));
+    trainer.set_output(test::quiet());
+    outcome += " | " + test::error_or_none([&] { trainer.train(data, {.num_epochs = 1, .per_device_batch_size = 4}); });
   } catch (const std::exception& e) {
     outcome = e.what();
   }
@@ -686,7 +693,10 @@ TEST_CASE("two trainers in one process under a launcher share one process group"
     CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
     std::ifstream in(dir / ("rank" + std::to_string(rank)));
     const std::string outcome((std::istreambuf_iterator<char>(in)), {});
-    CHECK(outcome == "finished accelerated_shared_memory accelerated_shared_memory");
+    CHECK_THAT(outcome, Catch::StartsWith("finished accelerated_shared_memory accelerated_shared_memory | "
+                                          "accelerated::DataParallel: this process already joined its run with "
+                                          "{timeout 300000 ms") &&
+                            Catch::Contains("this DataParallel asks for {timeout 20000 ms"));
   }
   std::filesystem::remove_all(dir);
 }

@@ -27,6 +27,7 @@
 #include <utility>
 
 #include "checkpoint.hpp"
+#include "run_folder.hpp"
 #include "run_history.hpp"
 #include "schedulers/state.hpp"
 #include "training_state.hpp"
@@ -224,6 +225,57 @@ AgreedLoad stage_on_every_rank(Distributed& distributed, Stage&& stage) {
   distributed.all_reduce_sum(std::span<double>(votes));
   for (const double v : votes) outcome.verdicts.push_back(static_cast<int>(v));
   return outcome;
+}
+
+// TrainOptions::resume_from_newest_in: the newest state that loads on every rank. Rank 0 names each candidate (by
+// file name, inside each rank's `dir`: ranks on other machines see their own copy of the folder), every rank tries it
+// (`stage(path)` returns an AgreedLoad) and the ranks vote, so that they resume from the same file or fall back
+// together; a state that is damaged, incomplete or diverged anywhere is reported and passed over, and the ones that
+// did load put back what they loaded. A state of another run's shape is an error, not damage. `commit(outcome, path)`
+// makes the agreed one the trainer's; `print(enabled, line)` reports.
+template <class Distributed, class Stage, class Commit, class Print>
+void resume_from_newest_agreed(const std::filesystem::path& dir, Distributed& distributed, Stage&& stage,
+                               Commit&& commit, Print&& print) {
+  const bool zero = distributed.rank() == 0;
+  const bool alone = distributed.num_processes() == 1;
+  std::vector<std::string> candidates;
+  if (zero) {
+    for (const auto& state : training_states_newest_first(dir)) candidates.push_back(state.filename().string());
+  }
+  std::string damaged;
+  for (std::size_t i = 0;; ++i) {
+    const auto name = text_of_rank_zero(distributed, i < candidates.size() ? candidates[i] : "");
+    if (name.empty()) break;
+    const auto state = dir / name;
+    auto outcome = stage(state);
+    if (outcome.everywhere()) {
+      commit(outcome, state);
+      print(zero, "Resuming from '" + state.string() + "'");
+      return;
+    }
+    if (!outcome.error.empty() && !alone) {
+      print(true, "accelerated: rank " + std::to_string(distributed.rank()) + " cannot read '" + state.string() +
+                      "': " + outcome.error);
+    }
+    if (outcome.refused_somewhere()) {
+      throw std::invalid_argument("accelerated::TrainOptions::resume_from_newest_in: '" + state.string() +
+                                  "' does not fit this run on " + outcome.failed_ranks() +
+                                  (outcome.error.empty() ? std::string() : ": " + outcome.error));
+    }
+    if (alone) {
+      print(true, "accelerated: the training state '" + state.string() +
+                      "' is damaged, incomplete or diverged, trying the one before it: " + outcome.error);
+    } else {
+      print(zero, "accelerated: the training state '" + name + "' does not load on " + outcome.failed_ranks() +
+                      " (damaged, incomplete or diverged); every rank tries the one before it");
+    }
+    damaged += (damaged.empty() ? "" : "; ") + ("'" + name + "' on " + outcome.failed_ranks()) +
+               (outcome.error.empty() ? std::string() : ": " + outcome.error);
+  }
+  if (!damaged.empty()) {
+    throw std::runtime_error("accelerated::TrainOptions::resume_from_newest_in: no training state in '" +
+                             dir.string() + "' loads on every rank: " + damaged);
+  }
 }
 
 // First half of a resume, before the run starts: the run (`here`, described as a position) must have the saved

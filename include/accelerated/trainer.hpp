@@ -48,6 +48,7 @@
 #include "detail/thread_default.hpp"
 #include "callbacks/list.hpp"
 #include "errors.hpp"
+#include "finite_state.hpp"
 #include "loss_meter.hpp"
 #include "model.hpp"
 #include "output.hpp"
@@ -62,6 +63,7 @@
 #include "run_config.hpp"
 #include "run_history.hpp"
 #include "step_failure.hpp"
+#include "stop_vote.hpp"
 #include "train_mode.hpp"
 #include "train_options.hpp"
 
@@ -228,7 +230,7 @@ class Trainer {
             bool training;
             ~RestoreMode() { set_training(module, training); }
           } restore{model_.module(), was_training};
-          reset_stop();
+          stop_.reset();
           place_modules();
           steps::evaluation_run_start::call(loop_, *this);
           emit<events::on_evaluation_run_start>();
@@ -241,7 +243,7 @@ class Trainer {
           }
           steps::evaluation_run_end::call(loop_, *this);
           emit<events::on_evaluation_run_end>();
-          rethrow_pending_error();
+          stop_.rethrow_pending();
         }
       }
     }
@@ -252,9 +254,7 @@ class Trainer {
   // throw StopTrainingError to abandon the current step at once). `non_finite_loss` (TerminateOnNan in a
   // multi-process run): every rank then throws NonFiniteLossError once the run has ended.
   void stop_training(std::string reason = "training stopped on request", bool non_finite_loss = false) {
-    stop_requested_ = true;
-    stop_reason_ = std::move(reason);
-    stop_non_finite_ = stop_non_finite_ || non_finite_loss;
+    stop_.ask(std::move(reason), non_finite_loss);
   }
 
   // ---- checkpoints ------------------------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ class Trainer {
 
   // Makes train()/evaluate() throw `error` once the run has ended cleanly (every callback saw its end event).
   void raise_after_run(std::exception_ptr error) {
-    if (!pending_error_) pending_error_ = std::move(error);
+    if (!stop_.pending_error) stop_.pending_error = std::move(error);
   }
 
   // ---- what steps and callbacks read ----------------------------------------------------------------------------
@@ -422,53 +422,16 @@ class Trainer {
   }
 
  private:
-  // TrainOptions::resume_from_newest_in: the newest state that loads on every rank. Rank 0 names each candidate (by
-  // file name, inside each rank's `dir`), every rank tries it and the ranks vote, so that they resume from the same
-  // file or fall back together; a state that is damaged anywhere is reported and passed over. A state of another
-  // run's shape is an error, not damage.
+  // TrainOptions::resume_from_newest_in: the newest state in `dir` that loads on every rank (resume.hpp).
   void resume_from_newest(const std::filesystem::path& dir) {
     distributed_.barrier();  // here, not per file: a failure to reach the peers is not a damaged file
-    const bool zero = distributed_.rank() == 0;
-    std::vector<std::string> candidates;
-    if (zero) {
-      for (const auto& state : training_states_newest_first(dir)) candidates.push_back(state.filename().string());
-    }
-    std::string damaged;
-    for (std::size_t i = 0;; ++i) {
-      const auto name = detail::text_of_rank_zero(distributed_, i < candidates.size() ? candidates[i] : "");
-      if (name.empty()) break;
-      const auto state = dir / name;
-      auto outcome = stage_everywhere(state);
-      if (outcome.everywhere()) {
-        resumed_from_ = state;
-        detail::commit_training_state(*outcome.staged, state_parts(), pending_resume_);
-        output_.print(zero, "Resuming from '", state.string(), "'");
-        return;
-      }
-      const bool alone = distributed_.num_processes() == 1;
-      if (!outcome.error.empty() && !alone) {
-        output_.print(true, "accelerated: rank ", distributed_.rank(), " cannot read '", state.string(),
-                      "': ", outcome.error);
-      }
-      if (outcome.refused_somewhere()) {
-        throw std::invalid_argument("accelerated::TrainOptions::resume_from_newest_in: '" + state.string() +
-                                    "' does not fit this run on " + outcome.failed_ranks() +
-                                    (outcome.error.empty() ? std::string() : ": " + outcome.error));
-      }
-      if (alone) {
-        output_.print(true, "accelerated: the training state '", state.string(),
-                      "' is damaged, incomplete or diverged, trying the one before it: ", outcome.error);
-      } else {
-        output_.print(zero, "accelerated: the training state '", name, "' does not load on ", outcome.failed_ranks(),
-                      " (damaged, incomplete or diverged); every rank tries the one before it");
-      }
-      damaged += (damaged.empty() ? "" : "; ") + ("'" + name + "' on " + outcome.failed_ranks()) +
-                 (outcome.error.empty() ? std::string() : ": " + outcome.error);
-    }
-    if (!damaged.empty()) {
-      throw std::runtime_error("accelerated::TrainOptions::resume_from_newest_in: no training state in '" +
-                               dir.string() + "' loads on every rank: " + damaged);
-    }
+    detail::resume_from_newest_agreed(
+        dir, distributed_, [&](const std::filesystem::path& state) { return stage_everywhere(state); },
+        [&](detail::AgreedLoad& outcome, const std::filesystem::path& state) {
+          resumed_from_ = state;
+          detail::commit_training_state(*outcome.staged, state_parts(), pending_resume_);
+        },
+        [&](bool enabled, const std::string& line) { output_.print(enabled, line); });
   }
 
   detail::AgreedLoad stage_everywhere(const std::filesystem::path& path) {
@@ -478,26 +441,13 @@ class Trainer {
     });
   }
 
-  // Before any save: a state holding a NaN or an infinity (weights, buffers, or the epoch's loss so far) on any rank
-  // is not written, so that `latest` and every saved file stay good. One read from the device and one all-reduce;
-  // every rank then throws the same NonFiniteLossError.
+  // Before any save: nothing non-finite is saved, on any rank (finite_state.hpp). One read from the device.
   void require_finite_state(const char* caller, const std::filesystem::path& path, bool with_loss) {
     auto bad = detail::first_non_finite(model_.module());
     if (bad.empty() && with_loss && !std::isfinite(train_tracker_.total())) bad = "the epoch's loss so far";
-    std::vector<double> votes(static_cast<std::size_t>(distributed_.num_processes()), 0.0);
-    votes[static_cast<std::size_t>(distributed_.rank())] = bad.empty() ? 0.0 : 1.0;
-    distributed_.all_reduce_sum(votes);
-    const auto first = std::find(votes.begin(), votes.end(), 1.0);
-    if (first == votes.end()) return;
-    const auto rank = static_cast<std::int64_t>(first - votes.begin());
-    throw NonFiniteLossError(
-        std::string("accelerated::Trainer::") + caller + ": not saving '" + path.string() + "': " +
-        (rank == distributed_.rank() ? "'" + bad + "'" : std::string("the state")) + " holds non-finite values" +
-        (run_config_.is_distributed ? " on rank " + std::to_string(rank) + " of " + std::to_string(votes.size())
-                                    : std::string()) +
-        " at epoch " + std::to_string(history_.current_epoch()) + ", update step " +
-        std::to_string(state_.update_step) +
-        " (the loss diverged); the files saved before are left as they were");
+    detail::require_finite_everywhere(distributed_, bad, caller, path,
+                                      " at epoch " + std::to_string(history_.current_epoch()) + ", update step " +
+                                          std::to_string(state_.update_step));
   }
 
   // A preemption signal was received on this process during a preemptible run.
@@ -530,7 +480,7 @@ class Trainer {
     distributed_.barrier();
     throw PreemptedError("accelerated::Trainer: preempted (" +
                          (signal != 0 ? detail::signal_name(signal) + " on rank " + std::to_string(distributed_.rank())
-                                      : "a signal on rank " + std::to_string(preempted_by_)) +
+                                      : "a signal on rank " + std::to_string(stop_.preempted_by)) +
                          ") at update step " + std::to_string(step) + "; the training state is saved as '" +
                          (dir / name).string() + "'" + requeued +
                          "; TrainOptions::resume_from_newest_in continues the run");
@@ -589,51 +539,15 @@ class Trainer {
     if (stop) stop_training(std::string("stop requested by a callback in ") + Event::name.data());
   }
 
-  // Whether to stop now. In a multi-process run the ranks decide together, at points every rank reaches at the same
-  // time (before each update step's backward, at each epoch's start and end): one all-reduce of a vote per rank
-  // (0 go on, 1 stop, 2 stop for a non-finite loss); the message names the first rank that asked.
+  // Whether to stop now: in a multi-process run the ranks vote (stop_vote.hpp).
   bool stop_agreed() {
-    if (!run_config_.is_distributed) return stop_requested_;
-    const auto rank = distributed_.rank();
-    std::vector<double> votes(static_cast<std::size_t>(run_config_.num_processes), 0.0);
-    votes[static_cast<std::size_t>(rank)] = stop_non_finite_ ? 2.0 : stop_requested_ ? 1.0 : preemption_received() ? 3.0 : 0.0;
-    distributed_.all_reduce_sum(votes);
-    const auto first = std::find_if(votes.begin(), votes.end(), [](double v) { return v != 0.0; });
-    if (first == votes.end()) return false;
-    const auto decider = static_cast<std::int64_t>(first - votes.begin());
-    // A preemption rides on the same vote (no collective of its own): every rank finishes this update and saves.
-    if (std::all_of(votes.begin(), votes.end(), [](double v) { return v == 0.0 || v == 3.0; })) {
-      if (!preempt_agreed_) preempted_by_ = decider;
-      preempt_agreed_ = true;
-      return false;
-    }
-    const auto decided = "rank " + std::to_string(decider) + " of " + std::to_string(votes.size());
-    const auto non_finite = std::find(votes.begin(), votes.end(), 2.0);
-    if (non_finite != votes.end()) {
-      // The same error on every rank, naming the rank that saw the loss.
-      const auto message = "accelerated: non-finite " + std::string(state_.training ? "train" : "eval") +
-                           " loss on rank " + std::to_string(non_finite - votes.begin()) + " of " +
-                           std::to_string(votes.size()) + " at epoch " + std::to_string(history_.current_epoch()) +
-                           ", step " + std::to_string(state_.step + 1) + "; training stopped";
-      pending_error_ = std::make_exception_ptr(NonFiniteLossError(message));
-      stop_reason_ = message;
-    } else {
-      stop_reason_ = decider == rank ? stop_reason_ + " (decided on " + decided + ")"
-                                     : "training stopped: decided on " + decided;
-    }
-    stop_requested_ = true;
-    return true;
-  }
-
-  void reset_stop() {
-    stop_requested_ = false;
-    stop_non_finite_ = false;
-    stop_reason_.clear();
-    pending_error_ = nullptr;
-  }
-
-  void rethrow_pending_error() {
-    if (pending_error_) std::rethrow_exception(std::exchange(pending_error_, nullptr));
+    if (!run_config_.is_distributed) return stop_.requested;
+    return stop_.agree(distributed_, preemption_received(), [this](std::int64_t rank, std::int64_t world) {
+      return "accelerated: non-finite " + std::string(state_.training ? "train" : "eval") + " loss on rank " +
+             std::to_string(rank) + " of " + std::to_string(world) + " at epoch " +
+             std::to_string(history_.current_epoch()) + ", step " + std::to_string(state_.step + 1) +
+             "; training stopped";
+    });
   }
 
   // The policies are bound to each other (accelerator.hpp), then the model, the loss module and every registered
@@ -717,7 +631,7 @@ class Trainer {
       train_config_ = run_config_;
       auto resume = std::exchange(pending_resume_, std::nullopt);
       if (options_.reset_run_history && !resume) history_.reset();
-      reset_stop();
+      stop_.reset();
       state_ = {};
       epochs_done_ = 0;
       train_tracker_.reset();
@@ -731,7 +645,7 @@ class Trainer {
       } idle_at_end{*this};
       std::optional<detail::PreemptionSignals> preemption;  // handlers for this run only
       if (options_.preemption_dir) preemption.emplace(options_.preemption_signals);
-      preempt_agreed_ = false;
+      stop_.preempt_agreed = false;
       std::int64_t first_batch = 0;
       if (resume) {
         detail::resume_run_shape(*resume, train_position(), state_parts());
@@ -759,7 +673,7 @@ class Trainer {
         bool reached_max_steps = false;
         try {
           detail::ScopedValue point(save_point_, detail::SavePoint::inside);  // back to outside when the epoch is left
-          if (stop_agreed()) throw StopTrainingError(stop_reason_);
+          if (stop_agreed()) throw StopTrainingError(stop_.reason);
           // The shuffling order follows the run history's epoch, so successive train() calls and resumed runs
           // each see a new order.
           train_loader.set_epoch(history_.current_epoch() - 1);
@@ -778,7 +692,7 @@ class Trainer {
           }
           history_.increment_epoch();
           ++epochs_done_;
-          if (stop_agreed()) throw StopTrainingError(stop_reason_);
+          if (stop_agreed()) throw StopTrainingError(stop_.reason);
         } catch (const StopTrainingError& error) {
           // A stop between an update's micro-steps leaves their gradients half accumulated: drop them, so that
           // nothing of this run leaks into the next train() call.
@@ -799,7 +713,7 @@ class Trainer {
       }
       steps::training_run_end::call(loop_, *this);
       emit<events::on_training_run_end>();
-      rethrow_pending_error();
+      stop_.rethrow_pending();
     }
   }
 
@@ -839,7 +753,7 @@ class Trainer {
         emit_in_epoch<events::on_train_step_end>(batch, output, step);
         // Ranks agree on a stop before an update's backward: a stop asked for on any rank since the last update
         // (a diverged loss among them) ends every rank here, before anything is averaged or stepped.
-        if (update && run_config_.is_distributed && stop_agreed()) throw StopTrainingError(stop_reason_);
+        if (update && run_config_.is_distributed && stop_agreed()) throw StopTrainingError(stop_.reason);
         if (group_size > 1) output.loss = output.loss / static_cast<double>(group_size);
         // The policy's guard arms gradient averaging here, once the loss exists (DataParallel's does).
         sync.arm(output.loss);
@@ -860,7 +774,7 @@ class Trainer {
           detail::ScopedValue point(save_point_, detail::SavePoint::update_end);
           emit_in_epoch<events::on_update_step_end>();
           // Multi-process: agreed in the vote before this update's backward; one process: the flag itself.
-          if (preempt_agreed_ || (!run_config_.is_distributed && preemption_received())) preempt();
+          if (stop_.preempt_agreed || (!run_config_.is_distributed && preemption_received())) preempt();
         }
         if (std::exchange(evaluation_requested_, false)) run_intermediate_evaluation(eval_loader);
       }
@@ -868,7 +782,7 @@ class Trainer {
       step_ended = std::chrono::steady_clock::now();
       state_.compute_seconds += std::chrono::duration<double>(step_ended - step_started).count();
       // A multi-process stop waits for the next update step (or the epoch's end), where the ranks agree.
-      if (stop_requested_ && !run_config_.is_distributed) throw StopTrainingError(stop_reason_);
+      if (stop_.requested && !run_config_.is_distributed) throw StopTrainingError(stop_.reason);
       return !reached_max_steps;
     }, prepare_loader(loader));
     steps::train_epoch_end::call(loop_, *this);
@@ -941,7 +855,7 @@ class Trainer {
         emit_in_epoch<events::on_eval_step_end>(batch, output);
         ++state_.step;
         // Ranks may run different numbers of eval batches: a multi-process stop waits for the epoch's end.
-        if (stop_requested_ && !run_config_.is_distributed) throw StopTrainingError(stop_reason_);
+        if (stop_.requested && !run_config_.is_distributed) throw StopTrainingError(stop_.reason);
       } else {
         tracker.add(output.loss, output.batch_size);
       }
@@ -1044,10 +958,7 @@ class Trainer {
   TrainOptions options_;
   TrainingState state_;
   Output output_;
-  bool stop_requested_ = false;
-  bool stop_non_finite_ = false;  // the stop is for a non-finite loss (multi-process TerminateOnNan)
-  std::string stop_reason_;
-  std::exception_ptr pending_error_;
+  detail::StopVote stop_;  // whether and why the run stops, and the preemption the ranks agreed on
   // training state and resume
   LossMeter train_tracker_;                 // the current training epoch's loss so far
   std::int64_t epochs_done_ = 0;            // epochs of the current run completed
@@ -1058,9 +969,6 @@ class Trainer {
   // what callbacks may ask for during a run
   bool epoch_starting_ = false;             // inside on_train_epoch_start / on_eval_epoch_start
   bool evaluation_requested_ = false;
-  // preemption (TrainOptions::preemption_dir)
-  bool preempt_agreed_ = false;
-  std::int64_t preempted_by_ = 0;  // the first rank that voted for it
   std::function<double()> eval_pass_;
   // Last, so that the callbacks' state never moves the other members: the step loop's machine code is the same with
   // or without callbacks that do not handle its events (tests/zero_cost).

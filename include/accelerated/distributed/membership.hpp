@@ -23,6 +23,7 @@ struct Membership {
   std::string cuda_backend;  // what carries CUDA tensors, once a model on a GPU was prepared ("" before)
   Heartbeat heartbeat;                  // this process's step and phase
   std::unique_ptr<Watchdog> watchdog;   // launcher runs only; publishes the heartbeat and watches for a hang
+  std::string options;                  // the joining DataParallel's options, as DataParallel words them
 };
 
 // The membership of `env` in this process: made by `join` the first time, shared after.

@@ -176,10 +176,32 @@ class DataParallel {
             std::_Exit(hang_exit_code);  // the training thread is blocked in the collective: only an exit ends it
           },
           interval);
+      joined->options = options_text();
       return joined;
     });
+    if (membership_->options != options_text()) {
+      const auto joined = membership_->options;
+      membership_.reset();
+      throw std::invalid_argument(
+          "accelerated::DataParallel: this process already joined its run with " + joined +
+          "; this DataParallel asks for " + options_text() +
+          ". A process has one process group, shared by every DataParallel in it (distributed/membership.hpp): give "
+          "them the same timeout, watchdog threshold, transport and CUDA backend");
+    }
 #endif
   }
+
+#if ACCELERATED_HAS_GLOO
+  // The options the process group is made with, which every DataParallel of a process must share.
+  std::string options_text() const {
+    static const char* transports[] = {"automatic", "gloo", "shared_memory"};
+    static const char* backends[] = {"automatic", "nccl", "gloo"};
+    return "{timeout " + std::to_string(options_.timeout.count()) + " ms, watchdog threshold " +
+           std::to_string(options_.watchdog_threshold.count()) + " ms, transport " +
+           transports[static_cast<int>(options_.transport)] + ", CUDA backend " +
+           backends[static_cast<int>(options_.cuda_backend)] + "}";
+  }
+#endif
 
   // What carries the gradients: "accelerated_shared_memory", "gloo", "nccl" (a model on a GPU, once prepared), or
   // "none" for a single process or before the process group is joined.

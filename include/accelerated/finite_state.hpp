@@ -1,0 +1,35 @@
+#pragma once
+// No save of a diverged state: before every save, the ranks agree in one all-reduce whether any of them holds a NaN
+// or an infinity (its weights, buffers or the loss it saves). If one does, nothing is written, `latest` keeps naming
+// the last good state, and every rank throws the same NonFiniteLossError. The check on one module is
+// detail::first_non_finite (checkpoint.hpp).
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "errors.hpp"
+
+namespace accelerated::detail {
+
+// `bad_here`: what is not finite on this rank ("model/fc1.weight"), or "". `where`: " at epoch 2, update step 30".
+template <class Distributed>
+void require_finite_everywhere(Distributed& distributed, const std::string& bad_here, const std::string& caller,
+                               const std::filesystem::path& path, const std::string& where) {
+  std::vector<double> votes(static_cast<std::size_t>(distributed.num_processes()), 0.0);
+  votes[static_cast<std::size_t>(distributed.rank())] = bad_here.empty() ? 0.0 : 1.0;
+  distributed.all_reduce_sum(std::span<double>(votes));
+  const auto first = std::find(votes.begin(), votes.end(), 1.0);
+  if (first == votes.end()) return;
+  const auto rank = static_cast<std::int64_t>(first - votes.begin());
+  throw NonFiniteLossError(
+      "accelerated::Trainer::" + caller + ": not saving '" + path.string() + "': " +
+      (rank == distributed.rank() ? "'" + bad_here + "'" : std::string("the state")) + " holds non-finite values" +
+      (votes.size() > 1 ? " on rank " + std::to_string(rank) + " of " + std::to_string(votes.size()) : std::string()) +
+      where + " (the loss diverged); the files saved before are left as they were");
+}
+
+}  // namespace accelerated::detail

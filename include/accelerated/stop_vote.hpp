@@ -1,0 +1,74 @@
+#pragma once
+// Whether and why a run stops, and the vote in which the ranks of a multi-process run agree on it. A stop asked for
+// on one rank (a callback, TerminateOnNan, a preemption signal) is decided at points every rank reaches at the same
+// time (before each update step's backward, at each epoch's start and end), in one all-reduce of one vote per rank:
+// 0 go on, 1 stop, 2 stop for a non-finite loss, 3 preempt. Every rank then stops at the same step, naming the first
+// rank that asked; a preemption rides on the same vote (no collective of its own).
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "errors.hpp"
+
+namespace accelerated::detail {
+
+struct StopVote {
+  bool requested = false;
+  bool non_finite = false;            // the stop is for a non-finite loss (multi-process TerminateOnNan)
+  std::string reason;
+  std::exception_ptr pending_error;   // thrown once the run has ended cleanly
+  bool preempt_agreed = false;        // the ranks agreed to save and end at this update step
+  std::int64_t preempted_by = 0;      // the first rank that voted for it
+
+  void ask(std::string why, bool non_finite_loss) {
+    requested = true;
+    reason = std::move(why);
+    non_finite = non_finite || non_finite_loss;
+  }
+  void reset() {
+    requested = false;
+    non_finite = false;
+    reason.clear();
+    pending_error = nullptr;
+  }
+  void rethrow_pending() {
+    if (pending_error) std::rethrow_exception(std::exchange(pending_error, nullptr));
+  }
+
+  // The ranks vote; true when they stop now. `preemption_received`: this rank holds a preemption signal.
+  // `non_finite_message(rank, world)` words the error every rank throws for a non-finite loss seen on `rank`.
+  template <class Distributed, class NonFiniteMessage>
+  bool agree(Distributed& distributed, bool preemption_received, NonFiniteMessage&& non_finite_message) {
+    const auto rank = distributed.rank();
+    std::vector<double> votes(static_cast<std::size_t>(distributed.num_processes()), 0.0);
+    votes[static_cast<std::size_t>(rank)] = non_finite ? 2.0 : requested ? 1.0 : preemption_received ? 3.0 : 0.0;
+    distributed.all_reduce_sum(std::span<double>(votes));
+    const auto first = std::find_if(votes.begin(), votes.end(), [](double v) { return v != 0.0; });
+    if (first == votes.end()) return false;
+    const auto decider = static_cast<std::int64_t>(first - votes.begin());
+    if (std::all_of(votes.begin(), votes.end(), [](double v) { return v == 0.0 || v == 3.0; })) {
+      if (!preempt_agreed) preempted_by = decider;  // every rank finishes this update and saves
+      preempt_agreed = true;
+      return false;
+    }
+    const auto world = static_cast<std::int64_t>(votes.size());
+    const auto decided = "rank " + std::to_string(decider) + " of " + std::to_string(world);
+    const auto seen = std::find(votes.begin(), votes.end(), 2.0);
+    if (seen != votes.end()) {
+      // The same error on every rank, naming the rank that saw the loss.
+      reason = non_finite_message(static_cast<std::int64_t>(seen - votes.begin()), world);
+      pending_error = std::make_exception_ptr(NonFiniteLossError(reason));
+    } else {
+      reason = decider == rank ? reason + " (decided on " + decided + ")" : "training stopped: decided on " + decided;
+    }
+    requested = true;
+    return true;
+  }
+};
+
+}  // namespace accelerated::detail
