@@ -49,19 +49,20 @@ inline std::vector<std::pair<std::string, torch::Tensor>> state_dict_of(const to
 inline void save_state_dict(std::vector<std::pair<std::string, torch::Tensor>> entries,
                             const std::filesystem::path& path) {
   for (auto& [name, tensor] : entries) tensor = tensor.detach().to(torch::kCPU).contiguous();
-  std::string bytes;
-  caffe2::serialize::PyTorchStreamWriter writer([&](const void* data, std::size_t size) {
-    bytes.append(static_cast<const char*>(data), size);
-    return size;
-  });
   const auto pickled = detail::pickle::write_state_dict_pickle(entries);
-  writer.writeRecord("data.pkl", pickled.data(), pickled.size());
-  for (std::size_t i = 0; i < entries.size(); ++i) {
-    const auto& tensor = entries[i].second;
-    writer.writeRecord("data/" + std::to_string(i), tensor.data_ptr(), tensor.numel() * tensor.element_size());
-  }
-  writer.writeEndOfFile();
-  detail::write_file_atomically(path, bytes);
+  // Streamed into the temporary file as the zip is written: no copy of the file is held in memory.
+  detail::write_atomically_to_fd(path, [&](int fd) {
+    caffe2::serialize::PyTorchStreamWriter writer([&](const void* data, std::size_t size) {
+      detail::write_all(fd, data, size, path);
+      return size;
+    });
+    writer.writeRecord("data.pkl", pickled.data(), pickled.size());
+    for (std::size_t i = 0; i < entries.size(); ++i) {
+      const auto& tensor = entries[i].second;
+      writer.writeRecord("data/" + std::to_string(i), tensor.data_ptr(), tensor.numel() * tensor.element_size());
+    }
+    writer.writeEndOfFile();
+  });
 }
 
 // Writes `module`'s parameters and buffers (state_dict_of) as torch.save(model.state_dict(), path) does; Python

@@ -73,23 +73,37 @@ void write_atomically(const std::filesystem::path& path, Fill&& fill) {
   remove_stale_temporaries(path);
 }
 
-inline void write_file_atomically(const std::filesystem::path& path, std::string_view bytes) {
+// Writes all of `bytes` to `fd` (a temporary file of `path`), across partial writes and interruptions.
+inline void write_all(int fd, const void* bytes, std::size_t size, const std::filesystem::path& path) {
+  const auto* data = static_cast<const char*>(bytes);
+  std::size_t done = 0;
+  while (done < size) {
+    const auto n = ::write(fd, data + done, size - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw write_error(path, "write failed", errno);
+    }
+    done += static_cast<std::size_t>(n);
+  }
+}
+
+// Writes `path` atomically from a writer that streams into a file descriptor: `fill(fd)` is called with the
+// temporary file open for writing.
+template <class Fill>
+void write_atomically_to_fd(const std::filesystem::path& path, Fill&& fill) {
   write_atomically(path, [&](const std::string& temporary) {
     const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) throw write_error(path, "cannot create a temporary file", errno);
-    std::size_t done = 0;
-    while (done < bytes.size()) {
-      const auto n = ::write(fd, bytes.data() + done, bytes.size() - done);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        const int error = errno;
-        ::close(fd);
-        throw write_error(path, "write failed", error);
-      }
-      done += static_cast<std::size_t>(n);
-    }
-    ::close(fd);
+    struct Close {
+      int fd;
+      ~Close() { ::close(fd); }
+    } close{fd};
+    fill(fd);
   });
+}
+
+inline void write_file_atomically(const std::filesystem::path& path, std::string_view bytes) {
+  write_atomically_to_fd(path, [&](int fd) { write_all(fd, bytes.data(), bytes.size(), path); });
 }
 
 }  // namespace accelerated::detail
