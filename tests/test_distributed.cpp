@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "helpers.hpp"
+#include "ranks_as_threads.hpp"
 
 namespace acc = accelerated;
 using namespace std::chrono_literals;
@@ -53,19 +54,7 @@ struct ScopedEnv {
 
 using ParallelTrainer = acc::Trainer<acc::Cpu, acc::FullPrecision, acc::DataParallel>;
 
-// Runs `body(rank, store)` on `world` threads and returns what each returned; rethrows the first failure.
-template <class Body>
-auto run_ranks(int world, Body body) {
-  auto store = c10::make_intrusive<c10d::HashStore>();
-  using Result = decltype(body(0, store));
-  std::vector<std::future<Result>> futures;
-  for (int rank = 0; rank < world; ++rank) {
-    futures.push_back(std::async(std::launch::async, [=] { return body(rank, store); }));
-  }
-  std::vector<Result> results;
-  for (auto& f : futures) results.push_back(f.get());
-  return results;
-}
+using test::run_ranks;
 
 acc::DataParallelOptions short_timeout(std::chrono::milliseconds timeout = 20s,
                                        acc::distributed::Transport transport = acc::distributed::Transport::automatic) {

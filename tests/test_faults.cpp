@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "helpers.hpp"
+#include "ranks_as_threads.hpp"
 
 namespace acc = accelerated;
 namespace cb = accelerated::callbacks;
@@ -25,19 +26,7 @@ using namespace std::chrono_literals;
 
 namespace {
 
-// Runs `body(rank, store)` on `world` threads and returns what each returned; rethrows the first failure.
-template <class Body>
-auto run_ranks(int world, Body body) {
-  auto store = c10::make_intrusive<c10d::HashStore>();
-  using Result = decltype(body(0, store));
-  std::vector<std::future<Result>> futures;
-  for (int rank = 0; rank < world; ++rank) {
-    futures.push_back(std::async(std::launch::async, [=] { return body(rank, store); }));
-  }
-  std::vector<Result> results;
-  for (auto& f : futures) results.push_back(f.get());
-  return results;
-}
+using test::run_ranks;
 
 acc::DataParallelOptions short_timeout() {
   acc::DataParallelOptions options;
