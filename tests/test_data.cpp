@@ -10,9 +10,12 @@
 #include <range/v3/view/transform.hpp>
 #include <set>
 
+#include <atomic>
+
 #include "helpers.hpp"
 
 namespace acc = accelerated;
+using namespace std::chrono_literals;
 namespace data = accelerated::data;
 
 TEST_CASE("the sampler's order is a seeded permutation that changes per epoch", "[data][sampler]") {
@@ -449,19 +452,33 @@ bool on_data_worker() {
 
 TEST_CASE("a starved worker does not stall the loop: the training thread builds the batch itself",
           "[data][prefetch]") {
-  // Workers that get no CPU (here: they sleep, as a worker at idle priority on a busy machine waits for a core).
+  // Workers that get no CPU: a busy machine. One spinning thread per core at normal priority leaves the
+  // idle-priority workers runnable but waiting for a core; they work (spin) 200 ms on every fourth example.
   const auto raw = small_images(40, 1);
   const auto slow_on_workers = data::augment(raw, tf::random_horizontal_flip() | tf::lambda([](tf::ExampleView v) {
                                                if (v.index % 4 == 0 && on_data_worker()) {
-                                                 std::this_thread::sleep_for(std::chrono::milliseconds(200));
+                                                 const auto until = std::chrono::steady_clock::now() + 200ms;
+                                                 while (std::chrono::steady_clock::now() < until) {
+                                                 }
                                                }
                                              }));
   data::Loader loader(slow_on_workers, data::EpochSampler(40, {.batch_size = 2, .shuffle = true}));
   std::vector<torch::Tensor> reference;
   data::for_each_batch(loader, 0, loader.size(), [&](auto&& b) { reference.push_back(b.data); return true; });
   data::Prefetcher<decltype(loader)> ahead(loader, 0, loader.size(), {.workers = 2, .depth = 4});
+  struct Hogs {  // destroyed before `ahead`, so the workers can then finish the batch they hold
+    std::atomic<bool> stop{false};
+    std::vector<std::thread> threads;
+    explicit Hogs(int n) {
+      for (int i = 0; i < n; ++i) threads.emplace_back([this] { while (!stop.load(std::memory_order_relaxed)) {} });
+    }
+    ~Hogs() {
+      stop = true;
+      for (auto& t : threads) t.join();
+    }
+  } hogs(data::default_num_workers());
   for (std::int64_t b = 0; b < loader.size(); ++b) CHECK(torch::equal(ahead.next().data, reference[static_cast<std::size_t>(b)]));
-  // Each worker sleeps 200 ms on half of its batches: in the time the caller takes for 20 batches they finish a few.
+  // Starved workers finish few of their batches while the caller builds 20: it takes over the rest.
   CHECK(ahead.built_here() >= 10);
 }
 
