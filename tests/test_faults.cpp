@@ -85,6 +85,8 @@ TEST_CASE("ranks that read different newest states resume together from the same
   const auto shared = base / "shared";
   CHECK_THROWS_WITH(run({shared, shared}, 5, nullptr), Catch::Contains("simulated crash"));
   REQUIRE(acc::latest_training_state(shared)->filename() == "step_4.pt");
+  const auto crashed = base / "crashed";  // the folder as the crash left it, for the second case
+  fs::copy(shared, crashed);
   // Rank 1 sees the newest state cut short (a stale network-filesystem cache, a read error); rank 0 reads it whole.
   const auto stale = base / "stale_view";
   fs::copy(shared, stale);
@@ -97,6 +99,19 @@ TEST_CASE("ranks that read different newest states resume together from the same
   CHECK_THAT(printed[1], Catch::Contains("rank 1 cannot read '" + (stale / "step_4.pt").string() + "'"));
   CHECK(torch::equal(resumed[0], reference[0]));
   CHECK(torch::equal(resumed[1], reference[1]));
+
+  // Rank 1's copy of the newest state is whole but stale (another state under the same name): the ranks compare where
+  // their copies stand, and fall back together rather than resume at different update steps.
+  const auto stale_whole = base / "stale_whole";
+  fs::copy(crashed, stale_whole);
+  fs::copy_file(crashed / "step_2.pt", stale_whole / "step_4.pt", fs::copy_options::overwrite_existing);
+  std::vector<std::string> printed_stale(2);
+  const auto resumed_stale = run({crashed, stale_whole}, 0, &printed_stale);
+  INFO("rank 0 printed: " << printed_stale[0] << "\nrank 1 printed: " << printed_stale[1]);
+  CHECK_THAT(printed_stale[1], Catch::Contains("this copy is at update step 2, rank 0's at 4 (a stale copy?)"));
+  CHECK_THAT(printed_stale[0], Catch::Contains("Resuming from '" + (crashed / "step_2.pt").string() + "'"));
+  CHECK(torch::equal(resumed_stale[0], reference[0]));
+  CHECK(torch::equal(resumed_stale[1], reference[1]));
 
   // A state one rank refuses (another run's shape) is refused on every rank, at once, not after a timeout.
   const auto started = std::chrono::steady_clock::now();
@@ -224,6 +239,24 @@ TEST_CASE("a loss that diverges between checks leaves no saved state with a non-
                                       {acc::detail::generator_state(torch::kCPU).unsqueeze(0), {}}, {});
     acc::record_latest_training_state(planted, "step_30.pt");
   }
+  {  // A buffer of -inf (an attention mask) is legitimate: only parameters are checked.
+    struct Masked : torch::nn::Module {
+      Masked() {
+        fc = register_module("fc", torch::nn::Linear(8, 1));
+        mask = register_buffer("mask", torch::full({4, 4}, -std::numeric_limits<float>::infinity()).triu(1));
+      }
+      torch::Tensor forward(torch::Tensor x) { return fc(x); }
+      torch::nn::Linear fc{nullptr};
+      torch::Tensor mask;
+    };
+    auto masked = std::make_shared<Masked>();
+    torch::optim::SGD optimizer(masked->parameters(), 0.01);
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess> trainer(acc::Model(masked), torch::nn::MSELoss(),
+                                                                           optimizer);
+    CHECK_NOTHROW(trainer.save_training_state(base / "masked.pt"));
+    CHECK_NOTHROW(trainer.save_checkpoint(base / "masked_checkpoint.pt"));
+    CHECK_NOTHROW(trainer.load_training_state(base / "masked.pt"));
+  }
   DivergingRun from_planted{planted, 0, planted};
   from_planted();
   CHECK_THAT(from_planted.printed, Catch::Contains("holds non-finite values in 'model/weight'"));
@@ -333,6 +366,13 @@ TEST_CASE("a training state that fails to load past the weights leaves the model
   trainer.train(test::regression_data(32), again);
   untouched.train(test::regression_data(32), again);
   CHECK(torch::equal(test::flat_parameters(*model), test::flat_parameters(*twin)));
+  // An optimizer with no state yet has none after a failed load either (Optimizer::load only adds entries).
+  auto fresh = test::linear_model();
+  torch::optim::SGD fresh_optimizer(fresh->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess> fresh_trainer(fresh, torch::nn::MSELoss(),
+                                                                               fresh_optimizer);
+  CHECK_THROWS(fresh_trainer.load_training_state(dir / "cut.pt"));
+  CHECK(fresh_optimizer.state().empty());
   fs::remove_all(dir);
 }
 

@@ -16,6 +16,7 @@
 #include <filesystem>
 #include <typeinfo>
 #include <map>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -49,12 +50,11 @@ inline torch::Tensor finiteness_probe(const torch::Tensor& t) {
   return narrow ? t.detach().sum(torch::kFloat) : t.detach().sum().to(torch::kDouble);
 }
 
-// The first of the module's parameters and buffers that holds a NaN or an infinity, as "model/<name>", or "" when
-// every value is finite. One read from the device for the whole module (a host sync on a GPU: once per save).
+// The first of the module's parameters that holds a NaN or an infinity, as "model/<name>", or "" when every value is
+// finite. Buffers are not checked: a mask of -inf is a legitimate buffer. One read from the device for the module.
 inline std::string first_non_finite(const torch::nn::Module& module) {
   std::vector<std::pair<std::string, torch::Tensor>> floating;
   for (const auto& item : module.named_parameters()) floating.emplace_back(item.key(), item.value());
-  for (const auto& item : module.named_buffers()) floating.emplace_back(item.key(), item.value());
   std::erase_if(floating, [](const auto& entry) {
     return !entry.second.defined() || !at::isFloatingType(entry.second.scalar_type()) || entry.second.numel() == 0;
   });
@@ -74,12 +74,16 @@ inline bool has_non_finite(const torch::Tensor& value) {
          !finiteness_probe(value).isfinite().item<bool>();
 }
 
-// Loads every entry of `module` from `archive`, checking each key and shape first; with `require_finite`, a value
+// Loads every entry of `module` from `archive`, checking each key and shape first; with `require_finite`, a parameter
 // holding a NaN or an infinity is refused too (a training state saved after the loss diverged).
 inline void read_module(torch::serialize::InputArchive& archive, torch::nn::Module& module, const std::string& file,
                         const std::string& caller, bool require_finite = false) {
   std::map<std::string, torch::Tensor> targets, loaded;
-  for (const auto& item : module.named_parameters()) targets.emplace(item.key(), item.value());
+  std::set<std::string> parameters;
+  for (const auto& item : module.named_parameters()) {
+    targets.emplace(item.key(), item.value());
+    parameters.insert(item.key());
+  }
   for (const auto& item : module.named_buffers()) targets.emplace(item.key(), item.value());
   for (const auto& [key, target] : targets) {  // check everything first: a failed load changes nothing
     torch::Tensor value;
@@ -91,7 +95,7 @@ inline void read_module(torch::serialize::InputArchive& archive, torch::nn::Modu
       throw std::runtime_error("accelerated::" + caller + ": 'model/" + key + "' has shape " + shape_of(value) +
                                " in '" + file + "' but " + shape_of(target) + " in the model");
     }
-    if (require_finite && has_non_finite(value)) {
+    if (require_finite && parameters.count(key) != 0 && has_non_finite(value)) {
       throw std::runtime_error("accelerated::" + caller + ": '" + file + "' holds non-finite values in 'model/" +
                                key + "' (saved after the loss diverged?); it is not a state to resume from");
     }
@@ -171,6 +175,8 @@ class LoadTransaction {
       for (auto& t : module_.parameters()) t.copy_(saved_[i++]);
       for (auto& t : module_.buffers()) t.copy_(saved_[i++]);
       if (optimizer_ != nullptr) {
+        // Optimizer::load only adds entries: drop what the failed load put there (a fresh optimizer has none).
+        optimizer_->state().clear();
         torch::serialize::InputArchive state;
         std::istringstream in(optimizer_state_.str());
         state.load_from(in);

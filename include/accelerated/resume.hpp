@@ -175,10 +175,12 @@ std::string text_of_rank_zero(Distributed& distributed, const std::string& text)
   double length = zero ? static_cast<double>(text.size()) : 0.0;
   distributed.all_reduce_sum(std::span<double>(&length, 1));
   std::vector<double> bytes(static_cast<std::size_t>(length), 0.0);
-  if (zero) std::copy(text.begin(), text.end(), bytes.begin());
+  if (zero) {
+    for (std::size_t i = 0; i < text.size(); ++i) bytes[i] = static_cast<unsigned char>(text[i]);
+  }
   distributed.all_reduce_sum(std::span<double>(bytes));
   std::string agreed;
-  for (const double b : bytes) agreed.push_back(static_cast<char>(static_cast<unsigned char>(b)));
+  for (const double b : bytes) agreed.push_back(static_cast<char>(static_cast<int>(b)));
   return agreed;
 }
 
@@ -220,10 +222,29 @@ AgreedLoad stage_on_every_rank(Distributed& distributed, Stage&& stage) {
     outcome.mine = AgreedLoad::damaged;
     outcome.error = error.what();
   }
-  std::vector<double> votes(static_cast<std::size_t>(distributed.num_processes()), 0.0);
-  votes[static_cast<std::size_t>(distributed.rank())] = static_cast<double>(outcome.mine);
+  // One all-reduce: each rank's verdict, and where its copy stands (update step, epochs done), so that ranks that
+  // loaded files of the same name but not the same state (a stale copy on another machine) do not go on apart.
+  const auto world = static_cast<std::size_t>(distributed.num_processes());
+  const auto rank = static_cast<std::size_t>(distributed.rank());
+  std::vector<double> votes(3 * world, 0.0);
+  votes[rank] = static_cast<double>(outcome.mine);
+  if (outcome.staged) {
+    votes[world + rank] = static_cast<double>(outcome.staged->resume.position.update_step);
+    votes[2 * world + rank] = static_cast<double>(outcome.staged->resume.position.epochs_done);
+  }
   distributed.all_reduce_sum(std::span<double>(votes));
-  for (const double v : votes) outcome.verdicts.push_back(static_cast<int>(v));
+  for (std::size_t r = 0; r < world; ++r) {
+    int verdict = static_cast<int>(votes[r]);
+    const bool differs = votes[world + r] != votes[world] || votes[2 * world + r] != votes[2 * world];
+    if (verdict == AgreedLoad::loaded && votes[0] == AgreedLoad::loaded && differs) verdict = AgreedLoad::damaged;
+    outcome.verdicts.push_back(verdict);
+  }
+  if (outcome.staged && outcome.verdicts[rank] != AgreedLoad::loaded) {  // this rank's copy is not rank 0's state
+    outcome.mine = AgreedLoad::damaged;
+    outcome.error = "this copy is at update step " + std::to_string(static_cast<std::int64_t>(votes[world + rank])) +
+                    ", rank 0's at " + std::to_string(static_cast<std::int64_t>(votes[world])) + " (a stale copy?)";
+    outcome.staged.reset();  // puts back what it loaded
+  }
   return outcome;
 }
 

@@ -52,16 +52,28 @@ inline void save_state_dict(std::vector<std::pair<std::string, torch::Tensor>> e
   const auto pickled = detail::pickle::write_state_dict_pickle(entries);
   // Streamed into the temporary file as the zip is written: no copy of the file is held in memory.
   detail::write_atomically_to_fd(path, [&](int fd) {
-    caffe2::serialize::PyTorchStreamWriter writer([&](const void* data, std::size_t size) {
-      detail::write_all(fd, data, size, path);
-      return size;
-    });
-    writer.writeRecord("data.pkl", pickled.data(), pickled.size());
-    for (std::size_t i = 0; i < entries.size(); ++i) {
-      const auto& tensor = entries[i].second;
-      writer.writeRecord("data/" + std::to_string(i), tensor.data_ptr(), tensor.numel() * tensor.element_size());
+    // The writer must not see an exception (its destructor would write again and terminate): the first write error
+    // is kept, the rest of the bytes are dropped, and the error is thrown once the writer is done.
+    std::exception_ptr failed;
+    {
+      caffe2::serialize::PyTorchStreamWriter writer([&](const void* data, std::size_t size) {
+        if (!failed) {
+          try {
+            detail::write_all(fd, data, size, path);
+          } catch (...) {
+            failed = std::current_exception();
+          }
+        }
+        return size;
+      });
+      writer.writeRecord("data.pkl", pickled.data(), pickled.size());
+      for (std::size_t i = 0; i < entries.size(); ++i) {
+        const auto& tensor = entries[i].second;
+        writer.writeRecord("data/" + std::to_string(i), tensor.data_ptr(), tensor.numel() * tensor.element_size());
+      }
+      writer.writeEndOfFile();
     }
-    writer.writeEndOfFile();
+    if (failed) std::rethrow_exception(failed);
   });
 }
 

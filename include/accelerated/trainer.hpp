@@ -263,6 +263,7 @@ class Trainer {
   void save_checkpoint(const std::filesystem::path& path, const std::map<std::string, double>& values = {},
                        bool save_optimizer = true) {
     require_finite_state("save_checkpoint", path, false);
+    beat(distributed::Phase::checkpoint);  // a slow write is a busy rank 0, not a hang, to the others' watchdogs
     if (distributed_.rank() == 0) {
       accelerated::save_checkpoint(path, model_.module(), save_optimizer ? optimizer_ : nullptr, values);
     }
@@ -435,6 +436,7 @@ class Trainer {
   }
 
   detail::AgreedLoad stage_everywhere(const std::filesystem::path& path) {
+    beat(distributed::Phase::checkpoint);  // reading a large state is busy, not hung
     return detail::stage_on_every_rank(distributed_, [&] {
       return detail::stage_training_state(path, state_parts(), distributed_.num_processes(), distributed_.rank(),
                                           device_.device());

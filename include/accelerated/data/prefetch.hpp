@@ -185,7 +185,7 @@ class Prefetcher {
     if (tid <= 0) return -1.0;
     std::ifstream in("/proc/self/task/" + std::to_string(tid) + "/schedstat");
     unsigned long long on_cpu = 0, waiting = 0;
-    if (!(in >> on_cpu >> waiting)) return -1.0;
+    if (!(in >> on_cpu >> waiting) || on_cpu == 0) return -1.0;  // zeros: the kernel keeps no scheduler statistics
     return 1e-9 * static_cast<double>(waiting);
   }
 

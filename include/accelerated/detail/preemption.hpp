@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <exception>
 #include <string>
 #include <vector>
 
@@ -34,7 +35,10 @@ class PreemptionSignals {
   }
   ~PreemptionSignals() {
     for (const auto& [signal, previous] : installed_) ::sigaction(signal, &previous, nullptr);
-    if (const int signal = preemption_signal.exchange(0)) ::raise(signal);
+    // Not while an error ends the run: the error ends the process (exit code 1), as it would have without a signal.
+    if (const int signal = preemption_signal.exchange(0); signal != 0 && std::uncaught_exceptions() == 0) {
+      ::raise(signal);
+    }
   }
   PreemptionSignals(const PreemptionSignals&) = delete;
   PreemptionSignals& operator=(const PreemptionSignals&) = delete;

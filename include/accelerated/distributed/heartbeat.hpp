@@ -111,11 +111,12 @@ struct HeartbeatReading {
 inline std::optional<HeartbeatReading> read_local_heartbeat(std::int64_t pid, std::int64_t fd) {
   if (pid <= 0 || fd < 0) return std::nullopt;
   const auto path = "/proc/" + std::to_string(pid) + "/fd/" + std::to_string(fd);
-  const int file = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  const int file = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // a reused pid's FIFO must not block
   if (file < 0) return std::nullopt;
   struct stat info {};
   void* memory = MAP_FAILED;
-  if (::fstat(file, &info) == 0 && info.st_size >= static_cast<off_t>(sizeof(HeartbeatSlot))) {
+  if (::fstat(file, &info) == 0 && S_ISREG(info.st_mode) &&
+      info.st_size >= static_cast<off_t>(sizeof(HeartbeatSlot))) {
     memory = ::mmap(nullptr, sizeof(HeartbeatSlot), PROT_READ, MAP_SHARED, file, 0);
   }
   ::close(file);

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
+#include <filesystem>
 #include <functional>
 #include <future>
 #include <memory>
@@ -76,8 +77,7 @@ class Watchdog {
            std::chrono::milliseconds threshold, std::function<void(const std::string&)> on_hang,
            std::chrono::milliseconds interval = std::chrono::seconds(1))
       : store_(std::move(store)), rank_(rank), world_size_(world_size), heartbeat_(heartbeat), threshold_(threshold),
-        interval_(interval), on_hang_(std::move(on_hang)), host_(accelerated::detail::host_name()), thread_([this] { run(); }) {
-    if (host_.empty()) host_ = "unknown";
+        interval_(interval), on_hang_(std::move(on_hang)), host_(known_host()), pid_namespace_(own_pid_namespace()), thread_([this] { run(); }) {
   }
   ~Watchdog() {
     {
@@ -96,6 +96,7 @@ class Watchdog {
  private:
   // The report as it would be made now (on the watchdog's thread: it keeps what it has seen of each peer).
   std::string describe() {
+    store_unreachable_ = false;
     std::vector<PeerView> peers;
     for (std::int64_t r = 0; r < world_size_; ++r) {
       if (r != rank_) peers.push_back(read_peer(r));  // each store read bounded by store_wait()
@@ -123,8 +124,11 @@ class Watchdog {
       return !published || (!store_error.empty() && !exact) || process_state == "stopped" ||
              process_state == "gone" || !fresh;
     }
-    // Working on something of its own (a save, an evaluation, a long forward): not hung, and not waiting on others.
-    bool busy() const { return !silent() && phase != Phase::idle && !waits_on_peers(phase); }
+    // Working on something of its own (a save, an evaluation, a long forward): not hung, and not waiting on others;
+    // but not forever: one in the same phase for longer than `patience` is stuck (a dead disk, a deadlocked loader).
+    bool busy(std::int64_t patience_ms) const {
+      return !silent() && phase != Phase::idle && !waits_on_peers(phase) && phase_ms < patience_ms;
+    }
   };
 
   // One peer as it is now: its store copy (a bounded read), and for a peer on this machine its heartbeat read from
@@ -135,13 +139,18 @@ class Watchdog {
     auto value = std::make_shared<std::string>();
     const auto key = "heartbeat/" + std::to_string(r);
     bool answered = false;
-    try {
+    if (store_unreachable_) {  // it did not answer earlier in this look: use what is known
+      peer.store_error = "no answer within " + std::to_string(store_wait().count()) + " ms";
+    } else try {
       answered = finished_within(store_wait(), [store = store_, key, value] {
         if (!store->check({key})) return;
         const auto bytes = store->get(key);
         value->assign(bytes.begin(), bytes.end());
       });
-      if (!answered) peer.store_error = "no answer within " + std::to_string(store_wait().count()) + " ms";
+      if (!answered) {
+        peer.store_error = "no answer within " + std::to_string(store_wait().count()) + " ms";
+        store_unreachable_ = true;
+      }
     } catch (const std::exception& error) {
       peer.store_error = error.what();
     }
@@ -150,12 +159,15 @@ class Watchdog {
       peer.published = true;
       std::istringstream in(*value);
       std::int64_t since = 0, published = 0, fd = -1;
-      in >> peer.step >> peer.phase_text >> since >> published >> peer.pid >> peer.host >> fd;
+      std::string pid_namespace;
+      in >> peer.step >> peer.phase_text >> since >> published >> peer.pid >> peer.host >> fd >> pid_namespace;
       peer.phase = phase_from_name(peer.phase_text);
       const auto now = wall_ms();
       peer.phase_ms = now - since;
       peer.heard_ms = now - published;
-      known = {peer.pid, fd, peer.host};
+      // Here only when the host name and the PID namespace are this process's: else its pid means nothing here.
+      known = {peer.pid, fd, pid_namespace == pid_namespace_ ? peer.host : peer.host + " (another PID namespace)"};
+      peer.host = known.host;
       // The store's copy changes at every publication (once an interval): unchanged for three, the peer is silent.
       auto& seen = seen_[r];
       if (seen.value != *value) seen = {*value, steady_ms()};
@@ -178,6 +190,19 @@ class Watchdog {
     }
     return peer;
   }
+
+  static std::string known_host() {
+    const auto name = accelerated::detail::host_name();
+    return name.empty() ? "unknown" : name;
+  }
+  static std::string own_pid_namespace() {
+    std::error_code error;
+    const auto target = std::filesystem::read_symlink("/proc/self/ns/pid", error);
+    return error ? "unknown" : target.string();
+  }
+
+  // How long a busy peer is waited for in one phase: five thresholds.
+  std::int64_t busy_patience_ms() const { return 5 * threshold_.count(); }
 
   // How long a store operation may take before the store counts as out of reach.
   std::chrono::milliseconds store_wait() const { return std::max<std::chrono::milliseconds>(2 * interval_, std::chrono::milliseconds(500)); }
@@ -219,13 +244,14 @@ class Watchdog {
   // than ending a healthy run. The peer found busy last time is looked at first, so a long wait costs one store
   // read per interval.
   bool peer_is_busy() {
-    if (busy_peer_ >= 0 && read_peer(busy_peer_).busy()) return true;
+    store_unreachable_ = false;
+    if (busy_peer_ >= 0 && read_peer(busy_peer_).busy(busy_patience_ms())) return true;
     busy_peer_ = -1;
     for (std::int64_t r = 0; r < world_size_; ++r) {
       if (r == rank_) continue;
       const auto peer = read_peer(r);
       if (peer.silent()) return false;
-      if (peer.busy() && busy_peer_ < 0) busy_peer_ = r;
+      if (peer.busy(busy_patience_ms()) && busy_peer_ < 0) busy_peer_ = r;
     }
     return busy_peer_ >= 0;
   }
@@ -236,7 +262,7 @@ class Watchdog {
     const auto since_wall = wall_ms() - (steady_ms() - heartbeat_.since_steady_ms());
     const auto text = std::to_string(heartbeat_.step()) + " " + phase_name(heartbeat_.phase()) + " " +
                       std::to_string(since_wall) + " " + std::to_string(wall_ms()) + " " + std::to_string(::getpid()) +
-                      " " + host_ + " " + std::to_string(heartbeat_.shared_fd());
+                      " " + host_ + " " + std::to_string(heartbeat_.shared_fd()) + " " + pid_namespace_;
     if (publishing_->exchange(true)) return;  // the last one has not finished: the store is slow or out of reach
     auto pending = publishing_;
     finished_within(store_wait(), [store = store_, key = "heartbeat/" + std::to_string(rank_),
@@ -297,7 +323,7 @@ class Watchdog {
   struct Known {  // where a peer is, as it published it
     std::int64_t pid = 0;
     std::int64_t fd = -1;
-    std::string host;
+    std::string host;  // the host name, marked when its PID namespace is not this one's
   };
 
   c10::intrusive_ptr<c10d::Store> store_;
@@ -307,12 +333,14 @@ class Watchdog {
   std::chrono::milliseconds threshold_;
   std::chrono::milliseconds interval_;
   std::function<void(const std::string&)> on_hang_;
-  std::string host_;  // read once: the name a peer compares with its own
+  std::string host_;           // read once: the name a peer compares with its own
+  std::string pid_namespace_;  // and its PID namespace: the same host name in another container is not "here"
   bool reported_ = false;
   std::int64_t busy_peer_ = -1;
   std::map<std::int64_t, Seen> seen_;  // each peer's store copy as last read, and when it last changed
   std::map<std::int64_t, Known> known_;
   bool all_known_ = false;
+  bool store_unreachable_ = false;  // within one look at the peers
   std::shared_ptr<std::atomic<bool>> publishing_ = std::make_shared<std::atomic<bool>>(false);
   std::mutex mutex_;
   std::condition_variable wake_;
