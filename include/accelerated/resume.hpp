@@ -236,7 +236,8 @@ AgreedLoad stage_on_every_rank(Distributed& distributed, Stage&& stage) {
   for (std::size_t r = 0; r < world; ++r) {
     int verdict = static_cast<int>(votes[r]);
     const bool differs = votes[world + r] != votes[world] || votes[2 * world + r] != votes[2 * world];
-    if (verdict == AgreedLoad::loaded && votes[0] == AgreedLoad::loaded && differs) verdict = AgreedLoad::damaged;
+    const bool zero_loaded = static_cast<int>(votes[0]) == AgreedLoad::loaded;
+    if (verdict == AgreedLoad::loaded && zero_loaded && differs) verdict = AgreedLoad::damaged;
     outcome.verdicts.push_back(verdict);
   }
   if (outcome.staged && outcome.verdicts[rank] != AgreedLoad::loaded) {  // this rank's copy is not rank 0's state
