@@ -272,6 +272,18 @@ inline std::map<std::string, double> read_common(torch::serialize::InputArchive&
 }
 }  // namespace detail
 
+namespace detail {
+// The checkpoint file itself, with no finiteness check: the caller made it (Trainer::save_checkpoint checks on every
+// rank at once).
+inline void write_checkpoint(const std::filesystem::path& path, const torch::nn::Module& module,
+                             const torch::optim::Optimizer* optimizer, const std::map<std::string, double>& values) {
+  torch::serialize::OutputArchive archive;
+  archive.write("accelerated_format_version", torch::tensor(checkpoint_format_version, torch::kLong));
+  write_common(archive, module, optimizer, values);
+  save_archive(path, archive);
+}
+}  // namespace detail
+
 // Saves `module`, `optimizer` (when given) and `values` to `path`, atomically.
 // A module holding a NaN or an infinity is not saved (NonFiniteLossError names the entry): a diverged model never
 // replaces a good file.
@@ -282,10 +294,7 @@ inline void save_checkpoint(const std::filesystem::path& path, const torch::nn::
     throw NonFiniteLossError("accelerated::save_checkpoint: not saving '" + path.string() + "': '" + bad +
                              "' holds non-finite values (the loss diverged?); the file is left as it was");
   }
-  torch::serialize::OutputArchive archive;
-  archive.write("accelerated_format_version", torch::tensor(checkpoint_format_version, torch::kLong));
-  detail::write_common(archive, module, optimizer, values);
-  detail::save_archive(path, archive);
+  detail::write_checkpoint(path, module, optimizer, values);
 }
 
 // Loads what save_checkpoint wrote into `module` (and `optimizer`, when given), onto the module's device wherever the

@@ -262,10 +262,10 @@ class Trainer {
   // best metric) to `path`, atomically; in a multi-process run, world process zero writes and every rank waits.
   void save_checkpoint(const std::filesystem::path& path, const std::map<std::string, double>& values = {},
                        bool save_optimizer = true) {
-    require_finite_state("save_checkpoint", path, false);
+    require_finite_state("save_checkpoint", path, false);  // on every rank: the writer needs no check of its own
     beat(distributed::Phase::checkpoint);  // a slow write is a busy rank 0, not a hang, to the others' watchdogs
     if (distributed_.rank() == 0) {
-      accelerated::save_checkpoint(path, model_.module(), save_optimizer ? optimizer_ : nullptr, values);
+      detail::write_checkpoint(path, model_.module(), save_optimizer ? optimizer_ : nullptr, values);
     }
     distributed_.barrier();
   }
