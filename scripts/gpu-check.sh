@@ -62,19 +62,27 @@ note "LibTorch: ${torch_prefix:-system}; GPU: $(nvidia-smi --query-gpu=name --fo
 
 configure_s=$SECONDS
 cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$prefix_path" "${zlib[@]}" \
-      -DTORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" >>"$log" 2>&1 &&
-  cmake --build build-gpu -j "$(nproc)" --target accelerated_tests quickstart bench_w2_cnn >>"$log" 2>&1
+      -DTORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" >>"$log" 2>&1
 build_status=$?
+# Every file tried (make -k): one failing test file must not cost the GPU figures, and one run should show every
+# compile error there is.
+if ((build_status == 0)); then
+  cmake --build build-gpu -j "$(nproc)" --target quickstart bench_w2_cnn accelerated_tests -- -k >>"$log" 2>&1 ||
+    build_status=2
+fi
 result build_s $((SECONDS - configure_s))
 result build_ok "$([[ $build_status -eq 0 ]] && echo true || echo false)"
 if ((build_status != 0)); then
-  echo "build failed; the end of the log:"
-  tail -n 40 "$log"
-else
+  echo "build failed; its first errors:"
+  grep -m 40 -E 'error|Error' "$log"
+fi
+if [[ -x build-gpu/tests/accelerated_tests ]]; then
   # The CUDA test cases, the NCCL smoke test among them; a case that cannot run says SKIPPED and why.
-  timeout 300 ./build-gpu/tests/accelerated_tests "[cuda],[device_step]" -s 2>&1 | tee "$out/cuda-tests.txt" | tail -n 3
+  timeout 150 ./build-gpu/tests/accelerated_tests "[cuda],[device_step]" -s 2>&1 | tee "$out/cuda-tests.txt" | tail -n 3
   result cuda_tests_ok "$([[ ${PIPESTATUS[0]} -eq 0 ]] && echo true || echo false)"
   result cuda_tests_skipped "$(grep -c 'SKIPPED:' "$out/cuda-tests.txt")"
+fi
+if [[ -x build-gpu/examples/quickstart ]]; then
   if ! nvidia-smi -L >/dev/null 2>&1; then
     note "no GPU here: the quickstart and W2 GPU runs are skipped (a rehearsal)"
     result gpu_runs '"skipped: no GPU"'
@@ -83,15 +91,15 @@ else
     precisions=(no bf16 fp16)
   fi
   for precision in "${precisions[@]}"; do
-    line=$(ACCELERATED_MIXED_PRECISION=$precision timeout 240 ./build-gpu/examples/quickstart "$data" 2>>"$log" | tail -n 1)
+    line=$(ACCELERATED_MIXED_PRECISION=$precision timeout 90 ./build-gpu/examples/quickstart "$data" 2>>"$log" | tail -n 1)
     note "quickstart ($precision): $line"
     accuracy=$(echo "$line" | sed -n 's/.*"eval_accuracy":\([0-9.]*\).*/\1/p')
     result "quickstart_${precision}_eval_accuracy" "${accuracy:-null}"
     ok=$(awk -v a="${accuracy:-0}" -v m="${MIN_ACCURACY:-0.88}" 'BEGIN { print (a >= m) ? "true" : "false" }')
     result "quickstart_${precision}_ok" "$ok"
   done
-  if ((${#precisions[@]})); then
-    w2=$(timeout 240 ./build-gpu/bench/bench_w2_cnn "$data" 2 2>>"$log" | tail -n 1)
+  if ((${#precisions[@]})) && [[ -x build-gpu/bench/bench_w2_cnn ]]; then
+    w2=$(timeout 120 ./build-gpu/bench/bench_w2_cnn "$data" 2 2>>"$log" | tail -n 1)
     note "W2: $w2"
     result w2 "${w2:-null}"
   fi

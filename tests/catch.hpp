@@ -1,7 +1,8 @@
 #pragma once
 // The tests build with Catch2 v2 (Debian 12) and v3 (Debian 13 and most current distributions). v3 moved the few
 // names the tests use; they are mapped back here, so every test file is written once, against the v2 spelling.
-#if __has_include(<catch2/catch_all.hpp>)
+#include "catch_version.hpp"
+#if ACCELERATED_CATCH2_MAJOR >= 3
 #include <catch2/catch_all.hpp>
 
 #include <string>
