@@ -1,8 +1,11 @@
 // One training epoch of W1 (MLP, random data) or W2 (quickstart CNN, Fashion-MNIST) under whatever the launcher
 // says (one process, or N with RANK/WORLD_SIZE/MASTER_*); rank 0 prints one JSON line: samples/s, and the time per
 // step spent in backward (which includes the gradient all-reduce not hidden by the overlap) and elsewhere.
-// Run by bench/distributed.sh, which compares 1 and 2 processes. Usage: bench_distributed w1|w2 [folder]
+// Run by bench/distributed.sh, which compares 1 and 2 processes. Usage: bench_distributed w1|w2 [folder|blocking]
+// "w1 blocking": the unoptimised variant, whose stop vote blocks before backward instead of travelling during it.
 #include "common.hpp"
+
+#include <type_traits>
 
 namespace nn = torch::nn;
 namespace acc = accelerated;
@@ -17,25 +20,33 @@ struct TimedLoop : acc::DefaultLoop {
   }
 };
 
-template <class Model>
+// DataParallel without the split all-reduce: the trainer then votes with one blocking all_reduce_sum.
+struct BlockingVote : acc::DataParallel {
+  void start_all_reduce_sum(std::span<double>) = delete;
+  void finish_all_reduce_sum(std::span<double>) = delete;
+};
+
+template <class Distributed = acc::AutoDistributed, class Model>
 void run(const std::string& name, Model model, torch::optim::Optimizer& optimizer, const acc::data::TensorDataset& data) {
-  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::AutoDistributed, TimedLoop, bench::EpochTimes> trainer(
+  acc::Trainer<acc::Cpu, acc::FullPrecision, Distributed, TimedLoop, bench::EpochTimes> trainer(
       model, nn::CrossEntropyLoss(), optimizer, {});
   const acc::TrainOptions options{.num_epochs = 1, .per_device_batch_size = 64};
   trainer.train(data, options);  // warm-up epoch
   trainer.loop().backward_s = 0;
   trainer.train(data, options);
   const auto& rc = trainer.run_config();
-  const double epoch_s = trainer.callback<bench::EpochTimes>().seconds.back();
+  const double epoch_s = trainer.template callback<bench::EpochTimes>().seconds.back();
   const double steps = static_cast<double>(rc.num_update_steps_per_epoch);
   std::vector<double> backward{trainer.loop().backward_s};
   trainer.all_reduce_sum(backward);  // mean over ranks below
   if (!rc.is_world_process_zero) return;
+  constexpr bool blocking = std::is_same_v<Distributed, BlockingVote>;
   std::ostringstream json;
   acc::detail::JsonObject out(json);
   out.field("benchmark", name)
       .field("processes", rc.num_processes)
       .field("transport", trainer.distributed().transport())
+      .field("stop_vote", blocking ? "blocking" : "during backward")
       .field("threads_per_process", at::get_num_threads())
       .field("epoch_s", epoch_s)
       .field("samples_per_s", static_cast<double>(data.size()) / epoch_s)
@@ -53,7 +64,11 @@ int main(int argc, char** argv) {
     const acc::data::TensorDataset data(torch::randn({60000, 784}), torch::randint(0, 10, {60000}, torch::kLong));
     auto model = nn::Sequential(nn::Linear(784, 128), nn::ReLU(), nn::Linear(128, 10));
     torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
-    run("W1 mlp, 60000 rows, batch 64 per process", model, optimizer, data);
+    if (argc > 2 && std::string(argv[2]) == "blocking") {
+      run<BlockingVote>("W1 mlp, 60000 rows, batch 64 per process", model, optimizer, data);
+    } else {
+      run("W1 mlp, 60000 rows, batch 64 per process", model, optimizer, data);
+    }
   } else {
     const std::string folder = argc > 2 ? argv[2] : acc::data::fashion_mnist_default_folder;
     const auto data = acc::data::load_fashion_mnist(folder, acc::data::Split::train);

@@ -13,12 +13,12 @@ for workload in w1 w2; do
   echo "$one"
   one_thread=$(ACCELERATED_NUM_THREADS=1 "$bin" "$workload" | tail -n 1)
   echo "$one_thread"
-  two_processes() {  # $1: the transport (shared_memory: what ranks on one machine use by default; gloo)
+  two_processes() {  # $1: the transport (shared_memory: what ranks on one machine use by default; gloo); $2: variant
     local port=$((20000 + RANDOM % 20000)) out
     out=$(mktemp)
     for r in 0 1; do
       ACCELERATED_TRANSPORT=$1 RANK=$r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port timeout 1200 \
-        "$bin" "$workload" >>"$out" &
+        "$bin" "$workload" ${2:-} >>"$out" &
     done
     wait
     tail -n 1 "$out"
@@ -28,6 +28,10 @@ for workload in w1 w2; do
   echo "$two"
   two_gloo=$(two_processes gloo)
   echo "$two_gloo"
+  if [[ $workload == w1 ]]; then  # the same with the stop vote blocking before backward (the unoptimised variant)
+    two_gloo_blocking=$(two_processes gloo blocking)
+    echo "$two_gloo_blocking"
+  fi
   ratio() {
     awk -v a="$1" -v b="$2" 'BEGIN {
       match(a, /"samples_per_s":[0-9.e+]+/); x = substr(a, RSTART + 16, RLENGTH - 16);
@@ -37,6 +41,7 @@ for workload in w1 w2; do
   rate[$workload]=$(ratio "$one" "$two")
   rate1[$workload]=$(ratio "$one_thread" "$two")
   rate_gloo[$workload]=$(ratio "$one_thread" "$two_gloo")
+  [[ $workload == w1 ]] && gloo_blocking_w1=$(ratio "$one_thread" "$two_gloo_blocking")
 done
-printf '{"benchmark":"2 processes / 1, samples/s","w1_vs_1proc_all_threads":%s,"w2_vs_1proc_all_threads":%s,"w1_vs_1proc_1thread":%s,"w2_vs_1proc_1thread":%s,"gloo_w1_vs_1proc_1thread":%s,"gloo_w2_vs_1proc_1thread":%s}\n' \
-  "${rate[w1]}" "${rate[w2]}" "${rate1[w1]}" "${rate1[w2]}" "${rate_gloo[w1]}" "${rate_gloo[w2]}"
+printf '{"benchmark":"2 processes / 1, samples/s","w1_vs_1proc_all_threads":%s,"w2_vs_1proc_all_threads":%s,"w1_vs_1proc_1thread":%s,"w2_vs_1proc_1thread":%s,"gloo_w1_vs_1proc_1thread":%s,"gloo_w2_vs_1proc_1thread":%s,"gloo_w1_blocking_vote_vs_1proc_1thread":%s}\n' \
+  "${rate[w1]}" "${rate[w2]}" "${rate1[w1]}" "${rate1[w2]}" "${rate_gloo[w1]}" "${rate_gloo[w2]}" "$gloo_blocking_w1"

@@ -461,12 +461,80 @@ TEST_CASE("a stop decided on one rank stops every rank at the same update step",
     for (const auto& [error, updates, seen] : results) {
       CHECK(error == "none");  // a stop ends train() normally, on every rank
       // At the same point: after update 3 for stop_training(); a StopTrainingError in step 3 abandons that step
-      // on every rank, before its backward.
+      // on every rank, before its optimizer step.
       CHECK(updates == (throw_error ? 2 : 3));
       CHECK_THAT(seen, Catch::Contains("decided on rank 1 of 2"));
     }
     CHECK(std::chrono::steady_clock::now() - start < 20s);  // nobody waited for a timeout
   }
+}
+
+namespace {
+// What the trainer did, in order, as seen by a policy that claims two ranks (its collectives leave values as they are)
+// and by a loop that notes backward and the optimizer step.
+std::vector<std::string> vote_log;
+
+struct TwoRanksThatLog {
+  std::int64_t num_processes() const { return 2; }
+  std::int64_t rank() const { return 0; }
+  std::int64_t local_rank() const { return 0; }
+  void prepare(torch::nn::Module&) {}
+  struct Guard {
+    void arm(const torch::Tensor&) { vote_log.push_back("arm"); }
+  };
+  Guard gradient_sync(bool) { return {}; }
+  void all_reduce_sum(std::span<double>) { vote_log.push_back("all_reduce_sum"); }
+  void start_all_reduce_sum(std::span<double>) { vote_log.push_back("start"); }
+  void finish_all_reduce_sum(std::span<double>) { vote_log.push_back("finish"); }
+  torch::Tensor gather(const torch::Tensor& tensor) { return tensor; }
+  void barrier() {}
+};
+
+struct LoggingLoop : acc::DefaultLoop {
+  void backward_step(auto& trainer, torch::Tensor& loss) {
+    vote_log.push_back("backward");
+    DefaultLoop::backward_step(trainer, loss);
+  }
+  void optimizer_step(auto& trainer) {
+    vote_log.push_back("step");
+    DefaultLoop::optimizer_step(trainer);
+  }
+};
+
+struct StopAtStep {
+  std::int64_t step;
+  template <class Trainer>
+  void operator()(acc::on_train_step_end, Trainer& trainer) {
+    if (trainer.state().step + 1 == step) trainer.stop_training("stop asked at a step");
+  }
+};
+}  // namespace
+
+TEST_CASE("the stop vote travels while backward runs and is read before the optimizer step", "[distributed][vote]") {
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+  acc::Trainer<acc::Cpu, acc::FullPrecision, TwoRanksThatLog, LoggingLoop, StopAtStep> trainer(
+      model, torch::nn::MSELoss(), optimizer, StopAtStep{3});
+  trainer.set_output(test::quiet());
+  vote_log.clear();
+  // 32 rows, half of them this "rank"'s: 4 updates of batch 4 per epoch; the stop is asked in step 3's forward.
+  trainer.train(test::regression_data(32), {.num_epochs = 1, .per_device_batch_size = 4, .shuffle = false});
+  std::string updates;
+  for (const auto& entry : vote_log) updates += entry + " ";
+  // The epoch's start votes at once (nothing to overlap); each update: the vote starts after forward, backward runs
+  // while it travels, it is read before the step; the third update's vote carries the stop, so its gradients are
+  // dropped and no rank steps it.
+  CHECK_THAT(updates, Catch::StartsWith("start finish start arm backward finish step start arm backward finish step "
+                                        "start arm backward finish "));
+  CHECK(std::count(vote_log.begin(), vote_log.end(), "step") == 2);
+  CHECK(trainer.state().update_step == 2);
+}
+
+TEST_CASE("Gloo's pair-closure timeout reads as a failed exchange with a peer", "[distributed][faults]") {
+  // Raised inside backward by the reducer once a peer's link is gone; the trainer then names the silent ranks.
+  CHECK(acc::distributed::looks_like_peer_failure("Application timeout caused pair closure"));
+  CHECK(acc::distributed::looks_like_peer_failure("[/usr/include/gloo/transport/tcp/pair.cc:598] Connection closed"));
+  CHECK_FALSE(acc::distributed::looks_like_peer_failure("mat1 and mat2 shapes cannot be multiplied (4x8 and 9x1)"));
 }
 
 TEST_CASE("one process under DataParallel is a plain single process", "[distributed]") {

@@ -1,9 +1,13 @@
 #pragma once
 // Whether and why a run stops, and the vote in which the ranks of a multi-process run agree on it. A stop asked for
 // on one rank (a callback, TerminateOnNan, a preemption signal) is decided at points every rank reaches at the same
-// time (before each update step's backward, at each epoch's start and end), in one all-reduce of one vote per rank:
-// 0 go on, 1 stop, 2 stop for a non-finite loss, 3 preempt. Every rank then stops at the same step, naming the first
-// rank that asked; a preemption rides on the same vote (no collective of its own).
+// time (each update step, each epoch's start and end), in one all-reduce of one vote per rank: 0 go on, 1 stop,
+// 2 stop for a non-finite loss, 3 preempt. Every rank then stops at the same step, naming the first rank that asked;
+// a preemption rides on the same vote (no collective of its own).
+//
+// At an update step the vote is off the critical path: start() sends it after the forward pass (non-blocking where
+// the policy has start_all_reduce_sum), backward runs while it travels, and finish() reads it before the optimizer
+// step. A stop agreed there discards the averaged gradients, so nothing of that update is stepped on any rank.
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -40,14 +44,31 @@ struct StopVote {
     if (pending_error) std::rethrow_exception(std::exchange(pending_error, nullptr));
   }
 
-  // The ranks vote; true when they stop now. `preemption_received`: this rank holds a preemption signal.
+  // Sends this rank's vote. `preemption_received`: this rank holds a preemption signal.
+  template <class Distributed>
+  void start(Distributed& distributed, bool preemption_received) {
+    constexpr bool can_start = requires(std::span<double> v) { distributed.start_all_reduce_sum(v); };
+    constexpr bool can_finish = requires(std::span<double> v) { distributed.finish_all_reduce_sum(v); };
+    static_assert(can_start == can_finish,
+                  "a distributed policy with one of start_all_reduce_sum / finish_all_reduce_sum needs both "
+                  "(docs/writing-a-distributed-policy.md)");
+    votes_.assign(static_cast<std::size_t>(distributed.num_processes()), 0.0);
+    votes_[static_cast<std::size_t>(distributed.rank())] =
+        non_finite ? 2.0 : requested ? 1.0 : preemption_received ? 3.0 : 0.0;
+    if constexpr (can_start) distributed.start_all_reduce_sum(std::span<double>(votes_));
+  }
+
+  // Reads the vote start() sent (waiting for it if it is still travelling); true when the ranks stop now.
   // `non_finite_message(rank, world)` words the error every rank throws for a non-finite loss seen on `rank`.
   template <class Distributed, class NonFiniteMessage>
-  bool agree(Distributed& distributed, bool preemption_received, NonFiniteMessage&& non_finite_message) {
+  bool finish(Distributed& distributed, NonFiniteMessage&& non_finite_message) {
+    if constexpr (requires(std::span<double> v) { distributed.finish_all_reduce_sum(v); }) {
+      distributed.finish_all_reduce_sum(std::span<double>(votes_));
+    } else {
+      distributed.all_reduce_sum(std::span<double>(votes_));  // a policy without the pair votes here, blocking
+    }
+    const auto& votes = votes_;
     const auto rank = distributed.rank();
-    std::vector<double> votes(static_cast<std::size_t>(distributed.num_processes()), 0.0);
-    votes[static_cast<std::size_t>(rank)] = non_finite ? 2.0 : requested ? 1.0 : preemption_received ? 3.0 : 0.0;
-    distributed.all_reduce_sum(std::span<double>(votes));
     const auto first = std::find_if(votes.begin(), votes.end(), [](double v) { return v != 0.0; });
     if (first == votes.end()) return false;
     const auto decider = static_cast<std::int64_t>(first - votes.begin());
@@ -69,6 +90,16 @@ struct StopVote {
     requested = true;
     return true;
   }
+
+  // Both at once, where nothing can overlap the vote (an epoch's start and end).
+  template <class Distributed, class NonFiniteMessage>
+  bool agree(Distributed& distributed, bool preemption_received, NonFiniteMessage&& non_finite_message) {
+    start(distributed, preemption_received);
+    return finish(distributed, std::forward<NonFiniteMessage>(non_finite_message));
+  }
+
+ private:
+  std::vector<double> votes_;  // one per rank; kept between start() and finish(), where a collective may still write
 };
 
 }  // namespace accelerated::detail

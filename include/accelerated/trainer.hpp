@@ -544,7 +544,12 @@ class Trainer {
   // Whether to stop now: in a multi-process run the ranks vote (stop_vote.hpp).
   bool stop_agreed() {
     if (!run_config_.is_distributed) return stop_.requested;
-    return stop_.agree(distributed_, preemption_received(), [this](std::int64_t rank, std::int64_t world) {
+    stop_.start(distributed_, preemption_received());
+    return stop_finished();
+  }
+  // Reads the vote started at this update step.
+  bool stop_finished() {
+    return stop_.finish(distributed_, [this](std::int64_t rank, std::int64_t world) {
       return "accelerated: non-finite " + std::string(state_.training ? "train" : "eval") + " loss on rank " +
              std::to_string(rank) + " of " + std::to_string(world) + " at epoch " +
              std::to_string(history_.current_epoch()) + ", step " + std::to_string(state_.step + 1) +
@@ -753,15 +758,17 @@ class Trainer {
         auto output = forward<true>(batch);
         track(train_tracker_, output.loss, output.batch_size);
         emit_in_epoch<events::on_train_step_end>(batch, output, step);
-        // Ranks agree on a stop before an update's backward: a stop asked for on any rank since the last update
-        // (a diverged loss among them) ends every rank here, before anything is averaged or stepped.
-        if (update && run_config_.is_distributed && stop_agreed()) throw StopTrainingError(stop_.reason);
+        // Ranks vote on a stop asked for on any rank since the last update (a diverged loss among them); the vote
+        // travels while backward runs and is read before the optimizer step (stop_vote.hpp).
+        if (update && run_config_.is_distributed) stop_.start(distributed_, preemption_received());
         if (group_size > 1) output.loss = output.loss / static_cast<double>(group_size);
         // The policy's guard arms gradient averaging here, once the loss exists (DataParallel's does).
         sync.arm(output.loss);
         beat(distributed::Phase::backward);
         steps::backward_step::call(loop_, *this, output.loss);
       }
+      // A stop agreed here ends every rank before this update is stepped; its averaged gradients are dropped.
+      if (update && run_config_.is_distributed && stop_finished()) throw StopTrainingError(stop_.reason);
       if (update) {
         beat(distributed::Phase::optimizer);
         clip_gradients();

@@ -18,10 +18,11 @@
 namespace accelerated::distributed {
 
 // Whether an error raised inside backward or a collective reads as a failed exchange with a peer (the reducer's
-// errors reach the trainer as text only): Gloo's closed connections and timeouts, NCCL's, ours.
+// errors reach the trainer as text only): Gloo's closed connections and timeouts ("Application timeout caused pair
+// closure" names neither Gloo nor a connection), NCCL's, ours.
 inline bool looks_like_peer_failure(const std::string& what) {
   for (const char* sign : {"gloo", "Gloo", "NCCL", "Connection", "connection", "Timed out", "timed out",
-                           "shared-memory process group", "SharedMemoryGroup"}) {
+                           "pair closure", "shared-memory process group", "SharedMemoryGroup"}) {
     if (what.find(sign) != std::string::npos) return true;
   }
   return false;

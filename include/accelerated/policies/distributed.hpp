@@ -14,6 +14,7 @@
 //   void prepare(torch::nn::Module&);    auto gradient_sync(bool enabled);  (a guard alive over forward and backward,
 //                                                                           with void arm(const torch::Tensor& loss))
 //   void all_reduce_sum(std::span<double>);  torch::Tensor gather(const torch::Tensor&);  void barrier();
+// and optionally, as a pair, start_all_reduce_sum / finish_all_reduce_sum (the same sum, overlapped with work).
 #include <torch/nn/module.h>
 #include <torch/types.h>
 
@@ -292,6 +293,44 @@ class DataParallel {
 #endif
   }
 
+  // The same sum in two halves, so that work can run while it travels (the trainer's stop vote overlaps backward):
+  // start reads `values` and returns at once (Gloo runs the exchange on its own threads; the shared-memory group
+  // completes it there and then); finish waits for it and writes the sums into `values`. One at a time.
+  void start_all_reduce_sum(std::span<double> values) {
+#if ACCELERATED_HAS_GLOO
+    pending_sum_ = {};
+    if (env_.world_size == 1 || values.empty()) return;
+    join();
+    auto tensor = torch::from_blob(values.data(), {static_cast<std::int64_t>(values.size())}, torch::kDouble).clone();
+    // Waiting on peers while it runs here (the shared-memory group completes it in the call): the watchdog's phase.
+    distributed::PhaseScope phase(heartbeat(), distributed::Phase::all_reduce);
+    pending_sum_.work = guarded("all_reduce", [&] {
+      std::vector<torch::Tensor> tensors{tensor};
+      c10d::AllreduceOptions opts;
+      opts.reduceOp = c10d::ReduceOp::SUM;
+      return membership_->group->allreduce(tensors, opts);
+    });
+    pending_sum_.tensor = std::move(tensor);
+#else
+    (void)values;
+#endif
+  }
+  void finish_all_reduce_sum(std::span<double> values) {
+#if ACCELERATED_HAS_GLOO
+    if (!pending_sum_.work) return;  // one process (or nothing to sum): the values are the sums
+    auto pending = std::exchange(pending_sum_, {});
+    distributed::PhaseScope phase(heartbeat(), distributed::Phase::all_reduce);
+    guarded("all_reduce", [&] {
+      pending.work->wait(options_.timeout);
+      return 0;
+    });
+    std::copy_n(pending.tensor.data_ptr<double>(), std::min<std::size_t>(values.size(), pending.tensor.numel()),
+                values.data());
+#else
+    (void)values;
+#endif
+  }
+
   // Every process's tensor, concatenated along dim 0 in rank order; sizes along dim 0 may differ.
   torch::Tensor gather(const torch::Tensor& tensor) {
 #if ACCELERATED_HAS_GLOO
@@ -415,6 +454,10 @@ class DataParallel {
   std::shared_ptr<distributed::GradientSync> sync_;
   torch::nn::Module* module_ = nullptr;  // the model sync_ was built for
   std::optional<std::string> silent_peers_;
+  struct PendingSum {
+    c10::intrusive_ptr<c10d::Work> work;  // null: none in flight
+    torch::Tensor tensor;                 // the buffer the collective writes
+  } pending_sum_;
 #endif
 };
 
