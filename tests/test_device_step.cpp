@@ -5,6 +5,8 @@
 
 #include <cmath>
 
+#include <ATen/record_function.h>
+
 #include "helpers.hpp"
 
 namespace acc = accelerated;
@@ -44,6 +46,49 @@ TEST_CASE("clipping by norm without a sync matches LibTorch's clip_grad_norm_", 
     CHECK(torch::allclose(grads_after(true, max_norm), grads_after(false, max_norm), 1e-6, 1e-7));
   }
   CHECK_FALSE(acc::detail::clip_grad_norm_no_sync({torch::zeros({2}, torch::requires_grad())}, 1.0).defined());
+}
+
+namespace {
+std::vector<std::string>* op_log = nullptr;  // the aten operators run while set (a thread-local observer)
+
+std::unique_ptr<at::ObserverContext> note_op(const at::RecordFunction& fn) {
+  if (op_log) op_log->emplace_back(fn.name());
+  return nullptr;
+}
+}  // namespace
+
+TEST_CASE("clipping multiplies each dtype's gradients in one foreach call where LibTorch has it", "[device_step]") {
+  // Three float parameters and a double one: two groups.
+  auto make = [] {
+    torch::manual_seed(5);
+    std::vector<torch::Tensor> params;
+    for (auto type : {torch::kFloat, torch::kDouble, torch::kFloat, torch::kFloat}) {
+      auto p = torch::randn({7}, torch::TensorOptions(type).requires_grad(true));
+      p.mutable_grad() = torch::randn({7}, type) * 3;
+      params.push_back(p);
+    }
+    return params;
+  };
+  auto ours = make();
+  auto theirs = make();
+  std::vector<std::string> ops;
+  op_log = &ops;
+  const auto handle = at::addThreadLocalCallback(at::RecordFunctionCallback(&note_op));
+  acc::detail::clip_grad_norm_no_sync(ours, 1.0);
+  at::removeCallback(handle);
+  op_log = nullptr;
+  torch::nn::utils::clip_grad_norm_(theirs, 1.0);
+  for (std::size_t i = 0; i < ours.size(); ++i) {
+    CHECK(torch::allclose(ours[i].grad(), theirs[i].grad(), 1e-6, 1e-7));
+  }
+  const auto foreach_calls = std::count(ops.begin(), ops.end(), "aten::_foreach_mul_");
+  const auto single_calls = std::count(ops.begin(), ops.end(), "aten::mul_");
+  if constexpr (acc::detail::has_foreach_mul_by_tensor<torch::Tensor>) {
+    CHECK(foreach_calls == 2);  // one per dtype, not one per parameter
+    CHECK(single_calls == 0);
+  } else {
+    CHECK(single_calls == 4);  // LibTorch 1.13 has no tensor-factor foreach multiply: one per parameter
+  }
 }
 
 TEST_CASE("TerminateOnNan decides every check_every steps and says which steps it covers", "[device_step]") {

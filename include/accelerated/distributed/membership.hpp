@@ -6,18 +6,26 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
+#include <cstdlib>
 #include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "environment.hpp"
+#include "process_group.hpp"
 #include "watchdog.hpp"
 
 namespace accelerated::distributed {
 
 struct Membership {
+  Membership() = default;
+  Membership(const Membership&) = delete;
+  Membership& operator=(const Membership&) = delete;
+  ~Membership() { shut_down_cuda_backend(group); }  // a group of one trainer's own store (tests, a given store)
+
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::ProcessGroup> group;
   std::string cuda_backend;  // what carries CUDA tensors, once a model on a GPU was prepared ("" before)
@@ -38,6 +46,22 @@ inline std::shared_ptr<Membership> membership_of(const Environment& env,
   auto& slot = (*joined)[key];
   if (!slot) slot = join();  // an exception leaves the slot empty, so a later run tries again
   return slot;
+}
+
+// Ends the NCCL backend of `membership` at exit (the memberships of membership_of are never destroyed). Called once a
+// CUDA backend is attached: CUDA is initialised by then, so its own exit handlers, registered earlier, run after
+// this one.
+inline void shut_down_at_exit(const std::shared_ptr<Membership>& membership) {
+  static std::mutex mutex;
+  static auto* pending = new std::vector<std::weak_ptr<Membership>>();  // a destroyed one has ended its own
+  const std::lock_guard lock(mutex);
+  pending->push_back(membership);
+  static const bool registered = std::atexit([] {
+    for (const auto& weak : *pending) {
+      if (auto alive = weak.lock()) shut_down_cuda_backend(alive->group);
+    }
+  }) == 0;
+  (void)registered;
 }
 
 }  // namespace accelerated::distributed

@@ -157,6 +157,25 @@ inline std::string attach_cuda_backend(const c10::intrusive_ptr<c10d::ProcessGro
   return compat::backend_name(group, c10::DeviceType::CUDA);
 }
 
+// Ends the NCCL backend of `group` the way Python's destroy_process_group() does (its communicators and its watchdog
+// thread), so that a run ends cleanly: without it LibTorch warns at exit that destroy_process_group() was not called
+// (seen in the first GPU check) and tears NCCL down in static destruction. A no-op without NCCL or before a CUDA
+// backend was attached; never throws (it runs in destructors and at exit).
+template <class Nccl>
+void shut_down_nccl(Nccl& nccl) {
+  if constexpr (requires { nccl.shutdown(); }) nccl.shutdown();  // 2.2+; earlier ones end in their destructor
+}
+inline void shut_down_cuda_backend([[maybe_unused]] const c10::intrusive_ptr<c10d::ProcessGroup>& group) noexcept {
+#if ACCELERATED_HAS_NCCL
+  try {
+    if (!group) return;
+    auto backend = group->getBackend(c10::DeviceType::CUDA);
+    if (auto* nccl = dynamic_cast<c10d::ProcessGroupNCCL*>(backend.get())) shut_down_nccl(*nccl);
+  } catch (...) {  // no CUDA backend in this group: nothing to end
+  }
+#endif
+}
+
 // This machine, as the ranks compare it: host name and boot id (containers on one host share the boot id, but
 // not necessarily /dev/shm, so the host name is part of it).
 inline std::string machine_identity() {

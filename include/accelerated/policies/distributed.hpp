@@ -230,6 +230,7 @@ class DataParallel {
         return distributed::attach_cuda_backend(membership_->group, membership_->store, env_.rank, env_.world_size,
                                                 options_.timeout, options_.cuda_backend);
       });
+      if (membership_->cuda_backend == "nccl") distributed::shut_down_at_exit(membership_);
     }
     guarded("broadcasting rank 0's parameters", [&] {
       module_ = &module;

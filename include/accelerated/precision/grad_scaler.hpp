@@ -13,9 +13,10 @@
 
 #include <cmath>
 #include <cstdint>
-#include <map>
+#include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../detail/compat.hpp"
@@ -63,10 +64,15 @@ class GradScaler {
     unscaled_ = true;
     const auto inv_scale = scale_.to(torch::kDouble).reciprocal().to(torch::kFloat);
     found_inf_ = torch::zeros({1}, scale_.options());
-    std::map<std::string, std::vector<torch::Tensor>> by_device;  // the fused kernel wants one device per call
+    // The fused kernel wants one device per call (and takes any mix of dtypes): grouped by device, no strings.
+    std::vector<std::pair<torch::Device, std::vector<torch::Tensor>>> by_device;
     for (auto& group : optimizer.param_groups()) {
       for (auto& p : group.params()) {
-        if (p.grad().defined()) by_device[p.grad().device().str()].push_back(p.grad());
+        if (!p.grad().defined()) continue;
+        const auto device = p.grad().device();
+        auto same = std::find_if(by_device.begin(), by_device.end(), [&](const auto& d) { return d.first == device; });
+        if (same == by_device.end()) same = by_device.insert(by_device.end(), {device, {}});
+        same->second.push_back(p.grad());
       }
     }
     for (auto& [device, grads] : by_device) {
