@@ -89,17 +89,23 @@ class TwoHosts {
     return sh("ip -n " + netns(host) + " link set " + prefix_ + "v" + std::to_string(host) + " down");
   }
 
-  // This test binary's hidden worker as one rank on `host`, under host name "host<k>".
-  pid_t spawn(int host, const std::vector<std::string>& env) const {
+  // This test binary's hidden worker as one rank on `host`, under host name "host<k>"; with `own_shm`, in a mount
+  // namespace with a /dev/shm of its own (a container that shares the host's network but not its shared memory).
+  pid_t spawn(int host, const std::vector<std::string>& env, bool own_shm = false) const {
     std::vector<std::string> storage(env);
     for (char** e = environ; *e; ++e) storage.emplace_back(*e);
     std::vector<char*> envp;
     for (auto& s : storage) envp.push_back(s.data());
     envp.push_back(nullptr);
-    std::vector<std::string> args{"ip",      "netns", "exec", netns(host), "unshare", "--uts", "sh", "-c",
-                                  "hostname \"$0\" && exec \"$@\"", "host" + std::to_string(host),
-                                  std::filesystem::read_symlink("/proc/self/exe").string(), "[.cross_host_worker]",
-                                  "--reporter=compact"};
+    std::vector<std::string> args{"ip", "netns", "exec", netns(host), "unshare", "--uts"};
+    if (own_shm) args.push_back("--mount");
+    for (std::string arg : {"sh", "-c"}) args.push_back(arg);
+    args.push_back(own_shm ? "hostname \"$0\" && mount -t tmpfs tmpfs /dev/shm && exec \"$@\""
+                           : "hostname \"$0\" && exec \"$@\"");
+    for (std::string arg : {"host" + std::to_string(host), std::filesystem::read_symlink("/proc/self/exe").string(),
+                            std::string("[.cross_host_worker]"), std::string("--reporter=compact")}) {
+      args.push_back(arg);
+    }
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -123,7 +129,8 @@ struct Outcome {
 // `during` runs once every rank is started and returns when it is done (the clock of `seconds` starts after it).
 template <class During>
 std::vector<Outcome> run(const TwoHosts& hosts, const std::vector<int>& hosts_of_ranks,
-                         const std::vector<std::string>& extra_env, During during) {
+                         const std::vector<std::string>& extra_env, During during,
+                         const std::vector<int>& ranks_with_own_shm = {}) {
   const auto world = static_cast<int>(hosts_of_ranks.size());
   const auto dir = test::fresh_dir("cross_host");
   const auto port = std::to_string(20000 + std::random_device{}() % 20000);
@@ -140,7 +147,8 @@ std::vector<Outcome> run(const TwoHosts& hosts, const std::vector<int>& hosts_of
                                  "ACCELERATED_TEST_OUT=" + (dir / ("rank" + std::to_string(rank))).string(),
                                  "ACCELERATED_TEST_PROGRESS=" + (dir / "progress").string()};
     env.insert(env.end(), extra_env.begin(), extra_env.end());
-    pids.push_back(hosts.spawn(host, env));
+    const bool own_shm = std::count(ranks_with_own_shm.begin(), ranks_with_own_shm.end(), rank) > 0;
+    pids.push_back(hosts.spawn(host, env, own_shm));
   }
   during(dir);
   const auto start = std::chrono::steady_clock::now();
@@ -266,5 +274,30 @@ TEST_CASE("a host whose link goes down mid-run: every rank ends, naming the unre
       CHECK_THAT(outcomes[r].message, Catch::Contains("rank 0 is unreachable"));
       CHECK(outcomes[r].seconds < timeout_s + 20);
     }
+  }
+}
+
+TEST_CASE("ranks of one host that do not share /dev/shm fall back to Gloo together, or fail together when it was asked for",
+          "[distributed][cross_host][faults]") {
+  cross_host::TwoHosts hosts;
+  if (!hosts.why_not().empty()) ACCELERATED_SKIP("cross-host tests: " + hosts.why_not());
+  // Both ranks on host 0 (one host name and boot id: shared memory is chosen), rank 1 with a /dev/shm of its own.
+  const auto fallback = cross_host::run(hosts, {0, 0}, {"ACCELERATED_TEST_TIMEOUT_MS=20000"}, cross_host::no_action, {1});
+  for (int r = 0; r < 2; ++r) {
+    INFO("rank " << r << ": " << fallback[r].message << " (after " << fallback[r].seconds << " s)");
+    CHECK(fallback[r].message == "finished");
+    CHECK(fallback[r].transport == "gloo");
+    CHECK(fallback[r].seconds < 15);  // nobody waited for the 20 s timeout
+  }
+  CHECK(cross_host::parameters_of(fallback[0]).equal(cross_host::parameters_of(fallback[1])));
+  // Asked for by name: every rank fails at once, with the reason and the rank that could not map the segment.
+  const auto asked = cross_host::run(hosts, {0, 0},
+                                     {"ACCELERATED_TEST_TIMEOUT_MS=20000", "ACCELERATED_TRANSPORT=shared_memory"},
+                                     cross_host::no_action, {1});
+  for (int r = 0; r < 2; ++r) {
+    INFO("rank " << r << ": " << asked[r].message << " (after " << asked[r].seconds << " s)");
+    CHECK_THAT(asked[r].message, Catch::Contains("not every rank could map rank 0's segment") &&
+                                     Catch::Contains("rank 1: cannot open shared memory"));
+    CHECK(asked[r].seconds < 15);
   }
 }

@@ -111,6 +111,7 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
     header_ = sizeof(detail::RankLine) * static_cast<std::size_t>(size);
     bytes_ = header_ + 2 * static_cast<std::size_t>(size + 1) * chunk_;
     std::string name;
+    std::string problem;  // why this rank cannot use the segment ("" when it can)
     if (rank == 0) {
       std::random_device random;
       name = "/accelerated-" + std::to_string(::getpid()) + "-" + std::to_string(random());
@@ -137,9 +138,30 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
       const auto bytes = store->get("shm_name");
       if (bytes.empty()) throw SharedMemoryUnavailable("accelerated::distributed::SharedMemoryGroup: rank 0 could not set it up");
       name.assign(bytes.begin(), bytes.end());
-      const int fd = ::shm_open(name.c_str(), O_RDWR, 0600);
-      if (fd < 0) fail("cannot open shared memory '" + name + "'");
-      map(fd);
+      try {
+        const int fd = ::shm_open(name.c_str(), O_RDWR, 0600);
+        if (fd < 0) fail("cannot open shared memory '" + name + "'");
+        map(fd);
+      } catch (const std::exception& error) {
+        problem = error.what();
+      }
+    }
+    // Every rank says whether it has the segment, and all decide alike: two containers that share the host's network
+    // but not its /dev/shm see rank 0's segment as missing, and must fall back together (a rank that gave up alone
+    // would leave the others waiting for it until the timeout).
+    store->set("opened/" + std::to_string(rank), std::vector<std::uint8_t>(problem.begin(), problem.end()));
+    std::string problems;
+    for (int r = 0; r < size; ++r) {
+      const auto key = "opened/" + std::to_string(r);
+      store->wait({key}, timeout_);
+      const auto report = store->get(key);
+      if (!report.empty()) problems += (problems.empty() ? "" : "; ") + std::string(report.begin(), report.end());
+    }
+    if (!problems.empty()) {
+      if (base_ != nullptr) ::munmap(base_, bytes_), base_ = nullptr;
+      if (rank == 0) ::shm_unlink(name.c_str());
+      throw SharedMemoryUnavailable("accelerated::distributed::SharedMemoryGroup: not every rank could map rank 0's "
+                                    "segment (ranks on one host name and boot id, but another /dev/shm?): " + problems);
     }
     line(rank).pid.store(::getpid());
     // Once every rank has mapped the segment its name is no longer needed: unlink it, so nothing outlives the run.
