@@ -27,7 +27,7 @@ struct ScopedEnv {
                              "TORCHELASTIC_USE_AGENT_STORE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
                              "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
                              "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE", "TORCHELASTIC_RESTART_COUNT",
-                             "ACCELERATED_TIMEOUT_SECONDS"}) {
+                             "ACCELERATED_TIMEOUT_SECONDS", "ACCELERATED_CHECK_COLLECTIVES"}) {
       set(name, nullptr);
     }
     for (auto [name, value] : vars) set(name, value);
@@ -535,6 +535,64 @@ TEST_CASE("Gloo's pair-closure timeout reads as a failed exchange with a peer", 
   CHECK(acc::distributed::looks_like_peer_failure("Application timeout caused pair closure"));
   CHECK(acc::distributed::looks_like_peer_failure("[/usr/include/gloo/transport/tcp/pair.cc:598] Connection closed"));
   CHECK_FALSE(acc::distributed::looks_like_peer_failure("mat1 and mat2 shapes cannot be multiplied (4x8 and 9x1)"));
+}
+
+TEST_CASE("same-shaped collectives from different call sites fail at once: always on shared memory, checked on Gloo",
+          "[distributed][faults][call_site]") {
+  const auto transport = GENERATE(acc::distributed::Transport::shared_memory, acc::distributed::Transport::gloo);
+  INFO("transport: " << name_of(transport));
+  const auto start = std::chrono::steady_clock::now();
+  auto messages = run_ranks(2, [&](int rank, auto store) {
+    auto options = short_timeout(20s, transport);
+    options.check_collectives = transport == acc::distributed::Transport::gloo;
+    acc::DataParallel parallel(store, rank, 2, options);
+    parallel.join();
+    std::array<double, 2> values{1.0, 2.0};  // the same shape on both ranks
+    return test::error_or_none([&] {
+      const acc::distributed::AtCallSite site(rank == 0 ? acc::distributed::CallSite::epoch_mean
+                                                        : acc::distributed::CallSite::stop_vote);
+      parallel.all_reduce_sum(values);
+    });
+  });
+  for (const auto& message : messages) {
+    CHECK_THAT(message, Catch::Contains("called different collectives") && Catch::Contains("an epoch mean") &&
+                            Catch::Contains("the stop vote"));
+  }
+  CHECK(std::chrono::steady_clock::now() - start < 10s);  // at once, not at the timeout
+}
+
+TEST_CASE("checked collectives let a normal run through, with the same result", "[distributed][call_site]") {
+  const auto data = test::regression_data(64);
+  auto run = [&](bool checked) {
+    std::vector<torch::nn::Linear> models{test::linear_model(), test::linear_model()};
+    run_ranks(2, [&](int rank, auto store) {
+      auto model = models[rank];
+      torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+      ParallelTrainer trainer(model, torch::nn::MSELoss(), optimizer);
+      auto options = short_timeout(20s, acc::distributed::Transport::gloo);
+      options.check_collectives = checked;
+      trainer.distributed() = acc::DataParallel(store, rank, 2, options);
+      trainer.set_output(test::quiet());
+      trainer.train(data, {.num_epochs = 2, .per_device_batch_size = 4}, data);
+      return 0;
+    });
+    return torch::cat({models[0]->weight.flatten(), models[0]->bias.flatten()});
+  };
+  CHECK(torch::equal(run(true), run(false)));
+}
+
+TEST_CASE("ACCELERATED_CHECK_COLLECTIVES turns checking on; a bad value is named", "[distributed][environment][call_site]") {
+  {
+    ScopedEnv env({{"ACCELERATED_CHECK_COLLECTIVES", "1"}});
+    CHECK(acc::DataParallelOptions{}.check_collectives);
+  }
+  {
+    ScopedEnv env({});
+    CHECK_FALSE(acc::DataParallelOptions{}.check_collectives);
+  }
+  ScopedEnv env({{"ACCELERATED_CHECK_COLLECTIVES", "maybe"}});
+  CHECK_THAT(test::message_of([] { (void)acc::DataParallelOptions{}; }),
+             Catch::Contains("ACCELERATED_CHECK_COLLECTIVES = 'maybe'"));
 }
 
 TEST_CASE("one process under DataParallel is a plain single process", "[distributed]") {

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "distributed/call_site.hpp"
 #include "errors.hpp"
 
 namespace accelerated::detail {
@@ -21,6 +22,7 @@ void require_finite_everywhere(Distributed& distributed, const std::string& bad_
                                const std::filesystem::path& path, const std::string& where) {
   std::vector<double> votes(static_cast<std::size_t>(distributed.num_processes()), 0.0);
   votes[static_cast<std::size_t>(distributed.rank())] = bad_here.empty() ? 0.0 : 1.0;
+  const distributed::AtCallSite site(distributed::CallSite::finiteness_check);
   distributed.all_reduce_sum(std::span<double>(votes));
   const auto first = std::find(votes.begin(), votes.end(), 1.0);
   if (first == votes.end()) return;

@@ -27,6 +27,7 @@
 #include <utility>
 
 #include "checkpoint.hpp"
+#include "distributed/call_site.hpp"
 #include "run_folder.hpp"
 #include "run_history.hpp"
 #include "schedulers/state.hpp"
@@ -172,6 +173,7 @@ template <class Distributed>
 std::string text_of_rank_zero(Distributed& distributed, const std::string& text) {
   if (distributed.num_processes() == 1) return text;
   const bool zero = distributed.rank() == 0;
+  const distributed::AtCallSite site(distributed::CallSite::resume_choice);
   double length = zero ? static_cast<double>(text.size()) : 0.0;
   distributed.all_reduce_sum(std::span<double>(&length, 1));
   std::vector<double> bytes(static_cast<std::size_t>(length), 0.0);
@@ -232,6 +234,7 @@ AgreedLoad stage_on_every_rank(Distributed& distributed, Stage&& stage) {
     votes[world + rank] = static_cast<double>(outcome.staged->resume.position.update_step);
     votes[2 * world + rank] = static_cast<double>(outcome.staged->resume.position.epochs_done);
   }
+  const distributed::AtCallSite site(distributed::CallSite::resume_vote);
   distributed.all_reduce_sum(std::span<double>(votes));
   for (std::size_t r = 0; r < world; ++r) {
     int verdict = static_cast<int>(votes[r]);

@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "distributed/call_site.hpp"
 #include "errors.hpp"
 
 namespace accelerated::detail {
@@ -55,6 +56,7 @@ struct StopVote {
     votes_.assign(static_cast<std::size_t>(distributed.num_processes()), 0.0);
     votes_[static_cast<std::size_t>(distributed.rank())] =
         non_finite ? 2.0 : requested ? 1.0 : preemption_received ? 3.0 : 0.0;
+    const distributed::AtCallSite site(distributed::CallSite::stop_vote);
     if constexpr (can_start) distributed.start_all_reduce_sum(std::span<double>(votes_));
   }
 
@@ -62,6 +64,7 @@ struct StopVote {
   // `non_finite_message(rank, world)` words the error every rank throws for a non-finite loss seen on `rank`.
   template <class Distributed, class NonFiniteMessage>
   bool finish(Distributed& distributed, NonFiniteMessage&& non_finite_message) {
+    const distributed::AtCallSite site(distributed::CallSite::stop_vote);
     if constexpr (requires(std::span<double> v) { distributed.finish_all_reduce_sum(v); }) {
       distributed.finish_all_reduce_sum(std::span<double>(votes_));
     } else {

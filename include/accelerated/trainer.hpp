@@ -928,6 +928,7 @@ class Trainer {
   // The batch-size-weighted mean over every process.
   double global_mean(LossMeter& tracker) {
     std::array<double, 2> sums{tracker.total(), tracker.count()};
+    const distributed::AtCallSite site(distributed::CallSite::epoch_mean);
     distributed_.all_reduce_sum(sums);
     return sums[1] > 0 ? sums[0] / sums[1] : 0.0;
   }

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "../batch.hpp"
+#include "../distributed/call_site.hpp"
 #include "events.hpp"
 
 namespace accelerated::callbacks {
@@ -54,6 +55,7 @@ class TopKAccuracy {
   void operator()(accelerated::on_eval_epoch_end, Trainer& trainer, bool is_intermediate) {
     std::array<double, 2> totals{hits_.defined() ? static_cast<double>(hits_.template item<std::int64_t>()) : 0.0,
                                  examples_};
+    const accelerated::distributed::AtCallSite site(accelerated::distributed::CallSite::metric);
     trainer.distributed().all_reduce_sum(totals);
     if (totals[1] == 0) return;
     const std::string k = K == 1 ? "" : "top" + std::to_string(K) + "_";

@@ -83,6 +83,21 @@ inline std::chrono::milliseconds watchdog_threshold_from_env() {
   return seconds_from_env("ACCELERATED_WATCHDOG_SECONDS", std::chrono::milliseconds(0));
 }
 
+// ACCELERATED_CHECK_COLLECTIVES: 1 (or true/yes/on) turns DataParallel's checked collectives on, 0 (false/no/off)
+// or unset leaves them off; anything else is an error naming the value.
+inline bool check_collectives_from_env() {
+  const auto value = detail::env("ACCELERATED_CHECK_COLLECTIVES");
+  if (!value) return false;
+  for (const char* yes : {"1", "true", "yes", "on"}) {
+    if (*value == yes) return true;
+  }
+  for (const char* no : {"0", "false", "no", "off", ""}) {
+    if (*value == no) return false;
+  }
+  throw std::invalid_argument("accelerated::distributed: ACCELERATED_CHECK_COLLECTIVES = '" + *value +
+                              "' is not one of 1, true, yes, on, 0, false, no, off");
+}
+
 // Reads the environment; a single process (world_size 1) when no launcher variable is set.
 inline Environment environment_from_env() {
   using detail::env;

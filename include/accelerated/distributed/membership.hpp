@@ -6,6 +6,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
+#include <cstdint>
 #include <cstdlib>
 #include <functional>
 #include <map>
@@ -32,6 +33,8 @@ struct Membership {
   Heartbeat heartbeat;                  // this process's step and phase
   std::unique_ptr<Watchdog> watchdog;   // launcher runs only; publishes the heartbeat and watches for a hang
   std::string options;                  // the joining DataParallel's options, as DataParallel words them
+  bool check_collectives = false;       // DataParallelOptions::check_collectives of the joining one
+  std::uint64_t checked_calls = 0;      // collectives checked so far (their sequence number in the store's keys)
 };
 
 // The membership of `env` in this process: made by `join` the first time, shared after.

@@ -10,9 +10,10 @@
 // same bits); barrier; every rank copies the result out. Tensors of any size go through chunk by chunk.
 //
 // Waits are bounded: a peer whose process is gone, or which left the group, is reported at once; otherwise a wait
-// ends with an error after the group's timeout. Every barrier carries a tag (operation, element count, dtype,
-// sequence number of the collective): ranks that called different collectives (a barrier on one, an all-reduce on
-// another) fail at once with a message naming both, instead of pairing their barriers and exchanging garbage.
+// ends with an error after the group's timeout. Every barrier carries a tag (operation, element count, dtype, call
+// site, sequence number of the collective): ranks that called different collectives (a barrier on one, an
+// all-reduce on another, or the stop vote on one and an epoch mean of the same size on another) fail at once with a
+// message naming both, instead of pairing their barriers and exchanging garbage.
 // The segment is unlinked as soon as every rank has mapped it, so a
 // crash leaves nothing in /dev/shm.
 #include <fcntl.h>
@@ -39,6 +40,7 @@
 #include <vector>
 
 #include "../detail/compat.hpp"
+#include "call_site.hpp"
 
 namespace accelerated::distributed {
 
@@ -267,15 +269,21 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
   }
 
   // Starts a collective: the tag its barriers carry.
+  // The tag: operation << 16 | call site << 8 | dtype (call_site.hpp: same-shaped collectives of different callers
+  // differ in it).
   void begin(detail::Operation operation, std::int64_t count, at::ScalarType dtype) {
-    operation_ = static_cast<std::uint64_t>(operation) << 8 | static_cast<std::uint64_t>(static_cast<std::uint8_t>(dtype));
+    operation_ = static_cast<std::uint64_t>(operation) << 16 |
+                 static_cast<std::uint64_t>(current_call_site()) << 8 |
+                 static_cast<std::uint64_t>(static_cast<std::uint8_t>(dtype));
     count_ = count;
     if (operation != detail::Operation::join) ++sequence_;
   }
 
   std::string describe(std::uint64_t operation, std::int64_t count, std::uint64_t sequence) const {
-    return std::string(detail::operation_name(operation >> 8)) + " #" + std::to_string(sequence) + " (" +
-           std::to_string(count) + " " + c10::toString(static_cast<at::ScalarType>(operation & 0xff)) + " elements)";
+    const auto site = static_cast<CallSite>((operation >> 8) & 0xff);
+    return std::string(detail::operation_name(operation >> 16)) + " #" + std::to_string(sequence) + " (" +
+           std::to_string(count) + " " + c10::toString(static_cast<at::ScalarType>(operation & 0xff)) + " elements" +
+           (site == CallSite::other ? std::string() : std::string(", ") + call_site_name(site)) + ")";
   }
 
   [[noreturn]] void fail(const std::string& what) const {

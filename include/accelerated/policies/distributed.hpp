@@ -32,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "../distributed/call_site.hpp"
 #include "../distributed/environment.hpp"
 #include "../distributed/heartbeat.hpp"
 
@@ -74,6 +75,12 @@ struct DataParallelOptions {
   // makes the watchdog report every rank's step and phase and end the process with DataParallel::hang_exit_code.
   // Zero: a third of the timeout. ACCELERATED_WATCHDOG_SECONDS sets it from outside (distributed/watchdog.hpp).
   std::chrono::milliseconds watchdog_threshold = distributed::watchdog_threshold_from_env();
+  // A debugging mode for any transport: before each of DataParallel's collectives every rank writes what it is
+  // about to call (operation, size, call site; distributed/call_site.hpp) to the store and compares it with every
+  // other rank's, so that ranks that diverged fail at once naming both calls instead of pairing same-shaped
+  // collectives and exchanging garbage (the shared-memory group always checks; Gloo only does in this mode).
+  // Costs a store round trip per collective. ACCELERATED_CHECK_COLLECTIVES=1 turns it on from outside.
+  bool check_collectives = distributed::check_collectives_from_env();
 #if ACCELERATED_HAS_GLOO
   distributed::GradientSyncOptions gradient_sync{};
   // Shared memory when every rank runs on this machine, Gloo otherwise (ACCELERATED_TRANSPORT overrides it).
@@ -151,6 +158,7 @@ class DataParallel {
     if (given_store_) {
       membership_ = std::make_shared<distributed::Membership>();
       membership_->store = given_store_;
+      membership_->check_collectives = options_.check_collectives;
       membership_->group = guarded("joining the process group", [&] {
         return distributed::make_process_group(given_store_, env_.rank, env_.world_size, options_.timeout,
                                                "127.0.0.1", options_.transport);
@@ -178,6 +186,7 @@ class DataParallel {
           },
           interval);
       joined->options = options_text();
+      joined->check_collectives = options_.check_collectives;
       return joined;
     });
     if (membership_->options != options_text()) {
@@ -187,7 +196,7 @@ class DataParallel {
           "accelerated::DataParallel: this process already joined its run with " + joined +
           "; this DataParallel asks for " + options_text() +
           ". A process has one process group, shared by every DataParallel in it (distributed/membership.hpp): give "
-          "them the same timeout, watchdog threshold, transport and CUDA backend");
+          "them the same timeout, watchdog threshold, transport, CUDA backend and collective checking");
     }
 #endif
   }
@@ -200,7 +209,8 @@ class DataParallel {
     return "{timeout " + std::to_string(options_.timeout.count()) + " ms, watchdog threshold " +
            std::to_string(options_.watchdog_threshold.count()) + " ms, transport " +
            transports[static_cast<int>(options_.transport)] + ", CUDA backend " +
-           backends[static_cast<int>(options_.cuda_backend)] + "}";
+           backends[static_cast<int>(options_.cuda_backend)] +
+           (options_.check_collectives ? ", checked collectives" : "") + "}";
   }
 #endif
 
@@ -282,6 +292,7 @@ class DataParallel {
     auto tensor = torch::from_blob(values.data(), {static_cast<std::int64_t>(values.size())}, torch::kDouble).clone();
     distributed::PhaseScope phase(heartbeat(), distributed::Phase::all_reduce);
     guarded("all_reduce", [&] {
+      check_collective("all_reduce", static_cast<std::int64_t>(values.size()));
       std::vector<torch::Tensor> tensors{tensor};
       c10d::AllreduceOptions opts;
       opts.reduceOp = c10d::ReduceOp::SUM;
@@ -306,6 +317,7 @@ class DataParallel {
     // Waiting on peers while it runs here (the shared-memory group completes it in the call): the watchdog's phase.
     distributed::PhaseScope phase(heartbeat(), distributed::Phase::all_reduce);
     pending_sum_.work = guarded("all_reduce", [&] {
+      check_collective("all_reduce", static_cast<std::int64_t>(values.size()));
       std::vector<torch::Tensor> tensors{tensor};
       c10d::AllreduceOptions opts;
       opts.reduceOp = c10d::ReduceOp::SUM;
@@ -342,6 +354,7 @@ class DataParallel {
     const auto local = tensor.dim() == 0 ? tensor.reshape({1}) : tensor;
     distributed::PhaseScope phase(heartbeat(), distributed::Phase::gather);
     return guarded("gather", [&] {
+      check_collective("gather", local.numel());
       auto size = torch::tensor({local.size(0)}, torch::kLong);
       std::vector<std::vector<torch::Tensor>> sizes_out(1);
       for (std::int64_t r = 0; r < world; ++r) sizes_out[0].push_back(torch::empty({1}, torch::kLong));
@@ -381,6 +394,7 @@ class DataParallel {
     join();
     distributed::PhaseScope phase(heartbeat(), distributed::Phase::barrier);
     guarded("barrier", [&] {
+      check_collective("barrier", 0);
       membership_->group->barrier()->wait(options_.timeout);
       return 0;
     });
@@ -392,6 +406,38 @@ class DataParallel {
   distributed::Heartbeat* heartbeat() { return membership_ ? &membership_->heartbeat : nullptr; }
 #else
   distributed::Heartbeat* heartbeat() { return nullptr; }
+#endif
+
+#if ACCELERATED_HAS_GLOO
+  // Checked mode (DataParallelOptions::check_collectives): this rank's next collective, compared through the store
+  // with every other rank's; a difference is an error on every rank naming both calls.
+  void check_collective(const char* operation, std::int64_t count) {
+    if (!membership_ || !membership_->check_collectives) return;
+    auto& store = membership_->store;
+    const auto sequence = membership_->checked_calls++;
+    const auto key = [sequence](std::int64_t rank, std::uint64_t at) {
+      return "checked_collective/" + std::to_string(at) + "/" + std::to_string(rank);
+    };
+    const auto site = distributed::current_call_site();
+    const auto mine = std::string(operation) + " #" + std::to_string(sequence) + " (" + std::to_string(count) +
+                      " elements" +
+                      (site == distributed::CallSite::other ? "" : ", " + std::string(distributed::call_site_name(site))) +
+                      ")";
+    store->set(key(env_.rank, sequence), std::vector<std::uint8_t>(mine.begin(), mine.end()));
+    for (std::int64_t r = 0; r < env_.world_size; ++r) {
+      if (r == env_.rank) continue;
+      store->wait({key(r, sequence)}, options_.timeout);
+      const auto bytes = store->get(key(r, sequence));
+      const std::string theirs(bytes.begin(), bytes.end());
+      if (theirs != mine) {
+        throw std::runtime_error("checked collectives: the ranks called different collectives: rank " +
+                                 std::to_string(env_.rank) + " is in " + mine + ", rank " + std::to_string(r) +
+                                 " is in " + theirs);
+      }
+    }
+    // Every rank has read the keys of two calls ago (it wrote the last call's only after reading them): drop ours.
+    if (sequence >= 2) store->deleteKey(key(env_.rank, sequence - 2));
+  }
 #endif
 
   static bool on_cuda(torch::nn::Module& module) {

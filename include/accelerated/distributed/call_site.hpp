@@ -1,0 +1,52 @@
+#pragma once
+// Which of the trainer's collectives a call is, carried with it: two collectives of the same shape (the stop vote
+// and an epoch mean are both an all-reduce of a few doubles) are otherwise indistinguishable, and a call made on one
+// rank only would pair with the other rank's different one and exchange garbage. The shared-memory group puts the
+// site in every barrier's tag; DataParallel's checked mode (DataParallelOptions::check_collectives) compares it
+// through the store on any transport. Set per thread, for the duration of a scope (AtCallSite).
+#include <cstdint>
+#include <utility>
+
+namespace accelerated::distributed {
+
+enum class CallSite : std::uint8_t {
+  other = 0,         // a user's or a callback's own collective, and c10d::Reducer's gradient buckets
+  stop_vote,         // stop_vote.hpp
+  epoch_mean,        // the trainer's mean of a metric over every rank's batches
+  finiteness_check,  // finite_state.hpp, before a save
+  resume_vote,       // resume.hpp: which file, and whether every rank could load it
+  resume_choice,     // resume.hpp: rank 0's choice of file, sent to every rank
+  metric,            // a built-in callback's metric (Accuracy)
+};
+
+inline const char* call_site_name(CallSite site) {
+  switch (site) {
+    case CallSite::other: return "a collective of no named call site";
+    case CallSite::stop_vote: return "the stop vote";
+    case CallSite::epoch_mean: return "an epoch mean";
+    case CallSite::finiteness_check: return "the finiteness check before a save";
+    case CallSite::resume_vote: return "the resume vote";
+    case CallSite::resume_choice: return "rank 0's choice of the file to resume from";
+    case CallSite::metric: return "a callback's metric";
+  }
+  return "an unknown call site";
+}
+
+inline CallSite& current_call_site() {
+  thread_local CallSite site = CallSite::other;
+  return site;
+}
+
+// Names the call site of the collectives made in this scope on this thread.
+class AtCallSite {
+ public:
+  explicit AtCallSite(CallSite site) : saved_(std::exchange(current_call_site(), site)) {}
+  AtCallSite(const AtCallSite&) = delete;
+  AtCallSite& operator=(const AtCallSite&) = delete;
+  ~AtCallSite() { current_call_site() = saved_; }
+
+ private:
+  CallSite saved_;
+};
+
+}  // namespace accelerated::distributed
