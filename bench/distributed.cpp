@@ -2,7 +2,8 @@
 // says (one process, or N with RANK/WORLD_SIZE/MASTER_*); rank 0 prints one JSON line: samples/s, and the time per
 // step spent in backward (which includes the gradient all-reduce not hidden by the overlap) and elsewhere.
 // Run by bench/distributed.sh, which compares 1 and 2 processes. Usage: bench_distributed w1|w2 [folder|blocking]
-// "w1 blocking": the unoptimised variant, whose stop vote blocks before backward instead of travelling during it.
+// "w1 blocking": the unoptimised variant, whose stop vote blocks before backward (as it did) instead of travelling
+// during it.
 #include "common.hpp"
 
 #include <type_traits>
@@ -20,10 +21,15 @@ struct TimedLoop : acc::DefaultLoop {
   }
 };
 
-// DataParallel without the split all-reduce: the trainer then votes with one blocking all_reduce_sum.
+// The unoptimised variant, the vote as it was: a blocking all-reduce after forward, before backward (start sums at
+// once; finish only hands the sums over).
 struct BlockingVote : acc::DataParallel {
-  void start_all_reduce_sum(std::span<double>) = delete;
-  void finish_all_reduce_sum(std::span<double>) = delete;
+  std::vector<double> sums;
+  void start_all_reduce_sum(std::span<double> values) {
+    all_reduce_sum(values);
+    sums.assign(values.begin(), values.end());
+  }
+  void finish_all_reduce_sum(std::span<double> values) { std::copy(sums.begin(), sums.end(), values.begin()); }
 };
 
 template <class Distributed = acc::AutoDistributed, class Model>

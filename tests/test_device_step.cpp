@@ -84,8 +84,10 @@ TEST_CASE("clipping multiplies each dtype's gradients in one foreach call where 
   const auto foreach_calls = std::count(ops.begin(), ops.end(), "aten::_foreach_mul_");
   const auto single_calls = std::count(ops.begin(), ops.end(), "aten::mul_");
   if constexpr (acc::detail::has_foreach_mul_by_tensor<torch::Tensor>) {
-    CHECK(foreach_calls == 2);  // one per dtype, not one per parameter
-    CHECK(single_calls == 0);
+    // One call per dtype, not one per parameter (the CPU kernel behind it may still multiply tensor by tensor, and
+    // the observer sees those nested calls too: only the calls made by the clipping are counted here).
+    CHECK(foreach_calls == 2);
+    CHECK(single_calls == 0 || single_calls == 4);
   } else {
     CHECK(single_calls == 4);  // LibTorch 1.13 has no tensor-factor foreach multiply: one per parameter
   }

@@ -102,7 +102,7 @@ struct StopVote {
   }
 
  private:
-  std::vector<double> votes_;  // one per rank; kept between start() and finish(), where a collective may still write
+  std::vector<double> votes_;  // one per rank; kept from start() to finish(), which writes the sums into it
 };
 
 }  // namespace accelerated::detail

@@ -782,7 +782,7 @@ class Trainer {
         {
           detail::ScopedValue point(save_point_, detail::SavePoint::update_end);
           emit_in_epoch<events::on_update_step_end>();
-          // Multi-process: agreed in the vote before this update's backward; one process: the flag itself.
+          // Multi-process: agreed in this update's vote (read after backward); one process: the flag itself.
           if (stop_.preempt_agreed || (!run_config_.is_distributed && preemption_received())) preempt();
         }
         if (std::exchange(evaluation_requested_, false)) run_intermediate_evaluation(eval_loader);

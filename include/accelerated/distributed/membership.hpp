@@ -51,13 +51,16 @@ inline std::shared_ptr<Membership> membership_of(const Environment& env,
   return slot;
 }
 
-// Ends the NCCL backend of `membership` at exit (the memberships of membership_of are never destroyed). Called once a
-// CUDA backend is attached: CUDA is initialised by then, so its own exit handlers, registered earlier, run after
-// this one.
+// Ends the NCCL backend of `membership` at exit (the memberships of membership_of are never destroyed). Called after
+// the first NCCL collective: CUDA and NCCL are initialised by then, so their own exit handlers, registered earlier,
+// run after this one. Registered once per membership; a second call adds nothing.
 inline void shut_down_at_exit(const std::shared_ptr<Membership>& membership) {
   static std::mutex mutex;
   static auto* pending = new std::vector<std::weak_ptr<Membership>>();  // a destroyed one has ended its own
   const std::lock_guard lock(mutex);
+  for (const auto& weak : *pending) {
+    if (weak.lock() == membership) return;
+  }
   pending->push_back(membership);
   static const bool registered = std::atexit([] {
     for (const auto& weak : *pending) {

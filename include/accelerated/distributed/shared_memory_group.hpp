@@ -69,7 +69,7 @@ class CompletedWork : public c10d::Work {
 // What a rank says it is doing at a barrier; two slots (by the barrier's parity), since a rank can be at most one
 // barrier ahead of another.
 struct Tag {
-  std::atomic<std::uint64_t> operation;  // operation code << 8 | dtype
+  std::atomic<std::uint64_t> operation;  // operation code << 16 | call site << 8 | dtype
   std::atomic<std::int64_t> count;       // elements of the whole collective
   std::atomic<std::uint64_t> sequence;   // collectives this rank has started
 };
@@ -112,6 +112,22 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
     chunk_ -= chunk_ % 64;
     header_ = sizeof(detail::RankLine) * static_cast<std::size_t>(size);
     bytes_ = header_ + 2 * static_cast<std::size_t>(size + 1) * chunk_;
+    // Each attempt over this store has keys of its own (a join retried, a second group over the same store): every
+    // rank adds one per attempt, so the count tells which attempt this is.
+    const auto attempt = (store->add("attempts", 1) - 1) / size;
+    const auto key = [attempt](const std::string& name) { return "attempt" + std::to_string(attempt) + "/" + name; };
+    // Every rank gives up together; rank 0, whose process may serve the store, waits until all have read what they
+    // need from it (bounded by the timeout), so that no rank is left reading from a store that went away.
+    auto give_up_together = [&](const std::string& why) {
+      store->add(key("given_up"), 1);
+      if (rank == 0) {
+        const auto start = std::chrono::steady_clock::now();
+        while (store->add(key("given_up"), 0) < size && std::chrono::steady_clock::now() - start < timeout_) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        }
+      }
+      throw SharedMemoryUnavailable("accelerated::distributed::SharedMemoryGroup: " + why);
+    };
     std::string name;
     std::string problem;  // why this rank cannot use the segment ("" when it can)
     if (rank == 0) {
@@ -120,8 +136,8 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
       // On failure the other ranks learn it through an empty name, so that every rank can fall back together.
       auto unavailable = [&](const std::string& what) {
         const std::string reason = what + " (" + std::strerror(errno) + ")";
-        store->set("shm_name", std::vector<std::uint8_t>{});
-        throw SharedMemoryUnavailable("accelerated::distributed::SharedMemoryGroup: " + reason);
+        store->set(key("shm_name"), std::vector<std::uint8_t>{});
+        give_up_together(reason);
       };
       const int fd = ::shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
       if (fd < 0) unavailable("cannot create shared memory '" + name + "'");
@@ -134,11 +150,11 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
         unavailable("cannot reserve " + std::to_string(bytes_ >> 20) + " MB of shared memory in /dev/shm");
       }
       map(fd);
-      store->set("shm_name", std::vector<std::uint8_t>(name.begin(), name.end()));
+      store->set(key("shm_name"), std::vector<std::uint8_t>(name.begin(), name.end()));
     } else {
-      store->wait({"shm_name"}, timeout_);
-      const auto bytes = store->get("shm_name");
-      if (bytes.empty()) throw SharedMemoryUnavailable("accelerated::distributed::SharedMemoryGroup: rank 0 could not set it up");
+      store->wait({key("shm_name")}, timeout_);
+      const auto bytes = store->get(key("shm_name"));
+      if (bytes.empty()) give_up_together("rank 0 could not set it up");
       name.assign(bytes.begin(), bytes.end());
       try {
         const int fd = ::shm_open(name.c_str(), O_RDWR, 0600);
@@ -151,25 +167,28 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
     // Every rank says whether it has the segment, and all decide alike: two containers that share the host's network
     // but not its /dev/shm see rank 0's segment as missing, and must fall back together (a rank that gave up alone
     // would leave the others waiting for it until the timeout).
-    store->set("opened/" + std::to_string(rank), std::vector<std::uint8_t>(problem.begin(), problem.end()));
+    store->set(key("opened/" + std::to_string(rank)), std::vector<std::uint8_t>(problem.begin(), problem.end()));
     std::string problems;
     for (int r = 0; r < size; ++r) {
-      const auto key = "opened/" + std::to_string(r);
-      store->wait({key}, timeout_);
-      const auto report = store->get(key);
+      const auto opened = key("opened/" + std::to_string(r));
+      store->wait({opened}, timeout_);
+      const auto report = store->get(opened);
       if (!report.empty()) problems += (problems.empty() ? "" : "; ") + std::string(report.begin(), report.end());
     }
     if (!problems.empty()) {
       if (base_ != nullptr) ::munmap(base_, bytes_), base_ = nullptr;
       if (rank == 0) ::shm_unlink(name.c_str());
-      throw SharedMemoryUnavailable("accelerated::distributed::SharedMemoryGroup: not every rank could map rank 0's "
-                                    "segment (ranks on one host name and boot id, but another /dev/shm?): " + problems);
+      give_up_together("not every rank could map rank 0's segment (ranks on one host name and boot id, but another "
+                       "/dev/shm?): " + problems);
     }
     line(rank).pid.store(::getpid());
     // Once every rank has mapped the segment its name is no longer needed: unlink it, so nothing outlives the run.
-    if (store->add("shm_mapped", 1) == size) {
+    if (store->add(key("shm_mapped"), 1) == size) {
       ::shm_unlink(name.c_str());
     }
+    // The join is no caller's collective, whichever call site made it (a lazy join inside the resume vote on one
+    // rank, an explicit join() on another).
+    const AtCallSite site(CallSite::other);
     begin(detail::Operation::join, 0, at::kByte);
     barrier_wait("joining");
   }

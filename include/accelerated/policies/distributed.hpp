@@ -240,7 +240,6 @@ class DataParallel {
         return distributed::attach_cuda_backend(membership_->group, membership_->store, env_.rank, env_.world_size,
                                                 options_.timeout, options_.cuda_backend);
       });
-      if (membership_->cuda_backend == "nccl") distributed::shut_down_at_exit(membership_);
     }
     guarded("broadcasting rank 0's parameters", [&] {
       module_ = &module;
@@ -250,6 +249,9 @@ class DataParallel {
       sync_->broadcast_state();
       return 0;
     });
+    // After the first NCCL collective (the broadcast), which creates the communicators and whatever NCCL and CUDA
+    // set up lazily with them: their exit handlers then run after this one.
+    if (membership_->cuda_backend == "nccl") distributed::shut_down_at_exit(membership_);
 #else
     (void)module;
 #endif
@@ -292,7 +294,7 @@ class DataParallel {
     auto tensor = torch::from_blob(values.data(), {static_cast<std::int64_t>(values.size())}, torch::kDouble).clone();
     distributed::PhaseScope phase(heartbeat(), distributed::Phase::all_reduce);
     guarded("all_reduce", [&] {
-      check_collective("all_reduce", static_cast<std::int64_t>(values.size()));
+      check_collective("all_reduce", std::to_string(values.size()) + " elements");
       std::vector<torch::Tensor> tensors{tensor};
       c10d::AllreduceOptions opts;
       opts.reduceOp = c10d::ReduceOp::SUM;
@@ -317,7 +319,7 @@ class DataParallel {
     // Waiting on peers while it runs here (the shared-memory group completes it in the call): the watchdog's phase.
     distributed::PhaseScope phase(heartbeat(), distributed::Phase::all_reduce);
     pending_sum_.work = guarded("all_reduce", [&] {
-      check_collective("all_reduce", static_cast<std::int64_t>(values.size()));
+      check_collective("all_reduce", std::to_string(values.size()) + " elements");
       std::vector<torch::Tensor> tensors{tensor};
       c10d::AllreduceOptions opts;
       opts.reduceOp = c10d::ReduceOp::SUM;
@@ -354,7 +356,7 @@ class DataParallel {
     const auto local = tensor.dim() == 0 ? tensor.reshape({1}) : tensor;
     distributed::PhaseScope phase(heartbeat(), distributed::Phase::gather);
     return guarded("gather", [&] {
-      check_collective("gather", local.numel());
+      check_collective("gather", "a rank-" + std::to_string(local.dim()) + " tensor");  // sizes may differ
       auto size = torch::tensor({local.size(0)}, torch::kLong);
       std::vector<std::vector<torch::Tensor>> sizes_out(1);
       for (std::int64_t r = 0; r < world; ++r) sizes_out[0].push_back(torch::empty({1}, torch::kLong));
@@ -394,7 +396,7 @@ class DataParallel {
     join();
     distributed::PhaseScope phase(heartbeat(), distributed::Phase::barrier);
     guarded("barrier", [&] {
-      check_collective("barrier", 0);
+      check_collective("barrier", "");
       membership_->group->barrier()->wait(options_.timeout);
       return 0;
     });
@@ -411,7 +413,7 @@ class DataParallel {
 #if ACCELERATED_HAS_GLOO
   // Checked mode (DataParallelOptions::check_collectives): this rank's next collective, compared through the store
   // with every other rank's; a difference is an error on every rank naming both calls.
-  void check_collective(const char* operation, std::int64_t count) {
+  void check_collective(const char* operation, const std::string& shape) {
     if (!membership_ || !membership_->check_collectives) return;
     auto& store = membership_->store;
     const auto sequence = membership_->checked_calls++;
@@ -419,10 +421,11 @@ class DataParallel {
       return "checked_collective/" + std::to_string(at) + "/" + std::to_string(rank);
     };
     const auto site = distributed::current_call_site();
-    const auto mine = std::string(operation) + " #" + std::to_string(sequence) + " (" + std::to_string(count) +
-                      " elements" +
-                      (site == distributed::CallSite::other ? "" : ", " + std::string(distributed::call_site_name(site))) +
-                      ")";
+    std::string details = shape;
+    if (site != distributed::CallSite::other) {
+      details += (details.empty() ? "" : ", ") + std::string(distributed::call_site_name(site));
+    }
+    const auto mine = std::string(operation) + " #" + std::to_string(sequence) + (details.empty() ? "" : " (" + details + ")");
     store->set(key(env_.rank, sequence), std::vector<std::uint8_t>(mine.begin(), mine.end()));
     for (std::int64_t r = 0; r < env_.world_size; ++r) {
       if (r == env_.rank) continue;
@@ -436,7 +439,13 @@ class DataParallel {
       }
     }
     // Every rank has read the keys of two calls ago (it wrote the last call's only after reading them): drop ours.
-    if (sequence >= 2) store->deleteKey(key(env_.rank, sequence - 2));
+    // A store without deleteKey (FileStore) keeps them.
+    if (sequence >= 2) {
+      try {
+        store->deleteKey(key(env_.rank, sequence - 2));
+      } catch (const std::exception&) {
+      }
+    }
   }
 #endif
 
