@@ -651,6 +651,24 @@ TEST_CASE("two ranks resumed from a saved training state end bit-identical", "[d
   std::filesystem::remove_all(base);
 }
 
+TEST_CASE("shared-memory groups made one after another over one store each get their own segment",
+          "[distributed][shared_memory]") {
+  // A retried join, or a second group over a given store: the second must not read the first one's keys (its
+  // segment's name, already unlinked, or its ranks' reports).
+  using Group = acc::distributed::SharedMemoryGroup;
+  auto sums = run_ranks(2, [](int rank, auto store) {
+    std::vector<double> out;
+    for (int round = 0; round < 3; ++round) {
+      auto group = c10::make_intrusive<Group>(store, rank, 2, 10s);
+      std::vector<torch::Tensor> values{torch::full({4}, static_cast<double>(rank + round), torch::kDouble)};
+      group->allreduce(values)->wait();
+      out.push_back(values[0][0].item<double>());
+    }
+    return out;
+  });
+  for (const auto& rank_sums : sums) CHECK(rank_sums == std::vector<double>{1.0, 3.0, 5.0});
+}
+
 TEST_CASE("the shared-memory group's collectives on 3 ranks, across chunk boundaries", "[distributed][shared_memory]") {
   using Group = acc::distributed::SharedMemoryGroup;
   auto results = run_ranks(3, [](int rank, auto store) {
