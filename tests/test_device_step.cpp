@@ -87,7 +87,7 @@ TEST_CASE("clipping multiplies each dtype's gradients in one foreach call where 
     // One call per dtype, not one per parameter (the CPU kernel behind it may still multiply tensor by tensor, and
     // the observer sees those nested calls too: only the calls made by the clipping are counted here).
     CHECK(foreach_calls == 2);
-    CHECK(single_calls == 0 || single_calls == 4);
+    CHECK((single_calls == 0 || single_calls == 4));
   } else {
     CHECK(single_calls == 4);  // LibTorch 1.13 has no tensor-factor foreach multiply: one per parameter
   }

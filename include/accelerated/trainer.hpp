@@ -351,10 +351,10 @@ class Trainer {
   // Runs the eval set of this train() call through the model once more, without callbacks (e.g. with other weights
   // swapped in), and records the global mean loss under `metric`; returns it.
   double eval_loss_pass(const std::string& metric) {
-    if (!eval_pass_) {
+    if (!eval_pass_.run) {
       throw std::logic_error("accelerated::Trainer::eval_loss_pass: only available inside train() with an eval_dataset");
     }
-    const auto value = eval_pass_();
+    const auto value = eval_pass_.run(*this, eval_pass_.loader);
     history_.update_metric(metric, value);
     return value;
   }
@@ -665,11 +665,13 @@ class Trainer {
       }
       run_started_ = true;
       if constexpr (!std::is_same_v<EvalLoader, NoEvalSet>) {
-        eval_pass_ = [this, eval_loader] { return eval_loss_pass_over(*eval_loader); };
+        eval_pass_ = {eval_loader, [](Trainer& trainer, void* loader) {
+                        return trainer.eval_loss_pass_over(*static_cast<EvalLoader*>(loader));
+                      }};
       }
       struct EndOfRun {  // the eval pass refers to this call's loader
         Trainer& trainer;
-        ~EndOfRun() { trainer.eval_pass_ = nullptr; }
+        ~EndOfRun() { trainer.eval_pass_ = {}; }
       } end_of_run{*this};
 
       grad_norm_every_.clear();
@@ -979,7 +981,11 @@ class Trainer {
   // what callbacks may ask for during a run
   bool epoch_starting_ = false;             // inside on_train_epoch_start / on_eval_epoch_start
   bool evaluation_requested_ = false;
-  std::function<double()> eval_pass_;
+  // eval_loss_pass's loader (this train() call's eval loader) and a plain function that knows its type.
+  struct EvalPass {
+    void* loader = nullptr;
+    double (*run)(Trainer&, void*) = nullptr;
+  } eval_pass_;
   // Last, so that the callbacks' state never moves the other members: the step loop's machine code is the same with
   // or without callbacks that do not handle its events (tests/zero_cost).
   callback_tuple callbacks_;
