@@ -94,13 +94,6 @@ struct StopVote {
     return true;
   }
 
-  // Both at once, where nothing can overlap the vote (an epoch's start and end).
-  template <class Distributed, class NonFiniteMessage>
-  bool agree(Distributed& distributed, bool preemption_received, NonFiniteMessage&& non_finite_message) {
-    start(distributed, preemption_received);
-    return finish(distributed, std::forward<NonFiniteMessage>(non_finite_message));
-  }
-
  private:
   std::vector<double> votes_;  // one per rank; kept from start() to finish(), which writes the sums into it
 };

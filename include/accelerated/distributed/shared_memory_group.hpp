@@ -287,9 +287,8 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
     return n;
   }
 
-  // Starts a collective: the tag its barriers carry.
-  // The tag: operation << 16 | call site << 8 | dtype (call_site.hpp: same-shaped collectives of different callers
-  // differ in it).
+  // Starts a collective: the tag its barriers carry, operation << 16 | call site << 8 | dtype (call_site.hpp:
+  // same-shaped collectives of different callers differ in it).
   void begin(detail::Operation operation, std::int64_t count, at::ScalarType dtype) {
     operation_ = static_cast<std::uint64_t>(operation) << 16 |
                  static_cast<std::uint64_t>(current_call_site()) << 8 |

@@ -294,11 +294,7 @@ class DataParallel {
     auto tensor = torch::from_blob(values.data(), {static_cast<std::int64_t>(values.size())}, torch::kDouble).clone();
     distributed::PhaseScope phase(heartbeat(), distributed::Phase::all_reduce);
     guarded("all_reduce", [&] {
-      check_collective("all_reduce", std::to_string(values.size()) + " elements");
-      std::vector<torch::Tensor> tensors{tensor};
-      c10d::AllreduceOptions opts;
-      opts.reduceOp = c10d::ReduceOp::SUM;
-      membership_->group->allreduce(tensors, opts)->wait(options_.timeout);
+      queue_sum(tensor)->wait(options_.timeout);
       return 0;
     });
     std::copy_n(tensor.data_ptr<double>(), values.size(), values.data());
@@ -318,13 +314,7 @@ class DataParallel {
     auto tensor = torch::from_blob(values.data(), {static_cast<std::int64_t>(values.size())}, torch::kDouble).clone();
     // Waiting on peers while it runs here (the shared-memory group completes it in the call): the watchdog's phase.
     distributed::PhaseScope phase(heartbeat(), distributed::Phase::all_reduce);
-    pending_sum_.work = guarded("all_reduce", [&] {
-      check_collective("all_reduce", std::to_string(values.size()) + " elements");
-      std::vector<torch::Tensor> tensors{tensor};
-      c10d::AllreduceOptions opts;
-      opts.reduceOp = c10d::ReduceOp::SUM;
-      return membership_->group->allreduce(tensors, opts);
-    });
+    pending_sum_.work = guarded("all_reduce", [&] { return queue_sum(tensor); });
     pending_sum_.tensor = std::move(tensor);
 #else
     (void)values;
@@ -411,6 +401,16 @@ class DataParallel {
 #endif
 
 #if ACCELERATED_HAS_GLOO
+  // The SUM all-reduce of `tensor`, in place, queued on the group (all_reduce_sum waits for it at once,
+  // start_all_reduce_sum later).
+  c10::intrusive_ptr<c10d::Work> queue_sum(torch::Tensor& tensor) {
+    check_collective("all_reduce", std::to_string(tensor.numel()) + " elements");
+    std::vector<torch::Tensor> tensors{tensor};
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    return membership_->group->allreduce(tensors, opts);
+  }
+
   // Checked mode (DataParallelOptions::check_collectives): this rank's next collective, compared through the store
   // with every other rank's; a difference is an error on every rank naming both calls.
   void check_collective(const char* operation, const std::string& shape) {
