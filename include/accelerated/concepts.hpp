@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "accelerator.hpp"
+#include "callbacks/list.hpp"
 #include "policies/loop_steps.hpp"
 #include "data/sampler.hpp"
 
@@ -198,6 +199,27 @@ consteval bool check_batch_step() {
     return BatchLossOutput<Output>;
   }
   return false;
+}
+
+// A run's loop policy against its batch types (a missing step is one named error), then its callbacks against the
+// events with those types (a callback that handles none is one named error).
+template <class Loop, class Trainer, class Callbacks, class TrainBatch, class EvalBatch>
+consteval bool check_run() {
+  if constexpr (!check_batch_step<Loop, Trainer, TrainBatch, true>() ||
+                !check_batch_step<Loop, Trainer, EvalBatch, false>()) {
+    return false;
+  } else {
+    using TrainOutput = typename batch_step_output<true, Loop, Trainer, TrainBatch>::type;
+    using EvalOutput = typename batch_step_output<false, Loop, Trainer, EvalBatch>::type;
+    constexpr bool every_callback_handles_an_event =
+        every_callback_handles_v<Callbacks, Trainer, TrainBatch, TrainOutput, EvalBatch, EvalOutput>;
+    ACCELERATED_CHECK(every_callback_handles_an_event,
+                      "accelerated::Trainer: a callback handles no known event; a handler is a call operator "
+                      "whose first parameter is the event's tag, e.g. "
+                      "void operator()(accelerated::on_train_epoch_end, auto& trainer) "
+                      "(the list is in accelerated/callbacks/events.hpp)");
+    return every_callback_handles_an_event;
+  }
 }
 
 }  // namespace detail

@@ -5,8 +5,12 @@
 #include <torch/types.h>
 #include <torch/utils.h>
 
+#include <array>
 #include <cstdint>
+#include <span>
 #include <utility>
+
+#include "distributed/call_site.hpp"
 
 namespace accelerated {
 
@@ -70,5 +74,16 @@ class LossMeter {
   double count_ = 0.0;
   torch::Tensor pending_;  // the device part of the sum, not read yet
 };
+
+namespace detail {
+// The batch-size-weighted mean over every process: one all-reduce of (sum, count), named as the epoch mean.
+template <class Distributed>
+double global_mean(Distributed& distributed, LossMeter& meter) {
+  std::array<double, 2> sums{meter.total(), meter.count()};
+  const distributed::AtCallSite site(distributed::CallSite::epoch_mean);
+  distributed.all_reduce_sum(std::span<double>(sums));
+  return sums[1] > 0 ? sums[0] / sums[1] : 0.0;
+}
+}  // namespace detail
 
 }  // namespace accelerated

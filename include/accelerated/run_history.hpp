@@ -31,6 +31,10 @@ class RunHistory {
   void update_metric(const std::string& name, double value) { metrics_[prefix_ + name].push_back(value); }
 
   void delete_metric(const std::string& name) { metrics_.erase(name); }
+  // Deletes every metric whose full name starts with `prefix` (the trainer's intermediate_* after their event).
+  void delete_metrics_starting_with(const std::string& prefix) {
+    std::erase_if(metrics_, [&](const auto& entry) { return entry.first.rfind(prefix, 0) == 0; });
+  }
 
   void set_metric_name_prefix(std::string prefix = "") { prefix_ = std::move(prefix); }
   const std::string& metric_name_prefix() const { return prefix_; }

@@ -19,6 +19,7 @@
 
 #include "distributed/call_site.hpp"
 #include "errors.hpp"
+#include "step_failure.hpp"
 
 namespace accelerated::detail {
 
@@ -61,9 +62,9 @@ struct StopVote {
   }
 
   // Reads the vote start() sent (waiting for it if it is still travelling); true when the ranks stop now.
-  // `non_finite_message(rank, world)` words the error every rank throws for a non-finite loss seen on `rank`.
-  template <class Distributed, class NonFiniteMessage>
-  bool finish(Distributed& distributed, NonFiniteMessage&& non_finite_message) {
+  // `where`: the step voted at, named in the error every rank throws for a non-finite loss seen on some rank.
+  template <class Distributed>
+  bool finish(Distributed& distributed, const StepPlace& where) {
     const distributed::AtCallSite site(distributed::CallSite::stop_vote);
     if constexpr (requires(std::span<double> v) { distributed.finish_all_reduce_sum(v); }) {
       distributed.finish_all_reduce_sum(std::span<double>(votes_));
@@ -85,7 +86,9 @@ struct StopVote {
     const auto seen = std::find(votes.begin(), votes.end(), 2.0);
     if (seen != votes.end()) {
       // The same error on every rank, naming the rank that saw the loss.
-      reason = non_finite_message(static_cast<std::int64_t>(seen - votes.begin()), world);
+      reason = "accelerated: non-finite " + std::string(where.phase) + " loss on rank " +
+               std::to_string(seen - votes.begin()) + " of " + std::to_string(world) + " at epoch " +
+               std::to_string(where.epoch) + ", step " + std::to_string(where.step) + "; training stopped";
       pending_error = std::make_exception_ptr(NonFiniteLossError(reason));
     } else {
       reason = decider == rank ? reason + " (decided on " + decided + ")" : "training stopped: decided on " + decided;

@@ -5,25 +5,15 @@
 #include <torch/optim/optimizer.h>
 #include <torch/optim/schedulers/lr_scheduler.h>
 #include <torch/types.h>
-// after types.h: LibTorch 1.13's clip_grad.h does not include what it uses
-#include <torch/nn/utils/clip_grad.h>
 #include <torch/utils.h>
 
-#include <boost/hana/at.hpp>
-#include <boost/hana/for_each.hpp>
-#include <boost/hana/length.hpp>
-
 #include <algorithm>
-#include <array>
 #include <chrono>
-#include <cmath>
 #include <cstdint>
 #include <exception>
 #include <filesystem>
-#include <functional>
-#include <map>
-#include <iostream>
 #include <limits>
+#include <map>
 #include <memory>
 #include <optional>
 #include <ostream>
@@ -37,7 +27,7 @@
 #include "accelerator.hpp"
 #include "batch.hpp"
 #include "callbacks/events.hpp"
-#include "checkpoint.hpp"
+#include "callbacks/list.hpp"
 #include "concepts.hpp"
 #include "data/loader.hpp"
 #include "data/sources.hpp"
@@ -45,10 +35,10 @@
 #include "detail/checks.hpp"
 #include "detail/clip_gradients.hpp"
 #include "detail/preemption.hpp"
+#include "detail/scoped_value.hpp"
 #include "detail/thread_default.hpp"
-#include "callbacks/list.hpp"
 #include "errors.hpp"
-#include "finite_state.hpp"
+#include "loader_options.hpp"
 #include "loss_meter.hpp"
 #include "model.hpp"
 #include "output.hpp"
@@ -59,65 +49,15 @@
 #include "policies/loop_steps.hpp"
 #include "policies/precision.hpp"
 #include "resume.hpp"
-#include "run_folder.hpp"
 #include "run_config.hpp"
 #include "run_history.hpp"
+#include "run_state.hpp"
 #include "step_failure.hpp"
 #include "stop_vote.hpp"
 #include "train_mode.hpp"
 #include "train_options.hpp"
 
 namespace accelerated {
-
-// Passed as the eval dataset of train() when there is none (the default).
-struct NoEvalSet {};
-inline constexpr NoEvalSet no_eval_set{};
-
-namespace detail {
-// The batch type a loader yields; `Otherwise` when there is no loader.
-template <class Loader, class Otherwise>
-struct loader_batch {
-  using type = std::remove_cvref_t<decltype(*std::begin(std::declval<Loader&>()))>;
-};
-template <class Otherwise>
-struct loader_batch<NoEvalSet, Otherwise> {
-  using type = Otherwise;
-};
-
-// Sets a variable for a scope and puts the old value back on the way out, also when an exception passes.
-template <class T>
-class ScopedValue {
- public:
-  ScopedValue(T& variable, T value) : variable_(variable), saved_(std::exchange(variable, std::move(value))) {}
-  ~ScopedValue() { variable_ = std::move(saved_); }
-  ScopedValue(const ScopedValue&) = delete;
-  ScopedValue& operator=(const ScopedValue&) = delete;
-
- private:
-  T& variable_;
-  T saved_;
-};
-}  // namespace detail
-
-// Where the run is. Read by callbacks (progress, NaN messages); everything here is per process.
-struct TrainingState {
-  std::int64_t step = 0;         // 0-based batch index in the current train or eval epoch
-  std::int64_t num_batches = 0;  // batches the current train or eval epoch will run
-  std::int64_t update_step = 0;  // optimizer updates done in this run (a resumed run continues the count)
-  LossValue last_loss;           // mean loss of the last batch (before accumulation scaling); on a GPU it is read
-                                 // from the device only when used as a double
-  bool training = false;         // inside a training epoch (false in eval epochs and evaluate())
-  // Where a training step's time goes, summed over this run's training batches (two clock reads per batch):
-  // waiting for the batch (the loader's gather and collate, before the step) and everything after it (moving it to
-  // the device, forward, backward, the update, the callbacks). On a GPU the compute time is the time to queue the
-  // work, which waits on the device only where something reads back from it.
-  double data_wait_seconds = 0.0;
-  double compute_seconds = 0.0;
-  // The gradients' total L2 norm before clipping, at the last update when gradient_clip_norm is set (clipping
-  // computes it anyway), else at the last update a callback asked for (Trainer::measure_grad_norm); undefined
-  // otherwise. A tensor on the model's device: reading it is a host sync on a GPU.
-  torch::Tensor grad_norm;
-};
 
 // Every policy has a default, chosen from the environment: a GPU when LibTorch sees one, the precision named by
 // ACCELERATED_MIXED_PRECISION=no|bf16|fp16, and the ranks a launcher (torchrun, mpirun, SLURM) describes; so the
@@ -158,7 +98,7 @@ class Trainer {
         callbacks_(detail::make_callback_tuple(std::move(callbacks)...)) {
     if constexpr (policies_ok_) {
       allocator_tuning();
-      detail::apply_thread_default(local_processes());
+      detail::apply_thread_default(distributed::local_processes_or_one());
       place_modules();
       emit<events::on_init_end>();
     }
@@ -213,23 +153,17 @@ class Trainer {
   double evaluate(Data&& dataset, std::int64_t per_device_batch_size = 8, Collate collate = {}) {
     double evaluation_loss = std::numeric_limits<double>::quiet_NaN();
     if constexpr (policies_ok_) {
-      if (per_device_batch_size <= 0) {
-        throw std::invalid_argument("accelerated::Trainer::evaluate: per_device_batch_size = " +
-                                    std::to_string(per_device_batch_size) + " must be >= 1");
-      }
+      detail::require_positive("Trainer::evaluate", "per_device_batch_size", per_device_batch_size);
       auto source = data::as_source(std::forward<Data>(dataset), "dataset");
       if constexpr (detail::check_loader_step<Loop, Trainer, decltype(source), Collate, false>()) {
         auto loader = steps::create_eval_dataloader::call(loop_, *this, std::move(source),
                                                    sampler_options(per_device_batch_size, false), collate);
         using Batch = std::remove_cvref_t<decltype(*std::begin(loader))>;
         if constexpr (check_run<Batch, Batch>()) {
-          build_run_config(0, per_device_batch_size, per_device_batch_size, 1, {}, {});
-          const bool was_training = model_->is_training();
-          struct RestoreMode {
-            torch::nn::Module& module;
-            bool training;
-            ~RestoreMode() { set_training(module, training); }
-          } restore{model_.module(), was_training};
+          build_run_config({.train_batch_size = per_device_batch_size, .eval_batch_size = per_device_batch_size});
+          detail::OnScopeExit restore_mode([this, was_training = model_->is_training()] {
+            set_training(model_.module(), was_training);
+          });
           stop_.reset();
           place_modules();
           steps::evaluation_run_start::call(loop_, *this);
@@ -257,68 +191,29 @@ class Trainer {
     stop_.ask(std::move(reason), non_finite_loss);
   }
 
-  // ---- checkpoints ------------------------------------------------------------------------------------------------
+  // ---- checkpoints and training states (trainer_saves.hpp) ---------------------------------------------------
   // Saves the model, the optimizer (unless save_optimizer is false) and `values` (numbers of your own, e.g. the
   // best metric) to `path`, atomically; in a multi-process run, world process zero writes and every rank waits.
+  // Nothing is written when a weight is not finite (NonFiniteLossError on every rank).
   void save_checkpoint(const std::filesystem::path& path, const std::map<std::string, double>& values = {},
-                       bool save_optimizer = true) {
-    require_finite_state("save_checkpoint", path, false);  // on every rank: the writer needs no check of its own
-    beat(distributed::Phase::checkpoint);  // a slow write is a busy rank 0, not a hang, to the others' watchdogs
-    if (distributed_.rank() == 0) {
-      detail::write_checkpoint(path, model_.module(), save_optimizer ? optimizer_ : nullptr, values);
-    }
-    distributed_.barrier();
-  }
+                       bool save_optimizer = true);
 
   // Loads a checkpoint written by save_checkpoint (every rank reads it) and returns its values. Every key and
   // shape is checked before anything changes; a mismatch names the entry.
-  std::map<std::string, double> load_checkpoint(const std::filesystem::path& path, bool load_optimizer = true) {
-    distributed_.barrier();
-    return accelerated::load_checkpoint(path, model_.module(), load_optimizer ? optimizer_ : nullptr);
-  }
+  std::map<std::string, double> load_checkpoint(const std::filesystem::path& path, bool load_optimizer = true);
 
   // Saves the full training state (model, optimizer, scheduler, loss scaler, run history, callbacks' state, every
   // process's random generators, and the position in the run) with `values`, atomically. Call it outside train(),
   // or from on_update_step_end, on_training_run_epoch_end or on_training_run_end (callbacks::SaveTrainingState does);
   // a run resumed from it ends bit-identical to the uninterrupted run on CPU. Every process must call it.
-  void save_training_state(const std::filesystem::path& path, const std::map<std::string, double>& values = {}) {
-    if (save_point_ == detail::SavePoint::inside) {
-      throw std::logic_error("accelerated::Trainer::save_training_state: called in the middle of a step or an eval "
-                             "epoch; call it outside train(), or from on_update_step_end, on_training_run_epoch_end "
-                             "or on_training_run_end");
-    }
-    require_finite_state("save_training_state", path,
-                         run_started_ && save_point_ == detail::SavePoint::update_end);
-    beat(distributed::Phase::checkpoint);
-    detail::GeneratorStates generators{distributed_.gather(detail::generator_state(torch::kCPU).unsqueeze(0)), {}};
-    if (device_.device().is_cuda()) {
-      generators.cuda = distributed_.gather(detail::generator_state(device_.device()).unsqueeze(0));
-    }
-    if (distributed_.rank() == 0) {
-      const auto epoch = history_.current_epoch() + (save_point_ == detail::SavePoint::epoch_end ? 1 : 0);
-      detail::write_training_state(path, state_parts(), current_position(), epoch, generators, values);
-    }
-    distributed_.barrier();
-  }
+  void save_training_state(const std::filesystem::path& path, const std::map<std::string, double>& values = {});
 
   // Loads a training state: the model, the optimizer and the run history at once; the position, scheduler, loss
   // scaler, callbacks' state and random generators when the next train() starts, which then continues the saved run
   // (same datasets and options; num_epochs and max_num_train_steps count from the run's start). Returns the values.
   // Every rank reads the file; it is loaded only if it loads on every rank (otherwise nothing changes anywhere and
   // every rank throws, naming the ranks that could not read it).
-  std::map<std::string, double> load_training_state(const std::filesystem::path& path) {
-    distributed_.barrier();
-    auto outcome = stage_everywhere(path);
-    if (!outcome.everywhere()) {
-      const auto what = "accelerated::load_training_state: '" + path.string() + "' does not load on " +
-                        outcome.failed_ranks() + "; nothing was loaded" +
-                        (outcome.error.empty() ? std::string() : " (here: " + outcome.error + ")");
-      if (outcome.refused_somewhere()) throw std::invalid_argument(what);
-      throw std::runtime_error(what);
-    }
-    resumed_from_ = path;
-    return detail::commit_training_state(*outcome.staged, state_parts(), pending_resume_);
-  }
+  std::map<std::string, double> load_training_state(const std::filesystem::path& path);
 
   // Caps the batches of the current epoch at n (from on_train_epoch_start or on_eval_epoch_start). In a training
   // epoch the last batch kept ends with an update, as an epoch's last batch always does.
@@ -338,15 +233,7 @@ class Trainer {
 
   // Asks for the gradients' norm before clipping every n updates, in state().grad_norm (a tensor on the device: no
   // host sync until read), even without gradient_clip_norm; callbacks that log it ask at on_training_run_start.
-  void measure_grad_norm(std::int64_t every_n_updates) {
-    if (every_n_updates <= 0) {
-      throw std::invalid_argument("accelerated::Trainer::measure_grad_norm: every_n_updates = " +
-                                  std::to_string(every_n_updates) + " must be >= 1");
-    }
-    if (std::find(grad_norm_every_.begin(), grad_norm_every_.end(), every_n_updates) == grad_norm_every_.end()) {
-      grad_norm_every_.push_back(every_n_updates);
-    }
-  }
+  void measure_grad_norm(std::int64_t every_n_updates) { grad_norm_every_.ask(every_n_updates); }
 
   // Runs the eval set of this train() call through the model once more, without callbacks (e.g. with other weights
   // swapped in), and records the global mean loss under `metric`; returns it.
@@ -404,12 +291,7 @@ class Trainer {
 
   // The callback of type T in this trainer's list (a compile error if there is none).
   template <class T>
-  T& callback() {
-    constexpr auto index = detail::index_of_v<T, callback_tuple>;
-    static_assert(index < decltype(boost::hana::length(std::declval<callback_tuple&>()))::value,
-                  "accelerated::Trainer::callback<T>: this trainer has no callback of type T");
-    return boost::hana::at_c<index>(callbacks_);
-  }
+  T& callback() { return detail::callback_of<T>(callbacks_); }
 
   // Where print() and the progress bar write (std::cout by default); only process zero writes. `terminal` says
   // whether the stream is a terminal (the progress bar then redraws in place); std::cout is checked with isatty.
@@ -423,102 +305,16 @@ class Trainer {
   }
 
  private:
-  // TrainOptions::resume_from_newest_in: the newest state in `dir` that loads on every rank (resume.hpp).
-  void resume_from_newest(const std::filesystem::path& dir) {
-    distributed_.barrier();  // here, not per file: a failure to reach the peers is not a damaged file
-    detail::resume_from_newest_agreed(
-        dir, distributed_, [&](const std::filesystem::path& state) { return stage_everywhere(state); },
-        [&](detail::AgreedLoad& outcome, const std::filesystem::path& state) {
-          resumed_from_ = state;
-          detail::commit_training_state(*outcome.staged, state_parts(), pending_resume_);
-        },
-        [&](bool enabled, const std::string& line) { output_.print(enabled, line); });
-  }
-
-  detail::AgreedLoad stage_everywhere(const std::filesystem::path& path) {
-    beat(distributed::Phase::checkpoint);  // reading a large state is busy, not hung
-    return detail::stage_on_every_rank(distributed_, [&] {
-      return detail::stage_training_state(path, state_parts(), distributed_.num_processes(), distributed_.rank(),
-                                          device_.device());
-    });
-  }
-
-  // Before any save: nothing non-finite is saved, on any rank (finite_state.hpp). One read from the device.
-  void require_finite_state(const char* caller, const std::filesystem::path& path, bool with_loss) {
-    auto bad = detail::first_non_finite(model_.module());
-    if (bad.empty() && with_loss && !std::isfinite(train_tracker_.total())) bad = "the epoch's loss so far";
-    detail::require_finite_everywhere(distributed_, bad, caller, path,
-                                      " at epoch " + std::to_string(history_.current_epoch()) + ", update step " +
-                                          std::to_string(state_.update_step));
-  }
-
-  // A preemption signal was received on this process during a preemptible run.
-  bool preemption_received() const {
-    return options_.preemption_dir.has_value() && detail::PreemptionSignals::received() != 0;
-  }
-
-  // At the end of the update step the ranks agreed on: the training state is saved there, named `latest`, the job
-  // requeued if asked, and every rank throws PreemptedError.
-  [[noreturn]] void preempt() {
-    const auto signal = detail::PreemptionSignals::consume();  // acted on: not raised again when the run ends
-    const auto& dir = *options_.preemption_dir;
-    const auto step = state_.update_step;
-    const auto name = "preempted_step_" + std::to_string(step) + ".pt";
-    const bool zero = distributed_.rank() == 0;
-    if (zero) {
-      std::error_code error;
-      std::filesystem::create_directories(dir, error);
-      if (!std::filesystem::is_directory(dir)) {
-        throw std::invalid_argument("accelerated::TrainOptions: preemption_dir = '" + dir.string() +
-                                    "' is not a folder and cannot be created (" + error.message() + ")");
-      }
-    }
-    save_training_state(dir / name, {{"update_step", static_cast<double>(step)}});
-    std::string requeued;
-    if (zero) {
-      record_latest_training_state(dir, name);
-      if (options_.requeue_on_preemption) requeued = "; " + detail::requeue_slurm_job();
-    }
-    distributed_.barrier();
-    throw PreemptedError("accelerated::Trainer: preempted (" +
-                         (signal != 0 ? detail::signal_name(signal) + " on rank " + std::to_string(distributed_.rank())
-                                      : "a signal on rank " + std::to_string(stop_.preempted_by)) +
-                         ") at update step " + std::to_string(step) + "; the training state is saved as '" +
-                         (dir / name).string() + "'" + requeued +
-                         "; TrainOptions::resume_from_newest_in continues the run");
-  }
-
-  detail::TrainingStateParts<Precision, callback_tuple> state_parts() {
-    return {model_.module(), optimizer_, scheduler_.get(), precision_, callbacks_, history_};
-  }
-
-  // The training run's shape, which a resume must share: the last train() call's, also after an evaluate() (which
-  // sets run_config() to its own).
-  RunPosition train_position() const {
-    RunPosition p;
-    p.num_processes = train_config_.num_processes;
-    p.per_device_batch_size = train_config_.train_per_device_batch_size;
-    p.gradient_accumulation_steps = train_config_.gradient_accumulation_steps;
-    p.num_train_batches_per_epoch = train_config_.num_train_batches_per_epoch;
-    p.seed = static_cast<std::int64_t>(options_.seed);
-    p.shuffle = options_.shuffle;
-    return p;
-  }
-
-  // Where the run stands, with its shape: what a training state saves.
-  RunPosition current_position() {
-    if (!run_started_) return {};
-    auto p = train_position();
-    p.in_run = true;
-    p.update_step = state_.update_step;
-    p.epochs_done = epochs_done_ + (save_point_ == detail::SavePoint::epoch_end ? 1 : 0);
-    if (save_point_ == detail::SavePoint::update_end) {
-      p.batches_done = state_.step;
-      p.loss_total = train_tracker_.total();
-      p.loss_count = train_tracker_.count();
-    }
-    return p;
-  }
+  // ---- saving and resuming (trainer_saves.hpp) ----
+  void resume_from_newest(const std::filesystem::path& dir);       // TrainOptions::resume_from_newest_in
+  detail::AgreedLoad stage_everywhere(const std::filesystem::path& path);
+  void require_finite_state(const char* caller, const std::filesystem::path& path, bool with_loss);
+  [[noreturn]] void preempt();                                      // save, requeue, and throw PreemptedError
+  std::int64_t continue_saved_run(const detail::PendingResume& resume);  // returns the first batch to run
+  RunPosition train_position() const;
+  RunPosition current_position();
+  detail::TrainingStateParts<Precision, callback_tuple> state_parts();
+  bool preemption_received() const;  // a preemption signal arrived here during a preemptible run
 
   template <class Event, class... Args>
   bool emit(const Args&... args) {
@@ -548,14 +344,7 @@ class Trainer {
     return stop_finished();
   }
   // Reads the vote started at this update step.
-  bool stop_finished() {
-    return stop_.finish(distributed_, [this](std::int64_t rank, std::int64_t world) {
-      return "accelerated: non-finite " + std::string(state_.training ? "train" : "eval") + " loss on rank " +
-             std::to_string(rank) + " of " + std::to_string(world) + " at epoch " +
-             std::to_string(history_.current_epoch()) + ", step " + std::to_string(state_.step + 1) +
-             "; training stopped";
-    });
-  }
+  bool stop_finished() { return stop_.finish(distributed_, place(state_.training ? "train" : "eval")); }
 
   // The policies are bound to each other (accelerator.hpp), then the model, the loss module and every registered
   // module go to the device.
@@ -566,64 +355,22 @@ class Trainer {
     for (const auto& module : registered_modules_) device_.place(*module);
   }
 
-  // How a loader's batches are made: in pinned memory for a CUDA device, and ahead of the step by worker threads
-  // (TrainOptions::num_workers; unset: the default for sources safe to read from several threads, else none).
   template <class Loader>
   data::PrefetchOptions prepare_loader(Loader& loader) const {
-    if constexpr (requires { loader.set_pin_memory(true); }) loader.set_pin_memory(device_.device().is_cuda());
-    int workers = 0;
-    bool only_if_input_bound = false;  // the default starts its workers only when they pay (data/prefetch.hpp)
-    if (options_.num_workers) {
-      workers = *options_.num_workers;
-    } else if constexpr (requires { Loader::workers_by_default; }) {
-      if (Loader::workers_by_default) {
-        workers = data::default_num_workers();
-        only_if_input_bound = true;
-      }
-    }
-    return {.workers = workers, .depth = std::max(1, workers * options_.prefetch_factor),
-            .only_if_input_bound = only_if_input_bound};
+    return detail::prepare_loader(loader, options_, device_.device().is_cuda());
   }
-
   data::SamplerOptions sampler_options(std::int64_t batch_size, bool training) const {
-    data::SamplerOptions o;
-    o.batch_size = batch_size;
-    o.shuffle = training && options_.shuffle;
-    o.drop_last = training && options_.drop_last;
-    o.seed = options_.seed;
-    o.num_replicas = distributed_.num_processes();
-    o.rank = distributed_.rank();
-    o.pad_to_even = training;
-    return o;
+    return detail::sampler_options(options_, batch_size, training, distributed_.num_processes(), distributed_.rank());
   }
 
-  void build_run_config(std::int64_t train_batches, std::int64_t train_batch_size, std::int64_t eval_batch_size,
-                        std::int64_t accumulation, std::optional<double> clip_value, std::optional<double> clip_norm) {
-    run_config_ = make_run_config(
-        {distributed_.num_processes(), distributed_.rank(), distributed_.local_rank(), device_.name(),
-         precision_.name()},
-        {train_batches, train_batch_size, eval_batch_size, accumulation, clip_value, clip_norm, options_.num_epochs,
-         options_.max_num_train_steps});
+  void build_run_config(const RunShape& shape) {  // the run config of a train() or an evaluate() call
+    run_config_ = make_run_config({distributed_.num_processes(), distributed_.rank(), distributed_.local_rank(),
+                                   device_.name(), precision_.name()}, shape);
   }
 
-  // Checks the loop policy against the run's batch types, so that a missing step is one named error.
   template <class TrainBatch, class EvalBatch>
   static consteval bool check_run() {
-    if constexpr (!detail::check_batch_step<Loop, Trainer, TrainBatch, true>() ||
-                         !detail::check_batch_step<Loop, Trainer, EvalBatch, false>()) {
-      return false;
-    } else {
-      using TrainOutput = typename detail::batch_step_output<true, Loop, Trainer, TrainBatch>::type;
-      using EvalOutput = typename detail::batch_step_output<false, Loop, Trainer, EvalBatch>::type;
-      constexpr bool every_callback_handles_an_event =
-          detail::every_callback_handles_v<callback_tuple, Trainer, TrainBatch, TrainOutput, EvalBatch, EvalOutput>;
-      ACCELERATED_CHECK(every_callback_handles_an_event,
-                        "accelerated::Trainer: a callback handles no known event; a handler is a call operator "
-                        "whose first parameter is the event's tag, e.g. "
-                        "void operator()(accelerated::on_train_epoch_end, auto& trainer) "
-                        "(the list is in accelerated/callbacks/events.hpp)");
-      return every_callback_handles_an_event;
-    }
+    return detail::check_run<Loop, Trainer, callback_tuple, TrainBatch, EvalBatch>();
   }
 
   template <class TrainLoader, class EvalLoader>
@@ -631,10 +378,10 @@ class Trainer {
     using TrainBatch = std::remove_cvref_t<decltype(*std::begin(train_loader))>;
     using EvalBatch = typename detail::loader_batch<EvalLoader, TrainBatch>::type;
     if constexpr (check_run<TrainBatch, EvalBatch>()) {
-      const auto eval_batch_size = options_.eval_per_device_batch_size.value_or(options_.per_device_batch_size);
-      build_run_config(static_cast<std::int64_t>(train_loader.size()), options_.per_device_batch_size,
-                       eval_batch_size, options_.gradient_accumulation_steps, options_.gradient_clip_value,
-                       options_.gradient_clip_norm);
+      build_run_config({static_cast<std::int64_t>(train_loader.size()), options_.per_device_batch_size,
+                        options_.eval_per_device_batch_size.value_or(options_.per_device_batch_size),
+                        options_.gradient_accumulation_steps, options_.gradient_clip_value,
+                        options_.gradient_clip_norm, options_.num_epochs, options_.max_num_train_steps});
       train_config_ = run_config_;
       auto resume = std::exchange(pending_resume_, std::nullopt);
       if (options_.reset_run_history && !resume) history_.reset();
@@ -646,35 +393,21 @@ class Trainer {
       distributed_.prepare(model_.module());
       parameters_ = model_->parameters();
       scheduler_ = steps::create_scheduler::call(loop_, *this);
-      struct Idle {  // however the run ends, the watchdog must not see it waiting still
-        Trainer& trainer;
-        ~Idle() { trainer.beat(distributed::Phase::idle); }
-      } idle_at_end{*this};
+      // However the run ends, the watchdog must not see it waiting still.
+      detail::OnScopeExit idle_at_end([this] { beat(distributed::Phase::idle); });
       std::optional<detail::PreemptionSignals> preemption;  // handlers for this run only
       if (options_.preemption_dir) preemption.emplace(options_.preemption_signals);
       stop_.preempt_agreed = false;
-      std::int64_t first_batch = 0;
-      if (resume) {
-        detail::resume_run_shape(*resume, train_position(), state_parts());
-        if (const auto& saved = resume->position; saved.in_run) {
-          state_.update_step = saved.update_step;
-          epochs_done_ = saved.epochs_done;
-          train_tracker_.restore(saved.loss_total, saved.loss_count);
-          first_batch = saved.batches_done;
-        }
-      }
+      std::int64_t first_batch = resume ? continue_saved_run(*resume) : 0;
       run_started_ = true;
       if constexpr (!std::is_same_v<EvalLoader, NoEvalSet>) {
         eval_pass_ = {eval_loader, [](Trainer& trainer, void* loader) {
                         return trainer.eval_loss_pass_over(*static_cast<EvalLoader*>(loader));
                       }};
       }
-      struct EndOfRun {  // the eval pass refers to this call's loader
-        Trainer& trainer;
-        ~EndOfRun() { trainer.eval_pass_ = {}; }
-      } end_of_run{*this};
+      detail::OnScopeExit end_of_run([this] { eval_pass_ = {}; });  // the eval pass refers to this call's loader
 
-      grad_norm_every_.clear();
+      grad_norm_every_ = {};
       steps::training_run_start::call(loop_, *this);
       if (emit<events::on_training_run_start>()) stop_training("stop requested by a callback in on_training_run_start");
       if (resume) detail::resume_callbacks_and_generators(*resume, callbacks_, distributed_.rank(), device_.device());
@@ -711,7 +444,8 @@ class Trainer {
           break;
         } catch (...) {
           if (!run_config_.is_distributed) throw;
-          detail::rethrow_from_epoch(place("train"), [this](const std::string& what) { return silent_peers(what); });
+          detail::rethrow_from_epoch(place("train"),
+                                     [this](const std::string& what) { return detail::silent_peers(distributed_, what); });
         }
         if (reached_max_steps) {
           if (options_.max_num_train_steps) {
@@ -758,7 +492,7 @@ class Trainer {
       {
         [[maybe_unused]] auto sync = distributed_.gradient_sync(update);
         auto output = forward<true>(batch);
-        track(train_tracker_, output.loss, output.batch_size);
+        state_.last_loss = train_tracker_.add(output.loss, output.batch_size);
         emit_in_epoch<events::on_train_step_end>(batch, output, step);
         // Ranks vote on a stop asked for on any rank since the last update (a diverged loss among them); the vote
         // travels while backward runs and is read before the optimizer step (stop_vote.hpp).
@@ -797,7 +531,7 @@ class Trainer {
       return !reached_max_steps;
     }, prepare_loader(loader));
     steps::train_epoch_end::call(loop_, *this);
-    history_.update_metric("train_loss_epoch", global_mean(train_tracker_));
+    history_.update_metric("train_loss_epoch", detail::global_mean(distributed_, train_tracker_));
     emit_in_epoch<events::on_train_epoch_end>();
     state_.training = false;
     return reached_max_steps;
@@ -813,9 +547,7 @@ class Trainer {
       const bool was_training = model_->is_training();
       run_eval_epoch(*eval_loader, "intermediate_eval_loss", true);
       // Handlers of on_eval_epoch_end(is_intermediate = true) read intermediate_* metrics; the history keeps epochs.
-      for (const auto& name : history_.get_metric_names()) {
-        if (name.rfind("intermediate_", 0) == 0) history_.delete_metric(name);
-      }
+      history_.delete_metrics_starting_with("intermediate_");
       set_training(model_.module(), was_training);
     }
   }
@@ -836,7 +568,7 @@ class Trainer {
     }
     eval_batches<true>(loader, state_.num_batches, tracker);
     steps::eval_epoch_end::call(loop_, *this);
-    history_.update_metric(metric, global_mean(tracker));
+    history_.update_metric(metric, detail::global_mean(distributed_, tracker));
     emit_in_epoch<events::on_eval_epoch_end>(is_intermediate);
     state_ = saved;
   }
@@ -849,7 +581,7 @@ class Trainer {
     LossMeter tracker;
     eval_batches<false>(loader, static_cast<std::int64_t>(loader.size()), tracker);
     set_training(model_.module(), was_training);
-    return global_mean(tracker);
+    return detail::global_mean(distributed_, tracker);
   }
 
   // The eval loop: batches [0, last) through the model without gradients, their losses into `tracker`; with the
@@ -862,7 +594,7 @@ class Trainer {
       auto&& batch = device_.to_device(std::move(loaded));
       auto output = forward<false>(batch);
       if constexpr (WithEvents) {
-        track(tracker, output.loss, output.batch_size);
+        state_.last_loss = tracker.add(output.loss, output.batch_size);
         emit_in_epoch<events::on_eval_step_end>(batch, output);
         ++state_.step;
         // Ranks may run different numbers of eval batches: a multi-process stop waits for the epoch's end.
@@ -890,69 +622,23 @@ class Trainer {
     }
   }
 
-  // The processes sharing this machine, as the launcher describes them (1 when the environment is broken: the
-  // distributed policy reports that, naming the variable).
-  static int local_processes() {
-    try {
-      return static_cast<int>(std::max<std::int64_t>(1, distributed::environment_from_env().local_world_size));
-    } catch (const std::exception&) {
-      return 1;
-    }
-  }
-
-  // After a failure in a multi-process run: the ranks that went silent, when the distributed policy can tell
-  // (and the failure was an exchange with a peer, not a local error).
-  std::string silent_peers(const std::string& what) {
-    if constexpr (requires { distributed_.describe_silent_peers(what); }) {
-      return distributed_.describe_silent_peers(what);
-    } else {
-      return "";
-    }
-  }
-
-  // Tells the distributed policy where the loop is, for its watchdog (distributed/watchdog.hpp); nothing when the
-  // policy does not ask.
-  void beat(distributed::Phase phase) {
-    if constexpr (requires { distributed_.heartbeat(phase, std::int64_t{0}); }) {
-      distributed_.heartbeat(phase, state_.update_step);
-    }
-  }
+  void beat(distributed::Phase phase) { detail::beat(distributed_, phase, state_.update_step); }  // the watchdog's
 
   detail::StepPlace place(const char* phase) const {
     return {phase, history_.current_epoch(), state_.step + 1, state_.num_batches, distributed_.rank(),
             distributed_.num_processes()};
   }
 
-  void track(LossMeter& tracker, const torch::Tensor& loss, std::int64_t batch_size) {
-    state_.last_loss = tracker.add(loss, batch_size);
-  }
-
-  // The batch-size-weighted mean over every process.
-  double global_mean(LossMeter& tracker) {
-    std::array<double, 2> sums{tracker.total(), tracker.count()};
-    const distributed::AtCallSite site(distributed::CallSite::epoch_mean);
-    distributed_.all_reduce_sum(sums);
-    return sums[1] > 0 ? sums[0] / sums[1] : 0.0;
-  }
-
-  // Clipping runs on update steps only, after the precision policy has unscaled the gradients. The norm before
-  // clipping is kept in state().grad_norm when clipping by norm, and on the updates a callback asked for it.
+  // Clipping runs on update steps only (detail/clip_gradients.hpp). The norm before clipping is kept in
+  // state().grad_norm when clipping by norm, and on the updates a callback asked for it.
   void clip_gradients() {
-    const auto update = state_.update_step + 1;
-    const bool measure = !run_config_.gradient_clip_norm &&
-                         std::any_of(grad_norm_every_.begin(), grad_norm_every_.end(),
-                                     [update](std::int64_t n) { return update % n == 0; });
-    if (!run_config_.gradient_clip_value && !run_config_.gradient_clip_norm && !measure) return;
-    precision_.unscale_gradients(*optimizer_);
-    if (measure) state_.grad_norm = detail::grad_norm_no_sync(parameters_);
-    if (run_config_.gradient_clip_value) torch::nn::utils::clip_grad_value_(parameters_, *run_config_.gradient_clip_value);
-    // No host sync: on a GPU the next step can be queued while this one runs.
-    if (run_config_.gradient_clip_norm) {
-      state_.grad_norm = detail::clip_grad_norm_no_sync(parameters_, *run_config_.gradient_clip_norm);
-    }
+    const bool measure = !run_config_.gradient_clip_norm && grad_norm_every_.at(state_.update_step + 1);
+    auto norm = detail::clip_gradients(parameters_, run_config_.gradient_clip_value, run_config_.gradient_clip_norm,
+                                       measure, [this] { precision_.unscale_gradients(*optimizer_); });
+    if (norm) state_.grad_norm = std::move(*norm);
   }
 
-  std::vector<std::int64_t> grad_norm_every_;  // measure_grad_norm's intervals, asked again at each run start
+  detail::GradNormSchedule grad_norm_every_;  // measure_grad_norm's intervals, asked again at each run start
 
   Model model_;
   LossFunction loss_;
@@ -1010,3 +696,5 @@ auto make_trainer(M model, L loss, torch::optim::Optimizer& optimizer, Callbacks
 }
 
 }  // namespace accelerated
+
+#include "trainer_saves.hpp"  // the members that save and load

@@ -1,7 +1,9 @@
 #pragma once
 // Turns the callbacks given to the trainer into one flat Boost.Hana tuple (groups are spliced in; no callbacks at
 // all means callbacks::Defaults) and checks, at compile time, that no callback type appears twice.
+#include <boost/hana/at.hpp>
 #include <boost/hana/flatten.hpp>
+#include <boost/hana/length.hpp>
 #include <boost/hana/tuple.hpp>
 
 #include <cstddef>
@@ -58,6 +60,15 @@ inline constexpr std::size_t index_of_v<T, boost::hana::tuple<U...>> = [] {
   while (!same[i] && i < sizeof...(U)) ++i;
   return i;
 }();
+
+// The callback of type T in a trainer's list (Trainer::callback<T>); a compile error naming T's absence otherwise.
+template <class T, class Tuple>
+T& callback_of(Tuple& callbacks) {
+  constexpr auto index = index_of_v<T, Tuple>;
+  static_assert(index < decltype(boost::hana::length(std::declval<Tuple&>()))::value,
+                "accelerated::Trainer::callback<T>: this trainer has no callback of type T");
+  return boost::hana::at_c<index>(callbacks);
+}
 
 // Every callback handles at least one event, and each of its handlers can take its event's arguments (step events
 // tried with the run's real batch and output types; a misdeclared handler is a static_assert naming the event).

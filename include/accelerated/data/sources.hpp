@@ -11,6 +11,7 @@
 #include <range/v3/range/traits.hpp>
 
 #include <cstdint>
+#include <iterator>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -104,3 +105,23 @@ auto as_source(Data&& data, const char* argument) {
 }
 
 }  // namespace accelerated::data
+
+namespace accelerated {
+
+// Passed as the eval dataset of train() when there is none (the default).
+struct NoEvalSet {};
+inline constexpr NoEvalSet no_eval_set{};
+
+namespace detail {
+// The batch type a loader yields; `Otherwise` when there is no loader.
+template <class Loader, class Otherwise>
+struct loader_batch {
+  using type = std::remove_cvref_t<decltype(*std::begin(std::declval<Loader&>()))>;
+};
+template <class Otherwise>
+struct loader_batch<NoEvalSet, Otherwise> {
+  using type = Otherwise;
+};
+}  // namespace detail
+
+}  // namespace accelerated

@@ -6,7 +6,14 @@
 #include <ATen/ops/_foreach_mul.h>
 #include <ATen/ops/_foreach_norm.h>
 #include <torch/types.h>
+// after types.h: LibTorch 1.13's clip_grad.h does not include what it uses
+#include <torch/nn/utils/clip_grad.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -82,6 +89,37 @@ inline torch::Tensor clip_grad_norm_no_sync(const std::vector<torch::Tensor>& pa
   for (const auto& g : grads) groups.add(g);
   for (auto& group : groups.groups) foreach_mul_(group.tensors, coef.to(group.device, group.dtype));
   return total;
+}
+
+// The intervals callbacks asked for the norm at (Trainer::measure_grad_norm), asked again at each run start.
+struct GradNormSchedule {
+  std::vector<std::int64_t> every;
+
+  void ask(std::int64_t every_n_updates) {
+    if (every_n_updates <= 0) {
+      throw std::invalid_argument("accelerated::Trainer::measure_grad_norm: every_n_updates = " +
+                                  std::to_string(every_n_updates) + " must be >= 1");
+    }
+    if (std::find(every.begin(), every.end(), every_n_updates) == every.end()) every.push_back(every_n_updates);
+  }
+  bool at(std::int64_t update) const {
+    return std::any_of(every.begin(), every.end(), [update](std::int64_t n) { return update % n == 0; });
+  }
+};
+
+// An update's clipping: `unscale()` first (the precision policy's; called only when something is clipped or
+// measured), then by value, then by norm. Returns the norm before clipping when clipping by norm or `measure`.
+template <class Unscale>
+std::optional<torch::Tensor> clip_gradients(const std::vector<torch::Tensor>& parameters,
+                                            std::optional<double> clip_value, std::optional<double> clip_norm,
+                                            bool measure, Unscale&& unscale) {
+  if (!clip_value && !clip_norm && !measure) return std::nullopt;
+  unscale();
+  std::optional<torch::Tensor> norm;
+  if (measure) norm = grad_norm_no_sync(parameters);
+  if (clip_value) torch::nn::utils::clip_grad_value_(parameters, *clip_value);
+  if (clip_norm) norm = clip_grad_norm_no_sync(parameters, *clip_norm);  // no host sync: the next step can be queued
+  return norm;
 }
 
 }  // namespace accelerated::detail

@@ -5,9 +5,11 @@
 //   SLURM        SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NTASKS_PER_NODE
 // in that order of preference (the first that sets a rank wins). MASTER_ADDR and MASTER_PORT name the rendezvous
 // store in every case. Every inconsistency is an std::invalid_argument naming the variable and its value.
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <exception>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -153,6 +155,16 @@ inline Environment environment_from_env() {
     e.restart_count = env_int("TORCHELASTIC_RESTART_COUNT", 0).value_or(0);
   }
   return e;
+}
+
+// The processes sharing this machine, as the launcher describes them; 1 when the environment is broken (the
+// distributed policy reports that, naming the variable). Sizes the intra-op thread default.
+inline int local_processes_or_one() {
+  try {
+    return static_cast<int>(std::max<std::int64_t>(1, environment_from_env().local_world_size));
+  } catch (const std::exception&) {
+    return 1;
+  }
 }
 
 }  // namespace accelerated::distributed

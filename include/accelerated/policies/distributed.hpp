@@ -521,4 +521,21 @@ class DataParallel {
 // DataParallel can be assigned to the default trainer's policy).
 using AutoDistributed = DataParallel;
 
+namespace detail {
+// The distributed policy's optional members for the watchdog (docs/writing-a-distributed-policy.md): where the loop
+// is, and after a failed exchange which ranks went silent; nothing, and "", for a policy without them.
+template <class Distributed>
+void beat(Distributed& distributed, distributed::Phase phase, std::int64_t update_step) {
+  if constexpr (requires { distributed.heartbeat(phase, update_step); }) distributed.heartbeat(phase, update_step);
+}
+template <class Distributed>
+std::string silent_peers(Distributed& distributed, const std::string& what) {
+  if constexpr (requires { distributed.describe_silent_peers(what); }) {
+    return distributed.describe_silent_peers(what);
+  } else {
+    return "";
+  }
+}
+}  // namespace detail
+
 }  // namespace accelerated

@@ -1,0 +1,202 @@
+#pragma once
+// The Trainer's members that save and load, declared in trainer.hpp with their contracts: checkpoints, training
+// states, the resume every rank agrees on (resume.hpp), the check that nothing non-finite is saved
+// (finite_state.hpp), the preemption save, and the run's position that a training state records. trainer.hpp
+// includes this header at its end, so either header gives the whole Trainer.
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+
+#include "checkpoint.hpp"
+#include "detail/preemption.hpp"
+#include "finite_state.hpp"
+#include "resume.hpp"
+#include "run_folder.hpp"
+#include "trainer.hpp"
+
+namespace accelerated {
+
+#define ACCELERATED_TRAINER_TEMPLATE \
+  template <class Device, class Precision, class Distributed, class Loop, class... Callbacks>
+#define ACCELERATED_TRAINER Trainer<Device, Precision, Distributed, Loop, Callbacks...>
+
+ACCELERATED_TRAINER_TEMPLATE
+void ACCELERATED_TRAINER::save_checkpoint(const std::filesystem::path& path,
+                                          const std::map<std::string, double>& values, bool save_optimizer) {
+  require_finite_state("save_checkpoint", path, false);  // on every rank: the writer needs no check of its own
+  beat(distributed::Phase::checkpoint);  // a slow write is a busy rank 0, not a hang, to the others' watchdogs
+  if (distributed_.rank() == 0) {
+    detail::write_checkpoint(path, model_.module(), save_optimizer ? optimizer_ : nullptr, values);
+  }
+  distributed_.barrier();
+}
+
+ACCELERATED_TRAINER_TEMPLATE
+std::map<std::string, double> ACCELERATED_TRAINER::load_checkpoint(const std::filesystem::path& path,
+                                                                   bool load_optimizer) {
+  distributed_.barrier();
+  return accelerated::load_checkpoint(path, model_.module(), load_optimizer ? optimizer_ : nullptr);
+}
+
+ACCELERATED_TRAINER_TEMPLATE
+void ACCELERATED_TRAINER::save_training_state(const std::filesystem::path& path,
+                                              const std::map<std::string, double>& values) {
+  if (save_point_ == detail::SavePoint::inside) {
+    throw std::logic_error("accelerated::Trainer::save_training_state: called in the middle of a step or an eval "
+                           "epoch; call it outside train(), or from on_update_step_end, on_training_run_epoch_end "
+                           "or on_training_run_end");
+  }
+  require_finite_state("save_training_state", path, run_started_ && save_point_ == detail::SavePoint::update_end);
+  beat(distributed::Phase::checkpoint);
+  detail::GeneratorStates generators{distributed_.gather(detail::generator_state(torch::kCPU).unsqueeze(0)), {}};
+  if (device_.device().is_cuda()) {
+    generators.cuda = distributed_.gather(detail::generator_state(device_.device()).unsqueeze(0));
+  }
+  if (distributed_.rank() == 0) {
+    const auto epoch = history_.current_epoch() + (save_point_ == detail::SavePoint::epoch_end ? 1 : 0);
+    detail::write_training_state(path, state_parts(), current_position(), epoch, generators, values);
+  }
+  distributed_.barrier();
+}
+
+ACCELERATED_TRAINER_TEMPLATE
+std::map<std::string, double> ACCELERATED_TRAINER::load_training_state(const std::filesystem::path& path) {
+  distributed_.barrier();
+  auto outcome = stage_everywhere(path);
+  if (!outcome.everywhere()) {
+    const auto what = "accelerated::load_training_state: '" + path.string() + "' does not load on " +
+                      outcome.failed_ranks() + "; nothing was loaded" +
+                      (outcome.error.empty() ? std::string() : " (here: " + outcome.error + ")");
+    if (outcome.refused_somewhere()) throw std::invalid_argument(what);
+    throw std::runtime_error(what);
+  }
+  resumed_from_ = path;
+  return detail::commit_training_state(*outcome.staged, state_parts(), pending_resume_);
+}
+
+// The newest state in `dir` that loads on every rank (resume.hpp).
+ACCELERATED_TRAINER_TEMPLATE
+void ACCELERATED_TRAINER::resume_from_newest(const std::filesystem::path& dir) {
+  distributed_.barrier();  // here, not per file: a failure to reach the peers is not a damaged file
+  detail::resume_from_newest_agreed(
+      dir, distributed_, [&](const std::filesystem::path& state) { return stage_everywhere(state); },
+      [&](detail::AgreedLoad& outcome, const std::filesystem::path& state) {
+        resumed_from_ = state;
+        detail::commit_training_state(*outcome.staged, state_parts(), pending_resume_);
+      },
+      [&](bool enabled, const std::string& line) { output_.print(enabled, line); });
+}
+
+ACCELERATED_TRAINER_TEMPLATE
+detail::AgreedLoad ACCELERATED_TRAINER::stage_everywhere(const std::filesystem::path& path) {
+  beat(distributed::Phase::checkpoint);  // reading a large state is busy, not hung
+  return detail::stage_on_every_rank(distributed_, [&] {
+    return detail::stage_training_state(path, state_parts(), distributed_.num_processes(), distributed_.rank(),
+                                        device_.device());
+  });
+}
+
+// Before any save: nothing non-finite is saved, on any rank (finite_state.hpp). One read from the device.
+ACCELERATED_TRAINER_TEMPLATE
+void ACCELERATED_TRAINER::require_finite_state(const char* caller, const std::filesystem::path& path,
+                                               bool with_loss) {
+  auto bad = detail::first_non_finite(model_.module());
+  if (bad.empty() && with_loss && !std::isfinite(train_tracker_.total())) bad = "the epoch's loss so far";
+  detail::require_finite_everywhere(distributed_, bad, caller, path,
+                                    " at epoch " + std::to_string(history_.current_epoch()) + ", update step " +
+                                        std::to_string(state_.update_step));
+}
+
+// At the end of the update step the ranks agreed on: the training state is saved there, named `latest`, the job
+// requeued if asked, and every rank throws PreemptedError.
+ACCELERATED_TRAINER_TEMPLATE
+void ACCELERATED_TRAINER::preempt() {
+  const auto signal = detail::PreemptionSignals::consume();  // acted on: not raised again when the run ends
+  const auto& dir = *options_.preemption_dir;
+  const auto step = state_.update_step;
+  const auto name = "preempted_step_" + std::to_string(step) + ".pt";
+  const bool zero = distributed_.rank() == 0;
+  if (zero) {
+    std::error_code error;
+    std::filesystem::create_directories(dir, error);
+    if (!std::filesystem::is_directory(dir)) {
+      throw std::invalid_argument("accelerated::TrainOptions: preemption_dir = '" + dir.string() +
+                                  "' is not a folder and cannot be created (" + error.message() + ")");
+    }
+  }
+  save_training_state(dir / name, {{"update_step", static_cast<double>(step)}});
+  std::string requeued;
+  if (zero) {
+    record_latest_training_state(dir, name);
+    if (options_.requeue_on_preemption) requeued = "; " + detail::requeue_slurm_job();
+  }
+  distributed_.barrier();
+  throw PreemptedError("accelerated::Trainer: preempted (" +
+                       (signal != 0 ? detail::signal_name(signal) + " on rank " + std::to_string(distributed_.rank())
+                                    : "a signal on rank " + std::to_string(stop_.preempted_by)) +
+                       ") at update step " + std::to_string(step) + "; the training state is saved as '" +
+                       (dir / name).string() + "'" + requeued +
+                       "; TrainOptions::resume_from_newest_in continues the run");
+}
+
+// A loaded training state meets the run train() is starting: its shape must match (resume.hpp); a state saved
+// inside a run puts the loop where it was. Returns the batch of the epoch to start from.
+ACCELERATED_TRAINER_TEMPLATE
+std::int64_t ACCELERATED_TRAINER::continue_saved_run(const detail::PendingResume& resume) {
+  detail::resume_run_shape(resume, train_position(), state_parts());
+  const auto& saved = resume.position;
+  if (!saved.in_run) return 0;
+  state_.update_step = saved.update_step;
+  epochs_done_ = saved.epochs_done;
+  train_tracker_.restore(saved.loss_total, saved.loss_count);
+  return saved.batches_done;
+}
+
+ACCELERATED_TRAINER_TEMPLATE
+detail::TrainingStateParts<Precision, typename ACCELERATED_TRAINER::callback_tuple> ACCELERATED_TRAINER::state_parts() {
+  return {model_.module(), optimizer_, scheduler_.get(), precision_, callbacks_, history_};
+}
+
+ACCELERATED_TRAINER_TEMPLATE
+bool ACCELERATED_TRAINER::preemption_received() const {
+  return options_.preemption_dir.has_value() && detail::PreemptionSignals::received() != 0;
+}
+
+// The training run's shape, which a resume must share: the last train() call's, also after an evaluate() (which
+// sets run_config() to its own).
+ACCELERATED_TRAINER_TEMPLATE
+RunPosition ACCELERATED_TRAINER::train_position() const {
+  RunPosition p;
+  p.num_processes = train_config_.num_processes;
+  p.per_device_batch_size = train_config_.train_per_device_batch_size;
+  p.gradient_accumulation_steps = train_config_.gradient_accumulation_steps;
+  p.num_train_batches_per_epoch = train_config_.num_train_batches_per_epoch;
+  p.seed = static_cast<std::int64_t>(options_.seed);
+  p.shuffle = options_.shuffle;
+  return p;
+}
+
+// Where the run stands, with its shape: what a training state saves.
+ACCELERATED_TRAINER_TEMPLATE
+RunPosition ACCELERATED_TRAINER::current_position() {
+  if (!run_started_) return {};
+  auto p = train_position();
+  p.in_run = true;
+  p.update_step = state_.update_step;
+  p.epochs_done = epochs_done_ + (save_point_ == detail::SavePoint::epoch_end ? 1 : 0);
+  if (save_point_ == detail::SavePoint::update_end) {
+    p.batches_done = state_.step;
+    p.loss_total = train_tracker_.total();
+    p.loss_count = train_tracker_.count();
+  }
+  return p;
+}
+
+#undef ACCELERATED_TRAINER
+#undef ACCELERATED_TRAINER_TEMPLATE
+
+}  // namespace accelerated
