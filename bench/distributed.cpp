@@ -1,9 +1,12 @@
 // One training epoch of W1 (MLP, random data) or W2 (quickstart CNN, Fashion-MNIST) under whatever the launcher
 // says (one process, or N with RANK/WORLD_SIZE/MASTER_*); rank 0 prints one JSON line: samples/s, and the time per
 // step spent in backward (which includes the gradient all-reduce not hidden by the overlap) and elsewhere.
-// Run by bench/distributed.sh, which compares 1 and 2 processes. Usage: bench_distributed w1|w2 [folder|blocking]
+// Run by bench/distributed.sh, which compares 1 and 2 processes.
+// Usage: bench_distributed w1|w2 [folder|blocking|exchange]
 // "w1 blocking": the unoptimised variant, whose stop vote blocks before backward (as it did) instead of travelling
-// during it.
+// during it. "w1 exchange": no training, only the exchange no W1 step can do without, one all-reduce of W1's
+// gradients (101,770 floats, 0.4 MB), timed alone; 2 x 64 samples per exchange is a ceiling no 2-process W1 step
+// over that transport can pass, however fast its compute.
 #include "common.hpp"
 
 #include <type_traits>
@@ -63,6 +66,30 @@ void run(const std::string& name, Model model, torch::optim::Optimizer& optimize
   std::cout << json.str() << std::endl;
 }
 
+void exchange_only(std::int64_t floats) {
+  auto model = nn::Linear(1, 1);
+  torch::optim::SGD optimizer(model->parameters(), 0.0);
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::AutoDistributed> trainer(model, nn::MSELoss(), optimizer);
+  trainer.set_output(std::cerr);
+  trainer.train(std::pair{torch::zeros({8, 1}), torch::zeros({8, 1})}, {.per_device_batch_size = 4});  // joins
+  std::vector<double> values(static_cast<std::size_t>(floats / 2), 1.0);  // as many bytes as the floats
+  constexpr int warm_up = 50, timed = 500;
+  for (int i = 0; i < warm_up; ++i) trainer.all_reduce_sum(values);
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < timed; ++i) trainer.all_reduce_sum(values);
+  const double seconds = bench::seconds_since(start) / timed;
+  if (!trainer.run_config().is_world_process_zero) return;
+  std::ostringstream json;
+  acc::detail::JsonObject out(json);
+  out.field("benchmark", "W1's gradient exchange alone, 0.4 MB all-reduce")
+      .field("processes", trainer.run_config().num_processes)
+      .field("transport", trainer.distributed().transport())
+      .field("exchange_ms", 1000.0 * seconds)
+      .field("samples_per_s", static_cast<double>(64 * trainer.run_config().num_processes) / seconds);
+  out.close();
+  std::cout << json.str() << std::endl;
+}
+
 int main(int argc, char** argv) {
   const std::string workload = argc > 1 ? argv[1] : "w1";
   torch::manual_seed(0);
@@ -70,7 +97,9 @@ int main(int argc, char** argv) {
     const acc::data::TensorDataset data(torch::randn({60000, 784}), torch::randint(0, 10, {60000}, torch::kLong));
     auto model = nn::Sequential(nn::Linear(784, 128), nn::ReLU(), nn::Linear(128, 10));
     torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
-    if (argc > 2 && std::string(argv[2]) == "blocking") {
+    if (argc > 2 && std::string(argv[2]) == "exchange") {
+      exchange_only(784 * 128 + 128 + 128 * 10 + 10);
+    } else if (argc > 2 && std::string(argv[2]) == "blocking") {
       run<BlockingVote>("W1 mlp, 60000 rows, batch 64 per process", model, optimizer, data);
     } else {
       run("W1 mlp, 60000 rows, batch 64 per process", model, optimizer, data);

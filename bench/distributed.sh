@@ -31,6 +31,9 @@ for workload in w1 w2; do
   if [[ $workload == w1 ]]; then  # the same with the stop vote blocking before backward (the unoptimised variant)
     two_gloo_blocking=$(two_processes gloo blocking)
     echo "$two_gloo_blocking"
+    # The exchange alone: a ceiling for any 2-process W1 step over Gloo (compute taking no time at all).
+    two_gloo_exchange=$(two_processes gloo exchange)
+    echo "$two_gloo_exchange"
   fi
   ratio() {
     awk -v a="$1" -v b="$2" 'BEGIN {
@@ -41,7 +44,10 @@ for workload in w1 w2; do
   rate[$workload]=$(ratio "$one" "$two")
   rate1[$workload]=$(ratio "$one_thread" "$two")
   rate_gloo[$workload]=$(ratio "$one_thread" "$two_gloo")
-  [[ $workload == w1 ]] && gloo_blocking_w1=$(ratio "$one_thread" "$two_gloo_blocking")
+  if [[ $workload == w1 ]]; then
+    gloo_blocking_w1=$(ratio "$one_thread" "$two_gloo_blocking")
+    gloo_exchange_w1=$(ratio "$one_thread" "$two_gloo_exchange")
+  fi
 done
-printf '{"benchmark":"2 processes / 1, samples/s","w1_vs_1proc_all_threads":%s,"w2_vs_1proc_all_threads":%s,"w1_vs_1proc_1thread":%s,"w2_vs_1proc_1thread":%s,"gloo_w1_vs_1proc_1thread":%s,"gloo_w2_vs_1proc_1thread":%s,"gloo_w1_blocking_vote_vs_1proc_1thread":%s}\n' \
-  "${rate[w1]}" "${rate[w2]}" "${rate1[w1]}" "${rate1[w2]}" "${rate_gloo[w1]}" "${rate_gloo[w2]}" "$gloo_blocking_w1"
+printf '{"benchmark":"2 processes / 1, samples/s","w1_vs_1proc_all_threads":%s,"w2_vs_1proc_all_threads":%s,"w1_vs_1proc_1thread":%s,"w2_vs_1proc_1thread":%s,"gloo_w1_vs_1proc_1thread":%s,"gloo_w2_vs_1proc_1thread":%s,"gloo_w1_blocking_vote_vs_1proc_1thread":%s,"gloo_w1_exchange_ceiling_vs_1proc_1thread":%s}\n' \
+  "${rate[w1]}" "${rate[w2]}" "${rate1[w1]}" "${rate1[w2]}" "${rate_gloo[w1]}" "${rate_gloo[w2]}" "$gloo_blocking_w1" "$gloo_exchange_w1"

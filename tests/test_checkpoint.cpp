@@ -1,5 +1,6 @@
 // Checkpoints (save, load, and every way a load can be refused), SaveBestModel and EarlyStopping.
 #include <algorithm>
+#include <malloc.h>
 #include <sys/resource.h>
 
 #include <filesystem>
@@ -217,6 +218,56 @@ TEST_CASE("saving streams the archive to disk instead of holding copies of it in
   INFO("peak resident memory grew by " << state_dict_growth << " MB while saving a 256 MB state dict");
   CHECK(state_dict_growth < 96.0);
   CHECK(acc::read_state_dict(dir / "big_state_dict.pt").size() == 2);
+  std::filesystem::remove_all(dir);
+}
+
+namespace {
+// Bytes the process's heap holds in live allocations now, in MB. Not the resident memory: with the trainer's
+// allocator tuning (detail/allocator_tuning.hpp) glibc keeps freed blocks for reuse instead of unmapping them.
+double live_heap_mb() {
+  const auto info = ::mallinfo2();
+  return static_cast<double>(info.uordblks + info.hblkhd) / (1024.0 * 1024.0);
+}
+double peak_resident_mb() {
+  rusage usage{};
+  ::getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_maxrss) / 1024.0;
+}
+// The most memory held above `before`, looked at each epoch's start (before any gradient exists).
+struct MeasureHeld {
+  double* held;
+  const double* before;
+  void operator()(acc::on_train_epoch_start, auto&) { *held = std::max(*held, live_heap_mb() - *before); }
+};
+}  // namespace
+
+TEST_CASE("resuming holds two copies of the model at the peak (the file's and the rollback's) and none during the run",
+          "[checkpoint][resume]") {
+  const auto dir = test::fresh_dir("resume_memory");
+  torch::nn::Linear big(4096, 16384);  // 256 MB of weights
+  {
+    torch::NoGradGuard no_grad;
+    big->weight.fill_(0.5);  // touched: the weights count in the resident memory from here
+  }
+  torch::optim::SGD sgd(big->parameters(), 0.0);
+  double held_in_run = 0.0;
+  double resident_before = 0.0;
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, MeasureHeld> trainer(
+      big, torch::nn::MSELoss(), sgd, MeasureHeld{&held_in_run, &resident_before});
+  trainer.set_output(test::quiet());
+  trainer.save_training_state(dir / "state.pt");
+  const double model_mb = 4096.0 * 16384.0 * 4.0 / (1024.0 * 1024.0);
+  resident_before = live_heap_mb();
+  const double peak_before = peak_resident_mb();
+  trainer.load_training_state(dir / "state.pt");
+  const double peak_growth = peak_resident_mb() - peak_before;
+  const auto x = torch::zeros({4, 4096});
+  const auto y = torch::zeros({4, 16384});
+  trainer.train(std::pair{x, y}, {.num_epochs = 1, .per_device_batch_size = 2});
+  INFO("model " << model_mb << " MB; peak grew by " << peak_growth << " MB while loading; " << held_in_run
+                << " MB more held during the resumed run");
+  CHECK(peak_growth < 2.25 * model_mb);
+  CHECK(held_in_run < 0.25 * model_mb);
   std::filesystem::remove_all(dir);
 }
 

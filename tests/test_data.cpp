@@ -13,6 +13,7 @@
 #include <atomic>
 
 #include "helpers.hpp"
+#include "prefetch_stress.hpp"
 
 namespace acc = accelerated;
 using namespace std::chrono_literals;
@@ -480,6 +481,67 @@ TEST_CASE("a starved worker does not stall the loop: the training thread builds 
   for (std::int64_t b = 0; b < loader.size(); ++b) CHECK(torch::equal(ahead.next().data, reference[static_cast<std::size_t>(b)]));
   // Starved workers finish few of their batches while the caller builds 20: it takes over the rest.
   CHECK(ahead.built_here() >= 10);
+}
+
+namespace {
+// The test seam of the next test: the worker that reaches `pause_point` for batch `pause_batch` waits there until the
+// training thread has taken that batch, or 3 s (then `timed_out`: the training thread was waiting on the worker).
+std::atomic<int> pause_point{-1};
+std::atomic<std::int64_t> pause_batch{-1}, taken_batch{-1};
+std::atomic<int> paused{0}, timed_out{0};
+void pause_worker(data::PrefetchPoint point, std::int64_t batch) {
+  if (static_cast<int>(point) != pause_point.load() || batch != pause_batch.load()) return;
+  ++paused;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+  while (taken_batch.load() < batch) {
+    if (std::chrono::steady_clock::now() > until) {
+      ++timed_out;
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+}
+}  // namespace
+
+TEST_CASE("a worker paused as it claims or hands over a batch holds nothing the training thread waits for",
+          "[data][prefetch]") {
+  // An idle-priority worker can lose its core at any instruction, for as long as the machine is busy. Paused right
+  // after claiming a batch, the training thread builds that batch itself; paused right after handing one over, the
+  // training thread takes it. Neither waits for the worker (before, both points were inside a mutex it waited on).
+  const auto raw = small_images(40, 1);
+  const auto augmented = data::augment(raw, tf::random_horizontal_flip());
+  data::Loader loader(augmented, data::EpochSampler(40, {.batch_size = 2, .shuffle = true}));
+  std::vector<torch::Tensor> reference;
+  data::for_each_batch(loader, 0, loader.size(), [&](auto&& b) { reference.push_back(b.data); return true; });
+  data::prefetch_pause_for_test = &pause_worker;
+  for (const auto point : {data::PrefetchPoint::claimed, data::PrefetchPoint::handed_over}) {
+    INFO("paused at " << (point == data::PrefetchPoint::claimed ? "claimed" : "handed_over"));
+    paused = 0;
+    timed_out = 0;
+    pause_point = static_cast<int>(point);
+    pause_batch = 6;
+    // A worker must be the one to reach batch 6 (idle-priority workers on a busy machine may not): at most 20 epochs.
+    for (int epoch = 0; epoch < 20 && paused == 0; ++epoch) {
+      taken_batch = -1;
+      data::Prefetcher<decltype(loader)> ahead(loader, 0, loader.size(), {.workers = 2, .depth = 4});
+      for (std::int64_t b = 0; b < loader.size(); ++b) {
+        CHECK(torch::equal(ahead.next().data, reference[static_cast<std::size_t>(b)]));
+        taken_batch = b;
+        if (b < 5) std::this_thread::sleep_for(std::chrono::milliseconds(3));  // the workers get ahead
+      }
+    }
+    CHECK(paused == 1);
+    CHECK(timed_out == 0);
+  }
+  data::prefetch_pause_for_test = nullptr;
+  CHECK(data_threads() == 0);
+}
+
+TEST_CASE("under random pauses, build times, windows and early ends, every batch comes once, in order, with its error",
+          "[data][prefetch]") {
+  // 200 rounds of tests/prefetch_stress.hpp (scripts/tsan-prefetch.sh runs 1,500 under ThreadSanitizer).
+  CHECK(test::prefetch_stress(200) == "");
+  CHECK(data_threads() == 0);
 }
 
 TEST_CASE("a worker's LibTorch ops run on one thread, and the training threads keep their pool", "[data][prefetch]") {

@@ -347,8 +347,11 @@ void resume_run_shape(const PendingResume& resume, const RunPosition& here,
 // Second half, once on_training_run_start has run (callbacks reset themselves there): their state and the random
 // generators, last, so the next random number drawn is the one the saved run would have drawn.
 template <class CallbackTuple>
-void resume_callbacks_and_generators(const PendingResume& resume, CallbackTuple& callbacks, std::int64_t rank,
-                                     torch::Device device) {
+void resume_callbacks_and_generators(std::optional<PendingResume>& pending, CallbackTuple& callbacks,
+                                     std::int64_t rank, torch::Device device) {
+  if (!pending) return;
+  // Applied, the state is let go: its archive holds a whole copy of the model, which the run must not carry.
+  const auto resume = std::exchange(pending, std::nullopt).value();
   auto& archive = *resume.archive;
   for_each_stateful_callback(callbacks, [&](auto& callback, const std::string& key) {
     auto section = read_section(archive, key, resume.file);

@@ -410,7 +410,7 @@ class Trainer {
       grad_norm_every_ = {};
       steps::training_run_start::call(loop_, *this);
       if (emit<events::on_training_run_start>()) stop_training("stop requested by a callback in on_training_run_start");
-      if (resume) detail::resume_callbacks_and_generators(*resume, callbacks_, distributed_.rank(), device_.device());
+      detail::resume_callbacks_and_generators(resume, callbacks_, distributed_.rank(), device_.device());  // and let go
       for (std::int64_t epoch = epochs_done_; epoch < run_config_.num_epochs; ++epoch) {
         bool reached_max_steps = false;
         try {
@@ -445,7 +445,7 @@ class Trainer {
         } catch (...) {
           if (!run_config_.is_distributed) throw;
           detail::rethrow_from_epoch(place("train"),
-                                     [this](const std::string& what) { return detail::silent_peers(distributed_, what); });
+                                     [this](const auto& what) { return detail::silent_peers(distributed_, what); });
         }
         if (reached_max_steps) {
           if (options_.max_num_train_steps) {
