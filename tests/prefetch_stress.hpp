@@ -1,10 +1,13 @@
 #pragma once
 // The prefetcher's hand-over under stress: builds of random length (spinning or sleeping), workers paused at random
-// at the test seam, random worker counts, depths and windows, an exception at a random batch, epochs left early.
+// at the test seam, random worker counts, depths and windows, an exception at a random batch, epochs left early, and
+// in every fourth round a busy machine (a spinning thread per core) that starves the idle-priority workers, so that
+// the training thread takes batches back from them and their late copies are dropped.
 // Every batch must come once, in order, with its own error. Used by a test case (test_data.cpp) and, under
 // ThreadSanitizer, by scripts/tsan-prefetch.sh.
 #include <accelerated/data/prefetch.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -14,6 +17,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <vector>
 
 namespace test {
 
@@ -54,7 +58,26 @@ inline std::string prefetch_stress(int rounds, unsigned seed = 1) {
                                         .depth = static_cast<int>(1 + rng() % 8),
                                         .only_if_input_bound = r % 3 == 0,
                                         .probe = 4};
+    std::atomic<bool> stop_hogs{false};
+    std::vector<std::thread> hogs;
+    if (r % 4 == 3) {
+      for (unsigned i = 0; i < std::max(1u, std::thread::hardware_concurrency()); ++i) {
+        hogs.emplace_back([&stop_hogs] {
+          while (!stop_hogs.load(std::memory_order_relaxed)) {
+          }
+        });
+      }
+    }
+    struct Join {  // before `ahead` goes: its workers then get the cores to finish the batch they hold
+      std::atomic<bool>& stop;
+      std::vector<std::thread>& threads;
+      ~Join() {
+        stop = true;
+        for (auto& t : threads) t.join();
+      }
+    };
     data::Prefetcher<StressLoader> ahead(loader, first, last, options);
+    const Join join_hogs{stop_hogs, hogs};
     for (std::int64_t b = first; b < end && failure.empty(); ++b) {
       const auto where = "round " + std::to_string(r) + ", batch " + std::to_string(b) + ": ";
       try {

@@ -520,14 +520,18 @@ TEST_CASE("a worker paused as it claims or hands over a batch holds nothing the 
     timed_out = 0;
     pause_point = static_cast<int>(point);
     pause_batch = 6;
-    // A worker must be the one to reach batch 6 (idle-priority workers on a busy machine may not): at most 20 epochs.
-    for (int epoch = 0; epoch < 20 && paused == 0; ++epoch) {
+    // A worker must be the one to reach batch 6: the training thread lets the workers get there first (they may
+    // claim it once batch 2 is out; at idle priority on a busy machine that can take a while, so up to 10 s).
+    for (int epoch = 0; epoch < 3 && paused == 0; ++epoch) {
       taken_batch = -1;
       data::Prefetcher<decltype(loader)> ahead(loader, 0, loader.size(), {.workers = 2, .depth = 4});
       for (std::int64_t b = 0; b < loader.size(); ++b) {
+        if (b == 6) {
+          const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+          while (paused == 0 && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(1ms);
+        }
         CHECK(torch::equal(ahead.next().data, reference[static_cast<std::size_t>(b)]));
         taken_batch = b;
-        if (b < 5) std::this_thread::sleep_for(std::chrono::milliseconds(3));  // the workers get ahead
       }
     }
     CHECK(paused == 1);

@@ -356,6 +356,17 @@ TEST_CASE("LimitBatches, StepBasedEvaluation and LimitEvalSteps shape the epochs
     CHECK_FALSE(r.trained_in_eval_mode);
     CHECK_FALSE(t.run_history().has_metric("intermediate_eval_loss"));
   }
+  SECTION("with a metric name prefix, the intermediate metrics are removed too") {
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), 0.01);
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, cb::StepBasedEvaluation> t(
+        model, torch::nn::MSELoss(), optimizer, cb::StepBasedEvaluation(3));
+    t.set_output(test::quiet());
+    t.run_history().set_metric_name_prefix("x_");
+    t.train(train, {.num_epochs = 1, .per_device_batch_size = 8}, eval);
+    CHECK(t.run_history().has_metric("x_eval_loss_epoch"));
+    CHECK_FALSE(t.run_history().has_metric("x_intermediate_eval_loss"));
+  }
 }
 
 namespace {

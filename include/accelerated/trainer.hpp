@@ -547,7 +547,7 @@ class Trainer {
       const bool was_training = model_->is_training();
       run_eval_epoch(*eval_loader, "intermediate_eval_loss", true);
       // Handlers of on_eval_epoch_end(is_intermediate = true) read intermediate_* metrics; the history keeps epochs.
-      history_.delete_metrics_starting_with("intermediate_");
+      history_.delete_metrics_starting_with(history_.metric_name_prefix() + "intermediate_");
       set_training(model_.module(), was_training);
     }
   }

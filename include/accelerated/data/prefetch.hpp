@@ -1,8 +1,8 @@
 #pragma once
 // Batches built ahead by worker threads, handed out in order. Each worker claims the next batch index, builds it with
 // loader.batch(b) (which depends on nothing but b and the epoch, so the result is the same whoever builds it), and
-// hands it over through slot b % depth, without a lock (see Prefetcher); at most `depth` batches are claimed and not
-// yet taken.
+// hands it over through slot b % depth, without a lock (see Prefetcher); workers claim at most `depth` batches
+// ahead of the next one handed out.
 //
 // Workers only use cycles the training threads leave idle: they run at SCHED_IDLE priority, so they never slow the
 // step down by taking a core from it (measured on 2 cores: a worker at normal priority made heavy W3 slower than no
@@ -80,9 +80,11 @@ struct PrefetchDecision {
   }
 };
 
-// A test seam: called by a worker where the scheduler may pause it; null (the default) in real runs.
+// A test seam: called by a worker where the scheduler may pause it; null (the default) in real runs. Set it only
+// while no prefetcher runs.
 enum class PrefetchPoint { claimed, handed_over };
-inline void (*prefetch_pause_for_test)(PrefetchPoint point, std::int64_t batch) = nullptr;
+using PrefetchPause = void (*)(PrefetchPoint point, std::int64_t batch);
+inline std::atomic<PrefetchPause> prefetch_pause_for_test{nullptr};
 
 // What the prefetcher measured (only_if_input_bound), in seconds; zero where it did not measure.
 struct PrefetchMeasures {
@@ -113,9 +115,11 @@ inline void futex_wake_all(std::atomic<std::uint32_t>& word) {
 }  // namespace detail
 
 // The hand-over holds no lock: a worker at idle priority can lose its core at any instruction, and the training
-// thread must never wait for it to get one back (priority inversion). Each slot's state is one atomic word naming the
-// batch, the worker and the stage; every change of hands is one compare-and-swap, so the training thread can always
-// take a handed-over batch, or take a claimed one back and build it itself, whatever a paused worker is doing.
+// thread must not wait for it to get one back (priority inversion). Each slot's state is one atomic word naming the
+// batch, the worker and the stage; a worker's claim and its hand-over are compare-and-swaps, so the training thread
+// takes a handed-over batch at once, and takes back a batch claimed but not yet marked, or one whose worker is
+// starved (PrefetchDecision), and builds it itself. Not covered: a worker that sleeps or blocks while building keeps
+// its batch (it looks like one waiting on I/O), and the destructor joins each worker after the batch it is building.
 template <class Loader>
 class Prefetcher {
  public:
@@ -354,7 +358,9 @@ class Prefetcher {
         continue;
       }
       if (!next_claim_.compare_exchange_strong(b, b + 1)) continue;
-      if (prefetch_pause_for_test) prefetch_pause_for_test(PrefetchPoint::claimed, b);
+      const auto pause = prefetch_pause_for_test.load(std::memory_order_relaxed);
+      if (pause) pause(PrefetchPoint::claimed, b);
+      if (stopping_.load()) return;  // claimed as the run ended: not worth building
       // Batch b - depth, the slot's last user, was taken before b could be claimed; the training thread may have
       // marked b as its own meanwhile (then this worker leaves it).
       auto free = tag(b - depth_, 0, Stage::taken);
@@ -367,9 +373,9 @@ class Prefetcher {
       }
       auto building = tag(b, worker, Stage::building);
       if (slot(b).compare_exchange_strong(building, tag(b, worker, Stage::ready))) {
+        if (pause) pause(PrefetchPoint::handed_over, b);  // before the wake: the training thread may be asleep
         ready_seq_.fetch_add(1);
         detail::futex_wake_all(ready_seq_);
-        if (prefetch_pause_for_test) prefetch_pause_for_test(PrefetchPoint::handed_over, b);
       } else {  // the training thread built it meanwhile: the late copy is dropped
         result.batch.reset();
         result.error = nullptr;
