@@ -6,6 +6,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include <caffe2/serialize/inline_container.h>
+
 #include "helpers.hpp"
 
 namespace acc = accelerated;
@@ -498,6 +500,85 @@ TEST_CASE("a damaged or foreign state dict file is refused with its path", "[sta
   // LibTorch's own torch::save of a module is a TorchScript-style archive, not a state dict.
   torch::save(net, (dir / "torch_save.pt").string());
   CHECK_THROWS_WITH(acc::load_state_dict(net, dir / "torch_save.pt"), Catch::Contains("torch_save.pt"));
+  fs::remove_all(dir);
+}
+
+namespace {
+// A torch.save-style zip whose data.pkl is `pickle`, with one storage record data/0 of `storage_bytes` zero bytes.
+void write_pickle_file(const fs::path& path, const std::string& pickle, std::size_t storage_bytes = 0) {
+  caffe2::serialize::PyTorchStreamWriter writer(path.string());
+  writer.writeRecord("data.pkl", pickle.data(), pickle.size());
+  const std::vector<char> zeros(storage_bytes, 0);
+  if (storage_bytes > 0) writer.writeRecord("data/0", zeros.data(), zeros.size());
+  writer.writeEndOfFile();
+}
+// A string literal's bytes, NULs included.
+template <std::size_t N>
+std::string raw(const char (&literal)[N]) {
+  return std::string(literal, N - 1);
+}
+std::string pickle_int(std::int64_t value) {  // BININT, or LONG1 of 8 bytes beyond 32 bits
+  if (value < INT32_MIN || value > INT32_MAX) {
+    std::string out = raw("\x8a\x08");
+    for (int i = 0; i < 8; ++i) out += static_cast<char>((static_cast<std::uint64_t>(value) >> (8 * i)) & 0xff);
+    return out;
+  }
+  std::string out = "J";
+  for (int i = 0; i < 4; ++i) out += static_cast<char>((static_cast<std::uint64_t>(value) >> (8 * i)) & 0xff);
+  return out;
+}
+std::string pickle_text(const std::string& value) {  // BINUNICODE
+  std::string out = "X";
+  for (int i = 0; i < 4; ++i) out += static_cast<char>((value.size() >> (8 * i)) & 0xff);
+  return out + value;
+}
+// torch._utils._rebuild_tensor_v2 of a float storage of 4 elements with the given offset, sizes and strides.
+std::string pickle_tensor(std::int64_t offset, const std::vector<std::int64_t>& sizes,
+                          const std::vector<std::int64_t>& strides) {
+  std::string out = "\x80\x02" "ctorch._utils\n_rebuild_tensor_v2\n((" + pickle_text("storage") +
+                    "ctorch\nFloatStorage\n" + pickle_text("0") + pickle_text("cpu") + pickle_int(4) + "tQ" +
+                    pickle_int(offset) + "(";
+  for (const auto v : sizes) out += pickle_int(v);
+  out += "t(";
+  for (const auto v : strides) out += pickle_int(v);
+  return out + "t\x89" "ccollections\nOrderedDict\n)RtR.";
+}
+}  // namespace
+
+TEST_CASE("a hostile state dict pickle is an exception naming the file, never a crash", "[state_dict][bad_input]") {
+  const auto dir = test::fresh_dir("state_dict_hostile");
+  auto refused = [&](const std::string& name, const std::string& pickle, const std::string& why,
+                     std::size_t storage_bytes = 0) {
+    INFO(name);
+    write_pickle_file(dir / name, pickle, storage_bytes);
+    CHECK_THROWS_WITH(acc::read_state_dict(dir / name), Catch::Contains(name) && Catch::Contains(why));
+  };
+  // TUPLE3 on an empty stack (it took three items from below the stack's bottom: SIGSEGV).
+  refused("tuple3.pt", raw("\x80\x02\x87."), "TUPLE3 at byte 2 with 0 items on the stack");
+  refused("tuple2_mark.pt", raw("\x80\x02(N\x86."), "TUPLE2 over a MARK");
+  // A list nested a million deep (2 MB): destroyed recursively it overflowed the stack (SIGSEGV).
+  const int depth = 1'000'000;
+  refused("nested.pt", "\x80\x02" + std::string(depth, ']') + std::string(depth - 1, 'a') + ".",
+          "holds something other than a dict");
+  // A list appended to itself (it leaked); and a dict holding itself.
+  refused("self_list.pt", raw("\x80\x02]q\x00h\x00" "a."), "holds something other than a dict");
+  refused("self_dict.pt", raw("\x80\x02}q\x00X\x01\x00\x00\x00kh\x00s."), "not a (name, tensor) pair");
+  // 1 MB memoized once and copied 200 times: 200 MB asked for by a 1 MB file.
+  std::string gets;
+  for (int i = 0; i < 200; ++i) gets += raw("h\x00");
+  refused("memo_copies.pt", "\x80\x02" + pickle_text(std::string(1 << 20, 'x')) + raw("q\x00") + gets + ".",
+          "copies of memoized strings would take more than");
+  // Sizes and strides that do not fit the 4-element storage, or each other.
+  refused("strides_count.pt", pickle_tensor(0, {4}, {1, 1}), "a tensor with 1 sizes and 2 strides", 16);
+  refused("negative_size.pt", pickle_tensor(0, {-4}, {1}), "size -4 and stride 1 in dimension 0", 16);
+  refused("negative_stride.pt", pickle_tensor(3, {4}, {-1}), "size 4 and stride -1 in dimension 0", 16);
+  refused("negative_offset.pt", pickle_tensor(-2, {2}, {1}), "storage offset -2", 16);
+  refused("past_storage.pt", pickle_tensor(1, {4}, {1}), "reaches past its storage", 16);
+  refused("far.pt", pickle_tensor(0, {2, 3}, {0x7fffffff, 0x7fffffff}), "reaches past its storage", 16);
+  refused("overflow.pt", pickle_tensor(0, {std::int64_t{1} << 40, 2}, {std::int64_t{1} << 40, 1}),
+          "sizes and strides overflow", 16);
+  // A good tensor still loads (as something other than a dict: the checks refuse nothing valid).
+  refused("good_tensor.pt", pickle_tensor(0, {2, 2}, {2, 1}), "holds something other than a dict", 16);
   fs::remove_all(dir);
 }
 

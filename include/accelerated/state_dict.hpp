@@ -95,7 +95,7 @@ inline std::vector<std::pair<std::string, torch::Tensor>> read_state_dict(const 
   if (!std::filesystem::is_regular_file(path)) {
     throw std::invalid_argument("accelerated::read_state_dict: path = '" + file + "' is not a file");
   }
-  detail::pickle::Value value;
+  std::vector<std::pair<std::string, torch::Tensor>> entries;
   try {
     caffe2::serialize::PyTorchStreamReader archive(file);
     if (!archive.hasRecord("data.pkl")) {
@@ -103,25 +103,25 @@ inline std::vector<std::pair<std::string, torch::Tensor>> read_state_dict(const 
     }
     auto [data, size] = archive.getRecord("data.pkl");
     const std::string pickled(static_cast<const char*>(data.get()), size);
-    value = detail::pickle::Reader(archive, file).run(pickled);
+    detail::pickle::Reader reader(archive, file);  // owns what it read: `value` lives as long as the reader
+    const auto& value = reader.run(pickled);
+    const auto* items = value.get<std::shared_ptr<detail::pickle::Items>>();
+    if (items == nullptr) {
+      throw std::runtime_error("accelerated::read_state_dict: '" + file + "' holds something other than a dict");
+    }
+    for (const auto& [key, item] : **items) {
+      const auto* name = key.get<std::string>();
+      const auto* tensor = item.get<torch::Tensor>();
+      if (name == nullptr || tensor == nullptr) {
+        throw std::runtime_error("accelerated::read_state_dict: '" + file +
+                                 "' holds an entry that is not a (name, tensor) pair (not a state dict)");
+      }
+      entries.emplace_back(*name, *tensor);
+    }
   } catch (const c10::Error& error) {
     throw std::runtime_error("accelerated::read_state_dict: '" + file +
                              "' is not a zip-format torch.save file (PyTorch 1.6 or later), or it is damaged: " +
                              error.what_without_backtrace());
-  }
-  const auto* items = value.get<std::shared_ptr<detail::pickle::Items>>();
-  if (items == nullptr) {
-    throw std::runtime_error("accelerated::read_state_dict: '" + file + "' holds something other than a dict");
-  }
-  std::vector<std::pair<std::string, torch::Tensor>> entries;
-  for (const auto& [key, item] : **items) {
-    const auto* name = key.get<std::string>();
-    const auto* tensor = item.get<torch::Tensor>();
-    if (name == nullptr || tensor == nullptr) {
-      throw std::runtime_error("accelerated::read_state_dict: '" + file +
-                               "' holds an entry that is not a (name, tensor) pair (not a state dict)");
-    }
-    entries.emplace_back(*name, *tensor);
   }
   return entries;
 }

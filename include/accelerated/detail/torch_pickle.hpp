@@ -19,6 +19,7 @@
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -62,19 +63,30 @@ inline torch::ScalarType storage_dtype(const std::string& name, const std::strin
   return found->second;
 }
 
+// Reads data.pkl. A damaged or hostile pickle is an exception naming the file and what was wrong, never a crash: the
+// stack is checked before every take, tensors' sizes and strides against their storage (with overflow checks), copies
+// of memoized strings against a budget in proportion to the pickle's size, and everything read is destroyed without
+// recursion (a value nested a million deep, or a list appended to itself, is let go one container at a time).
+// The value run() returns lives as long as the reader.
 class Reader {
  public:
   Reader(caffe2::serialize::PyTorchStreamReader& archive, std::string file) : archive_(archive), file_(std::move(file)) {}
+  ~Reader() { release(); }
+  Reader(const Reader&) = delete;
+  Reader& operator=(const Reader&) = delete;
 
-  Value run(const std::string& bytes) {
+  const Value& run(const std::string& bytes) {
     data_ = &bytes;
     pos_ = 0;
+    budget_ = (std::size_t{64} << 20) + 16 * bytes.size();
     while (true) {
       const auto op = static_cast<std::uint8_t>(byte());
       switch (op) {
         case 0x80: byte(); break;                                   // PROTO
         case 0x95: take(8); break;                                  // FRAME (protocol 4)
-        case '.': return pop();                                     // STOP
+        case '.':                                                   // STOP
+          result_ = pop();
+          return result_;
         case '(': stack_.push_back({Mark{}}); break;                // MARK
         case 'N': stack_.push_back({}); break;                      // NONE
         case 0x88: stack_.push_back({true}); break;                 // NEWTRUE
@@ -103,7 +115,12 @@ class Reader {
         case 't': case 'l': stack_.push_back({std::make_shared<Sequence>(since_mark())}); break;  // TUPLE, LIST
         case 0x85: case 0x86: case 0x87: {                          // TUPLE1..3
           const auto n = static_cast<std::size_t>(op - 0x84);
+          if (stack_.size() < n) fail("TUPLE" + std::to_string(n) + " at byte " + std::to_string(pos_ - 1) + " with " +
+                                      std::to_string(stack_.size()) + " items on the stack (a damaged file)");
           Sequence items(stack_.end() - static_cast<std::ptrdiff_t>(n), stack_.end());
+          for (const auto& item : items) {
+            if (item.get<Mark>()) fail("TUPLE" + std::to_string(n) + " over a MARK (a damaged file)");
+          }
           stack_.resize(stack_.size() - n);
           stack_.push_back({std::make_shared<Sequence>(std::move(items))});
           break;
@@ -138,9 +155,9 @@ class Reader {
           for (std::size_t i = 0; i + 1 < items.size(); i += 2) dict.emplace_back(items[i], items[i + 1]);
           break;
         }
-        case 'q': memo_[static_cast<std::uint8_t>(byte())] = top(); break;   // BINPUT
-        case 'r': memo_[little<std::uint32_t>()] = top(); break;             // LONG_BINPUT
-        case 0x94: memo_[memo_.size()] = top(); break;                       // MEMOIZE
+        case 'q': memo_[static_cast<std::uint8_t>(byte())] = charged_copy(top()); break;   // BINPUT
+        case 'r': memo_[little<std::uint32_t>()] = charged_copy(top()); break;             // LONG_BINPUT
+        case 0x94: memo_[memo_.size()] = charged_copy(top()); break;                       // MEMOIZE
         case 'h': stack_.push_back(memo(static_cast<std::uint8_t>(byte()))); break;  // BINGET
         case 'j': stack_.push_back(memo(little<std::uint32_t>())); break;             // LONG_BINGET
         case 'Q': stack_.push_back(persistent(pop())); break;       // BINPERSID
@@ -231,7 +248,50 @@ class Reader {
   Value memo(std::size_t key) {
     const auto found = memo_.find(key);
     if (found == memo_.end()) fail("memo entry " + std::to_string(key) + " is read before it is written");
-    return found->second;
+    return charged_copy(found->second);
+  }
+  // A container is shared by its copies; a string is copied, and copies (to and from the memo) count against the
+  // budget, so a few bytes of pickle cannot ask for gigabytes.
+  Value charged_copy(const Value& v) {
+    if (const auto* s = v.get<std::string>()) {
+      if (s->size() > budget_) {
+        fail("copies of memoized strings would take more than 16 times the pickle's size plus 64 MB (a hostile "
+             "file?)");
+      }
+      budget_ -= s->size();
+    }
+    return v;
+  }
+
+  // Every container reachable from the stack, the memo and the result, emptied one at a time (each is kept alive
+  // here while the others are emptied), then let go: no recursion however deep the nesting, and cycles are broken.
+  void release() noexcept {
+    std::vector<std::shared_ptr<Sequence>> sequences;
+    std::vector<std::shared_ptr<Items>> dicts;
+    std::unordered_set<const void*> seen;
+    std::vector<const Value*> pending;
+    for (const auto& v : stack_) pending.push_back(&v);
+    for (const auto& [key, v] : memo_) pending.push_back(&v);
+    pending.push_back(&result_);
+    while (!pending.empty()) {
+      const Value* v = pending.back();
+      pending.pop_back();
+      if (const auto* s = v->get<std::shared_ptr<Sequence>>(); s && *s && seen.insert(s->get()).second) {
+        sequences.push_back(*s);
+        for (const auto& item : **s) pending.push_back(&item);
+      } else if (const auto* d = v->get<std::shared_ptr<Items>>(); d && *d && seen.insert(d->get()).second) {
+        dicts.push_back(*d);
+        for (const auto& [key, item] : **d) {
+          pending.push_back(&key);
+          pending.push_back(&item);
+        }
+      }
+    }
+    for (auto& s : sequences) s->clear();  // their items' containers are held in these vectors: no recursion
+    for (auto& d : dicts) d->clear();
+    stack_.clear();
+    memo_.clear();
+    result_ = {};
   }
   Sequence& sequence_of(Value& v) {
     const auto* s = v.get<std::shared_ptr<Sequence>>();
@@ -298,13 +358,7 @@ class Reader {
       const auto offset = int_of(a[1]);
       const auto size = ints_of(a[2]);
       const auto stride = ints_of(a[3]);
-      std::int64_t last = offset;
-      for (std::size_t d = 0; d < size.size(); ++d) {
-        if (size[d] == 0) last = -1;
-        if (last >= 0) last += (size[d] - 1) * stride[d];
-      }
-      if (last >= data.numel()) fail("a tensor reaches past its storage (a damaged file)");
-      return {data.as_strided(size, stride, offset)};
+      return {data.as_strided(size, stride, offset_within(data.numel(), offset, size, stride))};
     }
     if (name == "torch.jit._pickle.restore_type_tag") {  // LibTorch's pickle_save tags typed containers
       if (a.empty()) fail(name + " with unexpected arguments");
@@ -317,12 +371,41 @@ class Reader {
     fail("an object of type " + name + ", which a state dict does not hold");
   }
 
+  // A view's offset, sizes and strides checked against its storage: as many strides as sizes, none negative, and
+  // the last element it reaches (computed without overflow) inside the storage.
+  std::int64_t offset_within(std::int64_t numel, std::int64_t offset, const std::vector<std::int64_t>& size,
+                             const std::vector<std::int64_t>& stride) const {
+    if (size.size() != stride.size()) {
+      fail("a tensor with " + std::to_string(size.size()) + " sizes and " + std::to_string(stride.size()) +
+           " strides (a damaged file)");
+    }
+    if (offset < 0) fail("a tensor with storage offset " + std::to_string(offset) + " (a damaged file)");
+    std::int64_t last = offset;
+    bool empty = false;
+    for (std::size_t d = 0; d < size.size(); ++d) {
+      if (size[d] < 0 || stride[d] < 0) {
+        fail("a tensor with size " + std::to_string(size[d]) + " and stride " + std::to_string(stride[d]) +
+             " in dimension " + std::to_string(d) + " (a damaged file)");
+      }
+      if (size[d] == 0) empty = true;
+      std::int64_t reach = 0;
+      if (size[d] > 0 && (__builtin_mul_overflow(size[d] - 1, stride[d], &reach) ||
+                          __builtin_add_overflow(last, reach, &last))) {
+        fail("a tensor whose sizes and strides overflow (a damaged file)");
+      }
+    }
+    if (!empty && last >= numel) fail("a tensor reaches past its storage (a damaged file)");
+    return offset;
+  }
+
   caffe2::serialize::PyTorchStreamReader& archive_;
   std::string file_;
   const std::string* data_ = nullptr;
   std::size_t pos_ = 0;
+  std::size_t budget_ = 0;  // bytes memoized strings may still be copied into
   std::vector<Value> stack_;
   std::unordered_map<std::size_t, Value> memo_;
+  Value result_;
   std::map<std::string, torch::Tensor> storages_;
 };
 
