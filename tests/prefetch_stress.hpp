@@ -21,6 +21,27 @@
 
 namespace test {
 
+// A busy machine: one thread spinning at normal priority per `n`, joined when this goes (declare it after the
+// prefetcher, so that it goes first and the starved workers can then finish the batch they hold).
+struct SpinningThreads {
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> threads;
+  explicit SpinningThreads(int n) {
+    for (int i = 0; i < n; ++i) {
+      threads.emplace_back([this] {
+        while (!stop.load(std::memory_order_relaxed)) {
+        }
+      });
+    }
+  }
+  ~SpinningThreads() {
+    stop = true;
+    for (auto& t : threads) t.join();
+  }
+  SpinningThreads(const SpinningThreads&) = delete;
+  SpinningThreads& operator=(const SpinningThreads&) = delete;
+};
+
 struct StressLoader {
   std::int64_t fail_at = -1;
   std::int64_t batch(std::int64_t b) const {
@@ -58,26 +79,8 @@ inline std::string prefetch_stress(int rounds, unsigned seed = 1) {
                                         .depth = static_cast<int>(1 + rng() % 8),
                                         .only_if_input_bound = r % 3 == 0,
                                         .probe = 4};
-    std::atomic<bool> stop_hogs{false};
-    std::vector<std::thread> hogs;
-    if (r % 4 == 3) {
-      for (unsigned i = 0; i < std::max(1u, std::thread::hardware_concurrency()); ++i) {
-        hogs.emplace_back([&stop_hogs] {
-          while (!stop_hogs.load(std::memory_order_relaxed)) {
-          }
-        });
-      }
-    }
-    struct Join {  // before `ahead` goes: its workers then get the cores to finish the batch they hold
-      std::atomic<bool>& stop;
-      std::vector<std::thread>& threads;
-      ~Join() {
-        stop = true;
-        for (auto& t : threads) t.join();
-      }
-    };
     data::Prefetcher<StressLoader> ahead(loader, first, last, options);
-    const Join join_hogs{stop_hogs, hogs};
+    const SpinningThreads busy(r % 4 == 3 ? static_cast<int>(std::max(1u, std::thread::hardware_concurrency())) : 0);
     for (std::int64_t b = first; b < end && failure.empty(); ++b) {
       const auto where = "round " + std::to_string(r) + ", batch " + std::to_string(b) + ": ";
       try {

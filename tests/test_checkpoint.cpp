@@ -198,31 +198,6 @@ TEST_CASE("metrics go to CSV and JSON lines and the curves to an SVG after every
   fs::remove_all(dir);
 }
 
-TEST_CASE("saving streams the archive to disk instead of holding copies of it in memory", "[checkpoint]") {
-  auto peak_mb = [] {
-    rusage usage{};
-    ::getrusage(RUSAGE_SELF, &usage);
-    return static_cast<double>(usage.ru_maxrss) / 1024.0;
-  };
-  const auto dir = test::fresh_dir("checkpoint_memory");
-  torch::nn::Linear big(4096, 16384);  // 64 M floats: 256 MB of weights
-  torch::NoGradGuard no_grad;
-  big->weight.fill_(1.0);  // touch every page, so the weights count in the peak before the save
-  const double before = peak_mb();
-  acc::save_checkpoint(dir / "big.pt", *big);
-  const double growth = peak_mb() - before;
-  INFO("peak resident memory grew by " << growth << " MB while saving 256 MB");
-  CHECK(growth < 96.0);  // holding the archive in memory (once or twice) grows it by 256-512 MB
-  // A state dict for Python too (it held the whole file in a string: +256 MB).
-  const double before_state_dict = peak_mb();
-  acc::save_state_dict(*big, dir / "big_state_dict.pt");
-  const double state_dict_growth = peak_mb() - before_state_dict;
-  INFO("peak resident memory grew by " << state_dict_growth << " MB while saving a 256 MB state dict");
-  CHECK(state_dict_growth < 96.0);
-  CHECK(acc::read_state_dict(dir / "big_state_dict.pt").size() == 2);
-  std::filesystem::remove_all(dir);
-}
-
 namespace {
 // Bytes the process's heap holds in live allocations now, in MB. Not the resident memory: with the trainer's
 // allocator tuning (detail/allocator_tuning.hpp) glibc keeps freed blocks for reuse instead of unmapping them.
@@ -235,6 +210,29 @@ double peak_resident_mb() {
   ::getrusage(RUSAGE_SELF, &usage);
   return static_cast<double>(usage.ru_maxrss) / 1024.0;
 }
+}  // namespace
+
+TEST_CASE("saving streams the archive to disk instead of holding copies of it in memory", "[checkpoint]") {
+  const auto dir = test::fresh_dir("checkpoint_memory");
+  torch::nn::Linear big(4096, 16384);  // 64 M floats: 256 MB of weights
+  torch::NoGradGuard no_grad;
+  big->weight.fill_(1.0);  // touch every page, so the weights count in the peak before the save
+  const double before = peak_resident_mb();
+  acc::save_checkpoint(dir / "big.pt", *big);
+  const double growth = peak_resident_mb() - before;
+  INFO("peak resident memory grew by " << growth << " MB while saving 256 MB");
+  CHECK(growth < 96.0);  // holding the archive in memory (once or twice) grows it by 256-512 MB
+  // A state dict for Python too (it held the whole file in a string: +256 MB).
+  const double before_state_dict = peak_resident_mb();
+  acc::save_state_dict(*big, dir / "big_state_dict.pt");
+  const double state_dict_growth = peak_resident_mb() - before_state_dict;
+  INFO("peak resident memory grew by " << state_dict_growth << " MB while saving a 256 MB state dict");
+  CHECK(state_dict_growth < 96.0);
+  CHECK(acc::read_state_dict(dir / "big_state_dict.pt").size() == 2);
+  std::filesystem::remove_all(dir);
+}
+
+namespace {
 // The most memory held above `before`, looked at each epoch's start (before any gradient exists).
 struct MeasureHeld {
   double* held;
@@ -253,13 +251,13 @@ TEST_CASE("resuming holds two copies of the model at the peak (the file's and th
   }
   torch::optim::SGD sgd(big->parameters(), 0.0);
   double held_in_run = 0.0;
-  double resident_before = 0.0;
+  double heap_before = 0.0;
   acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, MeasureHeld> trainer(
-      big, torch::nn::MSELoss(), sgd, MeasureHeld{&held_in_run, &resident_before});
+      big, torch::nn::MSELoss(), sgd, MeasureHeld{&held_in_run, &heap_before});
   trainer.set_output(test::quiet());
   trainer.save_training_state(dir / "state.pt");
   const double model_mb = 4096.0 * 16384.0 * 4.0 / (1024.0 * 1024.0);
-  resident_before = live_heap_mb();
+  heap_before = live_heap_mb();
   const double peak_before = peak_resident_mb();
   trainer.load_training_state(dir / "state.pt");
   const double peak_growth = peak_resident_mb() - peak_before;

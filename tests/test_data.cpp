@@ -467,17 +467,7 @@ TEST_CASE("a starved worker does not stall the loop: the training thread builds 
   std::vector<torch::Tensor> reference;
   data::for_each_batch(loader, 0, loader.size(), [&](auto&& b) { reference.push_back(b.data); return true; });
   data::Prefetcher<decltype(loader)> ahead(loader, 0, loader.size(), {.workers = 2, .depth = 4});
-  struct Hogs {  // destroyed before `ahead`, so the workers can then finish the batch they hold
-    std::atomic<bool> stop{false};
-    std::vector<std::thread> threads;
-    explicit Hogs(int n) {
-      for (int i = 0; i < n; ++i) threads.emplace_back([this] { while (!stop.load(std::memory_order_relaxed)) {} });
-    }
-    ~Hogs() {
-      stop = true;
-      for (auto& t : threads) t.join();
-    }
-  } hogs(data::default_num_workers());
+  const test::SpinningThreads hogs(data::default_num_workers());  // destroyed before `ahead`
   for (std::int64_t b = 0; b < loader.size(); ++b) CHECK(torch::equal(ahead.next().data, reference[static_cast<std::size_t>(b)]));
   // Starved workers finish few of their batches while the caller builds 20: it takes over the rest.
   CHECK(ahead.built_here() >= 10);

@@ -246,6 +246,10 @@ class Prefetcher {
   void hand_out(std::int64_t b) {
     slot(b).store(tag(b, 0, Stage::taken));
     next_out_.store(b + 1);
+    wake_workers();
+  }
+  // Workers asleep on space_seq_ look again (a batch left, or they are retired or stopped).
+  void wake_workers() {
     space_seq_.fetch_add(1);
     space_seq_.notify_all();
   }
@@ -331,8 +335,7 @@ class Prefetcher {
     trial_ = -1;
     if (!PrefetchDecision::keep_workers(measures_.trial_period, measures_.inline_period, options_.min_gain)) {
       retired_.store(true);  // they finish the batch they build, and leave; next() builds the rest
-      space_seq_.fetch_add(1);
-      space_seq_.notify_all();
+      wake_workers();
     }
   }
 
@@ -385,8 +388,7 @@ class Prefetcher {
 
   void shut_down() {
     stopping_.store(true);
-    space_seq_.fetch_add(1);
-    space_seq_.notify_all();
+    wake_workers();
     for (auto& worker : workers_) {
       if (worker.joinable()) worker.join();
     }
