@@ -3,10 +3,11 @@
 #   python3-torch                      torchrun (multi-process tests under a launcher) and Python's torch.load /
 #                                      torch.save (the state-dict interop tests)
 #   slurmctld slurmd slurm-client munge  a one-node SLURM cluster for the preemption test
+#   clang libclang-rt-14-dev           libFuzzer and the sanitizers (fuzz.readers, prefetch.thread_sanitizer)
 # Optional: when an install fails, the tests that need it print "SKIPPED: why" and the rest run.
-# ACCELERATED_TEST_EXTRAS="..." names another list (the Debian 13 job takes python3-torch only).
+# ACCELERATED_TEST_EXTRAS="..." names another list (the Debian 13 job takes none: " ").
 set -uo pipefail
-read -r -a packages <<<"${ACCELERATED_TEST_EXTRAS:-python3-torch slurmctld slurmd slurm-client munge}"
+read -r -a packages <<<"${ACCELERATED_TEST_EXTRAS:-python3-torch slurmctld slurmd slurm-client munge clang libclang-rt-14-dev}"
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

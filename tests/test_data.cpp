@@ -193,6 +193,12 @@ TEST_CASE("bad IDX files are clear errors naming the file", "[data][idx][bad_inp
   std::ofstream(dir / "cut.gz", std::ios::binary).write(gz.data(), static_cast<std::streamsize>(gz.size() / 2));
   CHECK_THROWS_AS(data::read_idx(dir / "cut.gz"), std::runtime_error);
 
+  // Dimensions whose product overflows 64 bits (2^20 x 2^20 x 2^24 x 2^24 = 2^88) are refused before the product is
+  // taken (it used to wrap to 0, pass the size check, and ask LibTorch for an impossible tensor).
+  write_gz(dir / "overflow.gz", idx_bytes({1u << 20, 1u << 20, 1u << 24, 1u << 24}, 0));
+  CHECK_THROWS_WITH(data::read_idx(dir / "overflow.gz"),
+                    Catch::Contains("overflow.gz") && Catch::Contains("declares an implausible size"));
+
   CHECK_THROWS_WITH(data::load_fashion_mnist(dir / "nowhere"), Catch::Contains("nowhere") && Catch::Contains("dataset-fashion-mnist"));
   std::filesystem::remove_all(dir);
 }

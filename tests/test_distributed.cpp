@@ -140,6 +140,11 @@ TEST_CASE("a broken environment is a clear error", "[distributed][environment][b
   CHECK_THAT(error({{"RANK", "x"}, {"WORLD_SIZE", "2"}}), Catch::Contains("RANK = 'x'"));
   CHECK_THAT(error({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "70000"}}),
              Catch::Contains("MASTER_PORT = '70000'"));
+  // A local rank beyond the local world size names the variables it came from (found by fuzzing: it named none).
+  CHECK_THAT(error({{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", "2"}, {"LOCAL_WORLD_SIZE", "2"}}),
+             Catch::Contains("LOCAL_RANK = 2 is not below LOCAL_WORLD_SIZE = 2"));
+  CHECK_THAT(error({{"OMPI_COMM_WORLD_RANK", "1"}, {"OMPI_COMM_WORLD_SIZE", "2"}, {"OMPI_COMM_WORLD_LOCAL_SIZE", "1"}}),
+             Catch::Contains("OMPI_COMM_WORLD_RANK = 1 is not below OMPI_COMM_WORLD_LOCAL_SIZE = 1"));
 }
 
 TEST_CASE("an unreachable master ends the rank with an error within the timeout", "[distributed][faults]") {

@@ -475,8 +475,7 @@ std::string env_or(const char* name, const std::string& fallback) {
 // Whether every tensor of a training state's model, and its saved loss, is finite (read without a trainer, so any
 // number of processes' state can be checked).
 bool saved_state_is_finite(const fs::path& path) {
-  torch::serialize::InputArchive archive;
-  archive.load_from(path.string());
+  auto archive = acc::detail::read_archive_file(path, "saved_state_is_finite", torch::kCPU);
   torch::serialize::InputArchive model, position;
   archive.read("model", model);
   for (const auto& key : model.keys()) {

@@ -218,7 +218,7 @@ TEST_CASE("bad training states and changed runs are refused by name", "[resume][
     std::string bytes((std::istreambuf_iterator<char>(in)), {});
     std::ofstream(dir / "truncated.pt", std::ios::binary) << bytes.substr(0, bytes.size() / 2);
   }
-  CHECK_THROWS_WITH(trainer.load_training_state(dir / "truncated.pt"), Catch::Contains("not a readable training state"));
+  CHECK_THROWS_WITH(trainer.load_training_state(dir / "truncated.pt"), Catch::Contains("truncated.pt' is not a zip-format torch.save file, or only part of one"));
 
   // A trainer whose callbacks keep state the file lacks is refused at the load, before its model changes.
   {
@@ -665,4 +665,59 @@ TEST_CASE("resuming from a run folder passes over a damaged newest state", "[res
   CHECK_THROWS_WITH(acc::TrainOptions{.preemption_signals = {SIGKILL}}.validate(),
                     Catch::Contains("preemption_signals = 9 is not a signal that can be caught"));
   fs::remove_all(base);
+}
+
+TEST_CASE("a run folder's latest names only a file inside the folder", "[resume][bad_input]") {
+  const auto base = test::fresh_dir("latest_outside");
+  const auto dir = base / "states";
+  fs::create_directories(dir);
+  std::ofstream(base / "outside.pt") << "x";
+  std::ofstream(dir / "step_1.pt") << "x";
+  for (const std::string& name :
+       std::vector<std::string>{"../outside.pt", (base / "outside.pt").string(), "..", ".", "step_1.pt/x"}) {
+    INFO(name);
+    std::ofstream(dir / "latest", std::ios::trunc) << name << "\n";
+    CHECK_FALSE(acc::latest_training_state(dir).has_value());
+    const auto states = acc::training_states_newest_first(dir);
+    REQUIRE(states.size() == 1);
+    CHECK(states[0] == dir / "step_1.pt");
+  }
+  // A `latest` of 16 MB without a newline is not read whole, and names nothing.
+  std::ofstream(dir / "latest", std::ios::trunc) << std::string(16 << 20, 'a');
+  CHECK_FALSE(acc::latest_training_state(dir).has_value());
+  std::ofstream(dir / "latest", std::ios::trunc) << "step_1.pt\n";
+  CHECK(acc::latest_training_state(dir) == dir / "step_1.pt");
+  fs::remove_all(base);
+}
+
+TEST_CASE("ACCELERATED_NUM_THREADS and SLURM_CPUS_PER_TASK that are not counts are errors naming them",
+          "[options][bad_input]") {
+  const char* threads_before = std::getenv("ACCELERATED_NUM_THREADS");
+  const char* slurm_before = std::getenv("SLURM_CPUS_PER_TASK");
+  const std::optional<std::string> threads = threads_before ? std::optional<std::string>(threads_before) : std::nullopt;
+  const std::optional<std::string> slurm = slurm_before ? std::optional<std::string>(slurm_before) : std::nullopt;
+  acc::detail::OnScopeExit restore([&] {
+    for (const auto& [name, value] : {std::pair{"ACCELERATED_NUM_THREADS", threads}, std::pair{"SLURM_CPUS_PER_TASK", slurm}}) {
+      if (value) {
+        ::setenv(name, value->c_str(), 1);
+      } else {
+        ::unsetenv(name);
+      }
+    }
+  });
+  for (const char* value : {"4x", "abc", "-2", "1e3", " 4", "9999999"}) {
+    INFO(value);
+    ::setenv("ACCELERATED_NUM_THREADS", value, 1);
+    CHECK_THROWS_WITH(acc::detail::parse_positive_env("ACCELERATED_NUM_THREADS", -1),
+                      Catch::Contains("ACCELERATED_NUM_THREADS = '" + std::string(value) + "' is not a whole number"));
+  }
+  ::setenv("ACCELERATED_NUM_THREADS", "0", 1);
+  CHECK(acc::detail::parse_positive_env("ACCELERATED_NUM_THREADS", -1) == 0);
+  ::setenv("ACCELERATED_NUM_THREADS", "", 1);
+  CHECK(acc::detail::parse_positive_env("ACCELERATED_NUM_THREADS", -1) == -1);
+  ::unsetenv("ACCELERATED_NUM_THREADS");
+  ::setenv("SLURM_CPUS_PER_TASK", "8(x2)", 1);  // what a heterogeneous job's variable can look like
+  CHECK_THROWS_WITH(acc::detail::available_cpus(), Catch::Contains("SLURM_CPUS_PER_TASK = '8(x2)'"));
+  ::setenv("SLURM_CPUS_PER_TASK", "1", 1);
+  CHECK(acc::detail::available_cpus() == 1);
 }

@@ -22,12 +22,14 @@
 #include <string>
 #include <vector>
 
+#include "detail/archive_file.hpp"
 #include "detail/atomic_file.hpp"
 #include "errors.hpp"
 
 namespace accelerated {
 
-inline constexpr std::int64_t checkpoint_format_version = 1;
+// 2: torch.save's format (a zip with a pickle), which Python opens; 1 was a TorchScript archive, no longer read.
+inline constexpr std::int64_t checkpoint_format_version = 2;
 
 namespace detail {
 inline std::string shape_of(const torch::Tensor& t) {
@@ -36,9 +38,14 @@ inline std::string shape_of(const torch::Tensor& t) {
   return out.str();
 }
 
+// An undefined tensor (a buffer registered empty) is left out, as in a state dict; read_module does not ask for it.
 inline void write_module(torch::serialize::OutputArchive& archive, const torch::nn::Module& module) {
-  for (const auto& item : module.named_parameters()) archive.write(item.key(), item.value().detach());
-  for (const auto& item : module.named_buffers()) archive.write(item.key(), item.value(), /*is_buffer=*/true);
+  for (const auto& item : module.named_parameters()) {
+    if (item.value().defined()) archive.write(item.key(), item.value().detach());
+  }
+  for (const auto& item : module.named_buffers()) {
+    if (item.value().defined()) archive.write(item.key(), item.value(), /*is_buffer=*/true);
+  }
 }
 
 // A 0-dim tensor that is finite exactly when `t` holds no NaN and no infinity: its sum, accumulated in at least single
@@ -81,10 +88,13 @@ inline void read_module(torch::serialize::InputArchive& archive, torch::nn::Modu
   std::map<std::string, torch::Tensor> targets, loaded;
   std::set<std::string> parameters;
   for (const auto& item : module.named_parameters()) {
+    if (!item.value().defined()) continue;
     targets.emplace(item.key(), item.value());
     parameters.insert(item.key());
   }
-  for (const auto& item : module.named_buffers()) targets.emplace(item.key(), item.value());
+  for (const auto& item : module.named_buffers()) {
+    if (item.value().defined()) targets.emplace(item.key(), item.value());
+  }
   for (const auto& [key, target] : targets) {  // check everything first: a failed load changes nothing
     torch::Tensor value;
     if (!archive.try_read(key, value)) {
@@ -107,26 +117,23 @@ inline void read_module(torch::serialize::InputArchive& archive, torch::nn::Modu
 
 // Opens `path` as an archive whose `version_key` must equal `version`; errors name `caller` and the file. Every
 // tensor is loaded onto `device`, wherever it was saved: a state saved on a GPU opens on a CPU-only machine, and rank
-// k's on cuda:k (optimizer state included, which LibTorch's Optimizer::load would leave where it was saved).
+// k's on cuda:k (optimizer state included, which LibTorch's Optimizer::load would leave where it was saved). The file
+// is read by our own checked reader (detail/archive_file.hpp), never by LibTorch's TorchScript loader.
 inline torch::serialize::InputArchive open_archive(const std::filesystem::path& path, const std::string& caller,
                                                    const std::string& noun, const std::string& version_key,
                                                    std::int64_t version, torch::Device device) {
   const std::string file = path.string();
   const std::string where = "accelerated::" + caller + ": '" + file + "'";
   if (!std::filesystem::is_regular_file(path)) throw std::runtime_error(where + " does not exist or is not a file");
-  torch::serialize::InputArchive archive;
-  try {
-    archive.load_from(file, c10::optional<torch::Device>(device));
-  } catch (const c10::Error& error) {  // LibTorch's message without its C++ backtrace
-    throw std::runtime_error(where + " is not a readable " + noun + " (truncated or corrupt?): " +
-                             error.what_without_backtrace());
-  } catch (const std::exception& error) {
-    throw std::runtime_error(where + " is not a readable " + noun + " (truncated or corrupt?): " + error.what());
-  }
+  auto archive = read_archive_file(path, caller, device);
   torch::Tensor saved;
   if (!archive.try_read(version_key, saved)) {
-    throw std::runtime_error(where + " has no '" + version_key + "': not a file " + caller +
-                             " reads (written by another function or program?)");
+    throw std::runtime_error(where + " has no '" + version_key + "': not a " + noun + " (written by another function " +
+                             "or program?)");
+  }
+  if (saved.numel() != 1 || saved.scalar_type() != torch::kLong) {
+    throw std::runtime_error(where + " has a damaged '" + version_key + "' (" + std::to_string(saved.numel()) +
+                             " values of type " + c10::toString(saved.scalar_type()) + ")");
   }
   if (saved.item<std::int64_t>() != version) {
     throw std::runtime_error(where + " has format version " + std::to_string(saved.item<std::int64_t>()) +
@@ -213,9 +220,10 @@ inline void write_common(torch::serialize::OutputArchive& archive, const torch::
   archive.write("values", extra);
 }
 
-// The archive is serialised straight into the temporary file: no copy of it is held in memory.
+// The archive is written as torch.save writes a dict, straight into the temporary file: no copy of it is held in
+// memory (detail/archive_file.hpp).
 inline void save_archive(const std::filesystem::path& path, torch::serialize::OutputArchive& archive) {
-  write_atomically(path, [&](const std::string& temporary) { archive.save_to(temporary); });
+  write_archive_file(path, archive);
 }
 
 // Checks and loads the model and the optimizer (when given) from `archive`, and returns the saved values. Run it under
@@ -244,6 +252,9 @@ inline std::map<std::string, double> read_common_uncommitted(torch::serialize::I
   if (optimizer != nullptr) {
     try {
       optimizer->load(state);
+    } catch (const c10::Error& error) {
+      throw std::runtime_error(where + "entry 'optimizer' of '" + file +
+                               "' does not fit this optimizer: " + error.what_without_backtrace());
     } catch (const std::exception& error) {
       throw std::runtime_error(where + "entry 'optimizer' of '" + file +
                                "' does not fit this optimizer: " + error.what());
@@ -254,7 +265,9 @@ inline std::map<std::string, double> read_common_uncommitted(torch::serialize::I
   if (archive.try_read("values", extra)) {
     for (const auto& name : extra.keys()) {
       torch::Tensor value;
-      extra.try_read(name, value);
+      if (!extra.try_read(name, value) || value.numel() != 1) {
+        throw std::runtime_error(where + "'" + file + "' has a damaged entry 'values/" + name + "' (not one number)");
+      }
       values.emplace(name, value.item<double>());
     }
   }
@@ -301,9 +314,11 @@ inline void save_checkpoint(const std::filesystem::path& path, const torch::nn::
 // file was saved; returns the saved values.
 inline std::map<std::string, double> load_checkpoint(const std::filesystem::path& path, torch::nn::Module& module,
                                                      torch::optim::Optimizer* optimizer = nullptr) {
-  auto archive = detail::open_archive(path, "load_checkpoint", "checkpoint", "accelerated_format_version",
-                                      checkpoint_format_version, detail::device_of(module));
-  return detail::read_common(archive, module, optimizer, path.string(), "load_checkpoint");
+  return detail::without_backtrace("accelerated::load_checkpoint: '" + path.string() + "'", [&] {
+    auto archive = detail::open_archive(path, "load_checkpoint", "checkpoint", "accelerated_format_version",
+                                        checkpoint_format_version, detail::device_of(module));
+    return detail::read_common(archive, module, optimizer, path.string(), "load_checkpoint");
+  });
 }
 
 }  // namespace accelerated

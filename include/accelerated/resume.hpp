@@ -116,11 +116,13 @@ struct StagedTrainingState {
 // Opens a training state onto `device` and checks everything that can be checked before a run: the number of
 // processes, each stateful callback's section, the run history, the random generators' rows, and (a diverged run's
 // state is no state to resume from) that the weights and the saved loss are finite. Then the model and the optimizer
-// are loaded, uncommitted. Nothing else changes.
+// are loaded, uncommitted. Nothing else changes. (stage_training_state below turns LibTorch's errors from a damaged
+// entry into runtime errors naming the file.)
 template <class Precision, class CallbackTuple>
-StagedTrainingState stage_training_state(const std::filesystem::path& path,
-                                         const TrainingStateParts<Precision, CallbackTuple>& parts,
-                                         std::int64_t num_processes, std::int64_t rank, torch::Device device) {
+StagedTrainingState stage_training_state_unguarded(const std::filesystem::path& path,
+                                                   const TrainingStateParts<Precision, CallbackTuple>& parts,
+                                                   std::int64_t num_processes, std::int64_t rank,
+                                                   torch::Device device) {
   const std::string file = path.string();
   auto archive = std::make_shared<torch::serialize::InputArchive>(open_archive(
       path, "load_training_state", "training state", "accelerated_training_state_version",
@@ -145,6 +147,11 @@ StagedTrainingState stage_training_state(const std::filesystem::path& path,
                                std::to_string(states.dim() < 1 ? 0 : states.size(0)) + " processes; this is rank " +
                                std::to_string(rank));
     }
+    if (states.defined() && (states.scalar_type() != torch::kByte || states.dim() != 2 ||
+                             (key == std::string("rng_cpu") && states.size(1) != generator_state(torch::kCPU).numel()))) {
+      throw std::runtime_error("accelerated::load_training_state: '" + file + "' has a damaged '" + key +
+                               "' (not one random generator state per process)");
+    }
   }
   StagedTrainingState staged;
   staged.history = parts.history;
@@ -154,6 +161,17 @@ StagedTrainingState stage_training_state(const std::filesystem::path& path,
                                           /*require_finite=*/true);
   staged.resume = PendingResume{std::move(archive), position, file};
   return staged;
+}
+
+// The same, with LibTorch's errors from a damaged entry as std::runtime_error naming the file, without a backtrace.
+template <class Precision, class CallbackTuple>
+StagedTrainingState stage_training_state(const std::filesystem::path& path,
+                                         const TrainingStateParts<Precision, CallbackTuple>& parts,
+                                         std::int64_t num_processes, std::int64_t rank, torch::Device device) {
+  const std::string file = path.string();
+  return without_backtrace("accelerated::load_training_state: '" + file + "'", [&] {
+    return stage_training_state_unguarded(path, parts, num_processes, rank, device);
+  });
 }
 
 // Makes a staged state the trainer's: the model and optimizer stay loaded, the run history is replaced, and the rest
@@ -306,8 +324,8 @@ void resume_from_newest_agreed(const std::filesystem::path& dir, Distributed& di
 // First half of a resume, before the run starts: the run (`here`, described as a position) must have the saved
 // shape; the scheduler and the loss scaler are restored.
 template <class Precision, class CallbackTuple>
-void resume_run_shape(const PendingResume& resume, const RunPosition& here,
-                      const TrainingStateParts<Precision, CallbackTuple>& parts) {
+void resume_run_shape_unguarded(const PendingResume& resume, const RunPosition& here,
+                                const TrainingStateParts<Precision, CallbackTuple>& parts) {
   const auto& saved = resume.position;
   auto check = [&](const char* name, std::int64_t now, std::int64_t then) {
     if (now != then) {
@@ -344,14 +362,18 @@ void resume_run_shape(const PendingResume& resume, const RunPosition& here,
   }
 }
 
+template <class Precision, class CallbackTuple>
+void resume_run_shape(const PendingResume& resume, const RunPosition& here,
+                      const TrainingStateParts<Precision, CallbackTuple>& parts) {
+  without_backtrace("accelerated::Trainer::train: resuming '" + resume.file + "'",
+                    [&] { resume_run_shape_unguarded(resume, here, parts); });
+}
+
 // Second half, once on_training_run_start has run (callbacks reset themselves there): their state and the random
 // generators, last, so the next random number drawn is the one the saved run would have drawn.
 template <class CallbackTuple>
-void resume_callbacks_and_generators(std::optional<PendingResume>& pending, CallbackTuple& callbacks,
-                                     std::int64_t rank, torch::Device device) {
-  if (!pending) return;
-  // Applied, the state is let go: its archive holds a whole copy of the model, which the run must not carry.
-  const auto resume = std::exchange(pending, std::nullopt).value();
+void apply_callbacks_and_generators(const PendingResume& resume, CallbackTuple& callbacks, std::int64_t rank,
+                                    torch::Device device) {
   auto& archive = *resume.archive;
   for_each_stateful_callback(callbacks, [&](auto& callback, const std::string& key) {
     auto section = read_section(archive, key, resume.file);
@@ -364,6 +386,16 @@ void resume_callbacks_and_generators(std::optional<PendingResume>& pending, Call
   };
   restore("rng_cpu", torch::kCPU);
   if (device.is_cuda()) restore("rng_cuda", device);
+}
+
+template <class CallbackTuple>
+void resume_callbacks_and_generators(std::optional<PendingResume>& pending, CallbackTuple& callbacks,
+                                     std::int64_t rank, torch::Device device) {
+  if (!pending) return;
+  // Applied, the state is let go: its archive holds a whole copy of the model, which the run must not carry.
+  const auto resume = std::exchange(pending, std::nullopt).value();
+  without_backtrace("accelerated::Trainer::train: resuming '" + resume.file + "'",
+                    [&] { apply_callbacks_and_generators(resume, callbacks, rank, device); });
 }
 
 }  // namespace accelerated::detail

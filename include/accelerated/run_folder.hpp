@@ -16,9 +16,18 @@ namespace accelerated {
 
 // The newest state saved in `dir`, as `latest` names it, if any.
 inline std::optional<std::filesystem::path> latest_training_state(const std::filesystem::path& dir) {
-  std::ifstream in(dir / "latest");
-  std::string name;
-  if (!in || !std::getline(in, name) || name.empty()) return std::nullopt;
+  std::ifstream in(dir / "latest", std::ios::binary);
+  if (!in) return std::nullopt;
+  // Its first line, read no further than a file name's longest (255 bytes): a damaged `latest` of gigabytes without a
+  // newline is not read whole. Only a plain file name counts: "../x" or "/x" must not lead out of the folder.
+  std::string name(256, '\0');
+  in.read(name.data(), static_cast<std::streamsize>(name.size()));
+  name.resize(static_cast<std::size_t>(in.gcount()));
+  name = name.substr(0, name.find('\n'));
+  if (name.empty() || name.size() > 255 || name == "." || name == ".." ||
+      name.find_first_of(std::string("/\0", 2)) != std::string::npos) {
+    return std::nullopt;
+  }
   const auto path = dir / name;
   if (!std::filesystem::is_regular_file(path)) return std::nullopt;
   return path;

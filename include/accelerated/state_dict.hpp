@@ -5,7 +5,6 @@
 //
 //   accelerated::save_state_dict(model, "weights.pt");    # Python: model.load_state_dict(torch.load("weights.pt"))
 //   accelerated::load_state_dict(model, "from_python.pt"); # Python: torch.save(model.state_dict(), "from_python.pt")
-#include <caffe2/serialize/inline_container.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
@@ -20,8 +19,9 @@
 #include <utility>
 #include <vector>
 
-#include "detail/atomic_file.hpp"
+#include "detail/archive_file.hpp"
 #include "detail/torch_pickle.hpp"
+#include "detail/zip_reader.hpp"
 
 namespace accelerated {
 
@@ -48,33 +48,10 @@ inline std::vector<std::pair<std::string, torch::Tensor>> state_dict_of(const to
 // reads it with torch.load(path), weights_only=True included.
 inline void save_state_dict(std::vector<std::pair<std::string, torch::Tensor>> entries,
                             const std::filesystem::path& path) {
-  for (auto& [name, tensor] : entries) tensor = tensor.detach().to(torch::kCPU).contiguous();
-  const auto pickled = detail::pickle::write_state_dict_pickle(entries);
+  std::vector<torch::Tensor> tensors;
+  for (const auto& entry : entries) tensors.push_back(entry.second);
   // Streamed into the temporary file as the zip is written: no copy of the file is held in memory.
-  detail::write_atomically_to_fd(path, [&](int fd) {
-    // The writer must not see an exception (its destructor would write again and terminate): the first write error
-    // is kept, the rest of the bytes are dropped, and the error is thrown once the writer is done.
-    std::exception_ptr failed;
-    {
-      caffe2::serialize::PyTorchStreamWriter writer([&](const void* data, std::size_t size) {
-        if (!failed) {
-          try {
-            detail::write_all(fd, data, size, path);
-          } catch (...) {
-            failed = std::current_exception();
-          }
-        }
-        return size;
-      });
-      writer.writeRecord("data.pkl", pickled.data(), pickled.size());
-      for (std::size_t i = 0; i < entries.size(); ++i) {
-        const auto& tensor = entries[i].second;
-        writer.writeRecord("data/" + std::to_string(i), tensor.data_ptr(), tensor.numel() * tensor.element_size());
-      }
-      writer.writeEndOfFile();
-    }
-    if (failed) std::rethrow_exception(failed);
-  });
+  detail::write_torch_save_file(path, detail::pickle::write_state_dict_pickle(entries), tensors);
 }
 
 // Writes `module`'s parameters and buffers (state_dict_of) as torch.save(model.state_dict(), path) does; Python
@@ -88,6 +65,35 @@ void save_state_dict(const torch::nn::ModuleHolder<Impl>& module, const std::fil
   save_state_dict(*module, path);
 }
 
+namespace detail {
+// read_state_dict's body: LibTorch's errors (an allocation that fails) become errors naming the file there.
+inline std::vector<std::pair<std::string, torch::Tensor>> read_state_dict_entries(const std::filesystem::path& path) {
+  const auto file = path.string();
+  std::vector<std::pair<std::string, torch::Tensor>> entries;
+  detail::ZipReader archive(path, "read_state_dict");  // every record checked before it is read
+  if (!archive.has("data.pkl")) {
+    throw std::runtime_error("accelerated::read_state_dict: '" + file + "' has no data.pkl (not a torch.save file)");
+  }
+  const auto pickled = archive.read_string("data.pkl");
+  detail::pickle::Reader reader(archive, "read_state_dict");  // owns what it read: `value` lives as long as it
+  const auto& value = reader.run(pickled);
+  const auto* items = value.get<std::shared_ptr<detail::pickle::Items>>();
+  if (items == nullptr) {
+    throw std::runtime_error("accelerated::read_state_dict: '" + file + "' holds something other than a dict");
+  }
+  for (const auto& [key, item] : **items) {
+    const auto* name = key.get<std::string>();
+    const auto* tensor = item.get<torch::Tensor>();
+    if (name == nullptr || tensor == nullptr) {
+      throw std::runtime_error("accelerated::read_state_dict: '" + file +
+                               "' holds an entry that is not a (name, tensor) pair (not a state dict)");
+    }
+    entries.emplace_back(*name, *tensor);
+  }
+  return entries;
+}
+}  // namespace detail
+
 // Reads a state dict written by Python's torch.save(model.state_dict(), path) (PyTorch 1.6 or later: the zip
 // format) or by save_state_dict: {name: tensor} in the file's order, on the CPU.
 inline std::vector<std::pair<std::string, torch::Tensor>> read_state_dict(const std::filesystem::path& path) {
@@ -95,35 +101,9 @@ inline std::vector<std::pair<std::string, torch::Tensor>> read_state_dict(const 
   if (!std::filesystem::is_regular_file(path)) {
     throw std::invalid_argument("accelerated::read_state_dict: path = '" + file + "' is not a file");
   }
-  std::vector<std::pair<std::string, torch::Tensor>> entries;
-  try {
-    caffe2::serialize::PyTorchStreamReader archive(file);
-    if (!archive.hasRecord("data.pkl")) {
-      throw std::runtime_error("accelerated::read_state_dict: '" + file + "' has no data.pkl (not a torch.save file)");
-    }
-    auto [data, size] = archive.getRecord("data.pkl");
-    const std::string pickled(static_cast<const char*>(data.get()), size);
-    detail::pickle::Reader reader(archive, file);  // owns what it read: `value` lives as long as the reader
-    const auto& value = reader.run(pickled);
-    const auto* items = value.get<std::shared_ptr<detail::pickle::Items>>();
-    if (items == nullptr) {
-      throw std::runtime_error("accelerated::read_state_dict: '" + file + "' holds something other than a dict");
-    }
-    for (const auto& [key, item] : **items) {
-      const auto* name = key.get<std::string>();
-      const auto* tensor = item.get<torch::Tensor>();
-      if (name == nullptr || tensor == nullptr) {
-        throw std::runtime_error("accelerated::read_state_dict: '" + file +
-                                 "' holds an entry that is not a (name, tensor) pair (not a state dict)");
-      }
-      entries.emplace_back(*name, *tensor);
-    }
-  } catch (const c10::Error& error) {
-    throw std::runtime_error("accelerated::read_state_dict: '" + file +
-                             "' is not a zip-format torch.save file (PyTorch 1.6 or later), or it is damaged: " +
-                             error.what_without_backtrace());
-  }
-  return entries;
+  return detail::without_backtrace("accelerated::read_state_dict: '" + file + "'", [&] {
+    return detail::read_state_dict_entries(path);
+  });
 }
 
 struct LoadStateDictOptions {

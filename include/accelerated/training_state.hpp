@@ -21,7 +21,8 @@
 
 namespace accelerated {
 
-inline constexpr std::int64_t training_state_format_version = 1;
+// 2: torch.save's format (a zip with a pickle), which Python opens; 1 was a TorchScript archive, no longer read.
+inline constexpr std::int64_t training_state_format_version = 2;
 
 // Where a run stands, and the run's shape, which a resumed run must share to continue it exactly.
 struct RunPosition {
@@ -73,6 +74,18 @@ inline torch::Tensor read_entry(torch::serialize::InputArchive& archive, const s
   return value;
 }
 
+// The same, for an entry that must hold one number (a damaged file's entry of another size is named, not a LibTorch
+// backtrace).
+inline torch::Tensor read_scalar(torch::serialize::InputArchive& archive, const std::string& key,
+                                 const std::string& section, const std::string& file) {
+  auto value = read_entry(archive, key, section, file);
+  if (value.numel() != 1) {
+    throw std::runtime_error("accelerated::load_training_state: '" + file + "' has " + std::to_string(value.numel()) +
+                             " values in entry '" + section + "/" + key + "', which holds one (a damaged file)");
+  }
+  return value;
+}
+
 inline torch::serialize::InputArchive read_section(torch::serialize::InputArchive& archive, const std::string& key,
                                                    const std::string& file) {
   torch::serialize::InputArchive section;
@@ -86,12 +99,12 @@ inline RunPosition read_position(torch::serialize::InputArchive& archive, const 
   auto in = read_section(archive, "position", file);
   RunPosition p;
   for (const auto& [key, member] : position_integers()) {
-    p.*member = read_entry(in, key, "position", file).item<std::int64_t>();
+    p.*member = read_scalar(in, key, "position", file).item<std::int64_t>();
   }
-  p.in_run = read_entry(in, "in_run", "position", file).item<std::int64_t>() != 0;
-  p.shuffle = read_entry(in, "shuffle", "position", file).item<std::int64_t>() != 0;
-  p.loss_total = read_entry(in, "loss_total", "position", file).item<double>();
-  p.loss_count = read_entry(in, "loss_count", "position", file).item<double>();
+  p.in_run = read_scalar(in, "in_run", "position", file).item<std::int64_t>() != 0;
+  p.shuffle = read_scalar(in, "shuffle", "position", file).item<std::int64_t>() != 0;
+  p.loss_total = read_scalar(in, "loss_total", "position", file).item<double>();
+  p.loss_count = read_scalar(in, "loss_count", "position", file).item<double>();
   return p;
 }
 
@@ -113,15 +126,22 @@ inline void write_history(torch::serialize::OutputArchive& archive, const RunHis
 
 inline void read_history(torch::serialize::InputArchive& archive, RunHistory& history, const std::string& file) {
   auto in = read_section(archive, "run_history", file);
-  const auto count = read_entry(in, "count", "run_history", file).item<std::int64_t>();
+  const auto count = read_scalar(in, "count", "run_history", file).item<std::int64_t>();
   RunHistory loaded;
   for (std::int64_t i = 0; i < count; ++i) {
-    const auto bytes = read_entry(in, "name_" + std::to_string(i), "run_history", file).contiguous();
-    const auto values = read_entry(in, "values_" + std::to_string(i), "run_history", file).contiguous();
+    auto bytes = read_entry(in, "name_" + std::to_string(i), "run_history", file);
+    auto values = read_entry(in, "values_" + std::to_string(i), "run_history", file);
+    if (bytes.scalar_type() != torch::kUInt8 || bytes.dim() != 1 || values.scalar_type() != torch::kDouble ||
+        values.dim() != 1) {
+      throw std::runtime_error("accelerated::load_training_state: '" + file + "' has a damaged metric " +
+                               std::to_string(i) + " in its run history (its name or values are of another type)");
+    }
+    bytes = bytes.contiguous();
+    values = values.contiguous();
     const std::string name(bytes.data_ptr<std::uint8_t>(), bytes.data_ptr<std::uint8_t>() + bytes.numel());
     for (std::int64_t v = 0; v < values.numel(); ++v) loaded.update_metric(name, values.data_ptr<double>()[v]);
   }
-  loaded.set_epoch(read_entry(in, "epoch", "run_history", file).item<std::int64_t>());
+  loaded.set_epoch(read_scalar(in, "epoch", "run_history", file).item<std::int64_t>());
   loaded.set_metric_name_prefix(history.metric_name_prefix());
   history = std::move(loaded);
 }

@@ -64,16 +64,18 @@ inline torch::Tensor read_idx(const std::filesystem::path& path) {
     }
     d = (std::int64_t{b[0]} << 24) | (std::int64_t{b[1]} << 16) | (std::int64_t{b[2]} << 8) | std::int64_t{b[3]};
     if (d == 0) throw std::runtime_error("accelerated::data::read_idx: '" + name + "' has a zero dimension");
-    total *= d;
-    if (total > (std::int64_t{1} << 40)) {
+    if (d > (std::int64_t{1} << 40) / total) {  // checked before multiplying: four dimensions can overflow 64 bits
       throw std::runtime_error("accelerated::data::read_idx: '" + name + "' declares an implausible size");
     }
+    total *= d;
   }
-  // Read in chunks so that a corrupt header cannot make us allocate terabytes up front.
+  // Read in chunks that grow with what was read (1 MB, then as much again), so that a header claiming terabytes costs
+  // no more than the data the file really holds.
   std::vector<unsigned char> bytes;
   std::size_t have = 0;
   while (have < static_cast<std::size_t>(total)) {
-    const auto want = std::min<std::size_t>(static_cast<std::size_t>(total) - have, std::size_t{64} << 20);
+    const auto want = std::min<std::size_t>(static_cast<std::size_t>(total) - have,
+                                            std::max<std::size_t>(std::size_t{1} << 20, have));
     bytes.resize(have + want);
     const auto got = detail::read_some(file.get(), bytes.data() + have, want, name);
     have += got;

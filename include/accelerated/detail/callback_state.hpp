@@ -24,6 +24,10 @@ inline void write_optional(torch::serialize::OutputArchive& archive, const std::
 inline std::optional<double> read_optional(torch::serialize::InputArchive& archive, const std::string& key) {
   torch::Tensor value;
   if (!archive.try_read(key, value)) return std::nullopt;
+  if (value.numel() != 1) {
+    throw std::runtime_error("accelerated: a callback's saved '" + key + "' holds " + std::to_string(value.numel()) +
+                             " values, not one (a damaged file)");
+  }
   return value.item<double>();
 }
 
@@ -36,6 +40,10 @@ inline std::int64_t read_count(torch::serialize::InputArchive& archive, const st
   if (!archive.try_read(key, value)) {
     throw std::runtime_error(std::string("accelerated::callbacks::") + callback + ": its saved state has no '" + key +
                              "' (saved by another callback in this place of the list?)");
+  }
+  if (value.numel() != 1) {
+    throw std::runtime_error(std::string("accelerated::callbacks::") + callback + ": its saved '" + key + "' holds " +
+                             std::to_string(value.numel()) + " values, not one (a damaged file)");
   }
   return value.item<std::int64_t>();
 }

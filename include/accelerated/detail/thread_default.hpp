@@ -13,20 +13,24 @@
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <stdexcept>
 #include <string>
 #include <thread>
 
 
 namespace accelerated::detail {
 
+// A count from the environment: `fallback` when unset or empty. Anything but a whole number from 0 to 65536 is an
+// error naming the variable (a typo such as "4x" used to be read as 4, "abc" as unset).
 inline int parse_positive_env(const char* name, int fallback) {
   const char* value = std::getenv(name);
   if (value == nullptr || *value == '\0') return fallback;
-  try {
-    return std::max(0, std::stoi(value));
-  } catch (const std::exception&) {
-    return fallback;
+  const std::string text = value;
+  if (text.size() > 5 || text.find_first_not_of("0123456789") != std::string::npos || std::stoi(text) > 65536) {
+    throw std::invalid_argument(std::string("accelerated: ") + name + " = '" + text +
+                                "' is not a whole number from 0 to 65536");
   }
+  return std::stoi(text);
 }
 
 // The CPUs this process may use: its affinity mask, capped by a cgroup quota (v2 cpu.max, v1 cfs_quota_us) and by

@@ -8,7 +8,6 @@
 // pickle format (Python's pickletools): the reader knows containers, numbers, strings, the memo, the globals a tensor
 // needs and LibTorch's type tag (anything else is an error naming it); the writer emits exactly what torch.save does
 // for a state dict, whose globals torch.load's weights_only mode allows.
-#include <caffe2/serialize/inline_container.h>
 #include <torch/types.h>
 
 #include <bit>
@@ -23,6 +22,8 @@
 #include <utility>
 #include <variant>
 #include <vector>
+
+#include "zip_reader.hpp"
 
 namespace accelerated::detail::pickle {
 
@@ -49,7 +50,7 @@ struct Value {
 };
 
 // The dtype of a legacy storage class name (torch.FloatStorage, ...), which torch.save writes in 1.x and 2.x.
-inline torch::ScalarType storage_dtype(const std::string& name, const std::string& file) {
+inline torch::ScalarType storage_dtype(const std::string& name, const std::string& where) {
   static const std::map<std::string, torch::ScalarType> types{
       {"FloatStorage", torch::kFloat},   {"DoubleStorage", torch::kDouble}, {"HalfStorage", torch::kHalf},
       {"BFloat16Storage", torch::kBFloat16}, {"LongStorage", torch::kLong}, {"IntStorage", torch::kInt},
@@ -57,8 +58,7 @@ inline torch::ScalarType storage_dtype(const std::string& name, const std::strin
       {"BoolStorage", torch::kBool}};
   const auto found = types.find(name);
   if (found == types.end()) {
-    throw std::runtime_error("accelerated::load_state_dict: '" + file + "' holds a storage of type torch." + name +
-                             ", which is not supported");
+    throw std::runtime_error(where + " holds a storage of type torch." + name + ", which is not supported");
   }
   return found->second;
 }
@@ -70,7 +70,8 @@ inline torch::ScalarType storage_dtype(const std::string& name, const std::strin
 // The value run() returns lives as long as the reader.
 class Reader {
  public:
-  Reader(caffe2::serialize::PyTorchStreamReader& archive, std::string file) : archive_(archive), file_(std::move(file)) {}
+  // `archive` is the file's zip layer; errors name `caller` (the public function) and the file.
+  Reader(const ZipReader& archive, std::string caller) : archive_(archive), caller_(std::move(caller)) {}
   ~Reader() { release(); }
   Reader(const Reader&) = delete;
   Reader& operator=(const Reader&) = delete;
@@ -174,15 +175,16 @@ class Reader {
         }
         default:
           fail("pickle opcode 0x" + hex(op) + " at byte " + std::to_string(pos_ - 1) +
-               ", which a state dict does not use");
+               ", which torch.save of tensors, containers, numbers and strings does not use");
       }
     }
   }
 
  private:
   [[noreturn]] void fail(const std::string& what) const {
-    throw std::runtime_error("accelerated::load_state_dict: '" + file_ + "': " + what);
+    throw std::runtime_error(where() + ": " + what);
   }
+  std::string where() const { return "accelerated::" + caller_ + ": '" + archive_.file() + "'"; }
   static std::string hex(std::uint8_t op) {
     const char* digits = "0123456789abcdef";
     return {digits[op >> 4], digits[op & 15]};
@@ -329,19 +331,24 @@ class Reader {
     if (t.size() < 5 || !t[0].get<std::string>() || *t[0].get<std::string>() != "storage" || !t[1].get<Global>()) {
       fail("a persistent id that is not a storage");
     }
-    return {Storage{storage_dtype(t[1].get<Global>()->name, file_), string_of(t[2])}};
+    return {Storage{storage_dtype(t[1].get<Global>()->name, where()), string_of(t[2])}};
   }
 
-  // A storage's bytes, read once per key (tensors may share one).
+  // A storage's bytes, read once per key (tensors may share one) straight into the tensor: the zip layer has checked
+  // that the record lies inside the file, so the allocation is never more than the file's size.
   torch::Tensor storage(const Storage& s) {
     auto& cached = storages_[s.key];
     if (!cached.defined()) {
       const auto record = "data/" + s.key;
-      if (!archive_.hasRecord(record)) fail("no record '" + record + "' for a tensor's storage (a damaged file)");
-      auto [data, size] = archive_.getRecord(record);
-      const auto element = static_cast<std::size_t>(c10::elementSize(s.dtype));
+      if (!archive_.has(record)) fail("no record '" + record + "' for a tensor's storage (a damaged file)");
+      const auto size = archive_.size_of(record);
+      const auto element = static_cast<std::uint64_t>(c10::elementSize(s.dtype));
+      if (size % element != 0) {
+        fail("record '" + record + "' holds " + std::to_string(size) + " bytes, not a whole number of " +
+             c10::toString(s.dtype) + " elements (a damaged file)");
+      }
       cached = torch::empty({static_cast<std::int64_t>(size / element)}, torch::TensorOptions().dtype(s.dtype));
-      std::memcpy(cached.data_ptr(), data.get(), size - size % element);
+      archive_.read(record, cached.data_ptr());
     }
     return cached;
   }
@@ -368,7 +375,7 @@ class Reader {
       if (a.empty() || !a[0].get<torch::Tensor>()) fail(name + " with unexpected arguments");
       return a[0];
     }
-    fail("an object of type " + name + ", which a state dict does not hold");
+    fail("an object of type " + name + ", which this reader does not build (only tensors, containers, numbers and strings)");
   }
 
   // A view's offset, sizes and strides checked against its storage: as many strides as sizes, none negative, and
@@ -395,11 +402,20 @@ class Reader {
       }
     }
     if (!empty && last >= numel) fail("a tensor reaches past its storage (a damaged file)");
+    // Nor more elements than its storage holds: a view with a stride of 0 (a few bytes of storage shown as billions
+    // of elements) would be expanded by the first copy made of it. torch.save of a state dict never writes one.
+    std::int64_t elements = 1;
+    for (const auto s : size) {
+      if (__builtin_mul_overflow(elements, s, &elements) || elements > numel) {
+        fail("a tensor of more elements than its storage of " + std::to_string(numel) +
+             " holds (a view with repeated elements, or a damaged file)");
+      }
+    }
     return offset;
   }
 
-  caffe2::serialize::PyTorchStreamReader& archive_;
-  std::string file_;
+  const ZipReader& archive_;
+  std::string caller_;
   const std::string* data_ = nullptr;
   std::size_t pos_ = 0;
   std::size_t budget_ = 0;  // bytes memoized strings may still be copied into
@@ -428,59 +444,91 @@ inline const char* storage_class(torch::ScalarType dtype) {
   }
 }
 
-// data.pkl of torch.save(state_dict): an OrderedDict of tensors rebuilt by torch._utils._rebuild_tensor_v2, tensor i
-// stored (contiguous, on the CPU) as record data/<i>.
-inline std::string write_state_dict_pickle(const std::vector<std::pair<std::string, torch::Tensor>>& entries) {
-  std::string out = "\x80\x02";  // PROTO 2
-  auto global = [&](const std::string& module, const std::string& name) { out += "c" + module + "\n" + name + "\n"; };
-  auto text = [&](const std::string& value) {
-    out += 'X';
-    for (int i = 0; i < 4; ++i) out += static_cast<char>((value.size() >> (8 * i)) & 0xff);
-    out += value;
-  };
-  auto integer = [&](std::int64_t value) {
+// Writes data.pkl as torch.save does (protocol 2): containers, numbers, strings and tensors, each tensor rebuilt by
+// torch._utils._rebuild_tensor_v2 from a storage record data/<i> (the i-th tensor handed to tensor(), contiguous, on
+// the CPU). Only globals that torch.load's weights_only mode allows are named.
+class Writer {
+ public:
+  Writer() : out_("\x80\x02") {}
+  void none() { out_ += 'N'; }
+  void boolean(bool value) { out_ += value ? '\x88' : '\x89'; }  // NEWTRUE, NEWFALSE
+  void integer(std::int64_t value) {
     if (value >= INT32_MIN && value <= INT32_MAX) {
-      out += 'J';  // BININT
-      for (int i = 0; i < 4; ++i) out += static_cast<char>((static_cast<std::uint64_t>(value) >> (8 * i)) & 0xff);
+      out_ += 'J';  // BININT
+      little(static_cast<std::uint64_t>(value), 4);
     } else {
-      out += "\x8a\x08";  // LONG1, 8 bytes
-      for (int i = 0; i < 8; ++i) out += static_cast<char>((static_cast<std::uint64_t>(value) >> (8 * i)) & 0xff);
+      out_ += "\x8a\x08";  // LONG1, 8 bytes
+      little(static_cast<std::uint64_t>(value), 8);
     }
-  };
-  auto ordered_dict = [&] {
-    global("collections", "OrderedDict");
-    out += ")R";  // EMPTY_TUPLE REDUCE
-  };
-  ordered_dict();
-  out += '(';  // MARK
-  for (std::size_t i = 0; i < entries.size(); ++i) {
-    const auto& tensor = entries[i].second;
-    text(entries[i].first);
+  }
+  void text(const std::string& value) {
+    out_ += 'X';  // BINUNICODE
+    little(value.size(), 4);
+    out_ += value;
+  }
+  // The tensor's storage is record data/<index>, index = the number of tensors written before it.
+  void tensor(const torch::Tensor& t, std::size_t index) {
     global("torch._utils", "_rebuild_tensor_v2");
-    out += "((";  // the arguments' tuple, then the persistent id's
+    out_ += "((";  // the arguments' tuple, then the persistent id's
     text("storage");
-    global("torch", storage_class(tensor.scalar_type()));
-    text(std::to_string(i));
+    global("torch", storage_class(t.scalar_type()));
+    text(std::to_string(index));
     text("cpu");
-    integer(tensor.numel());
-    out += "tQ";  // TUPLE BINPERSID
-    integer(0);   // storage offset
-    out += '(';
-    for (const auto size : tensor.sizes()) integer(size);
-    out += "t(";
+    integer(t.numel());
+    out_ += "tQ";  // TUPLE BINPERSID
+    integer(0);    // storage offset
+    out_ += '(';
+    for (const auto size : t.sizes()) integer(size);
+    out_ += "t(";
     std::int64_t stride = 1;
-    std::vector<std::int64_t> strides(static_cast<std::size_t>(tensor.dim()));
-    for (auto d = tensor.dim() - 1; d >= 0; --d) {
+    std::vector<std::int64_t> strides(static_cast<std::size_t>(t.dim()));
+    for (auto d = t.dim() - 1; d >= 0; --d) {
       strides[static_cast<std::size_t>(d)] = stride;
-      stride *= tensor.size(d);
+      stride *= t.size(d);
     }
     for (const auto s : strides) integer(s);
-    out += "t\x89";  // TUPLE, requires_grad = False
+    out_ += "t\x89";  // TUPLE, requires_grad = False
     ordered_dict();    // backward hooks
-    out += "tR";       // TUPLE REDUCE
+    out_ += "tR";      // TUPLE REDUCE
   }
-  out += "u.";  // SETITEMS STOP
-  return out;
+  // Containers: begin_*, the items (a dict's as key, value, key, value...), end_*.
+  void begin_dict() { out_ += "}("; }          // EMPTY_DICT MARK
+  void end_dict() { out_ += 'u'; }             // SETITEMS
+  void begin_ordered_dict() {
+    ordered_dict();
+    out_ += '(';
+  }
+  void begin_list() { out_ += "]("; }          // EMPTY_LIST MARK
+  void end_list() { out_ += 'e'; }             // APPENDS
+  void begin_tuple() { out_ += '('; }          // MARK
+  void end_tuple() { out_ += 't'; }            // TUPLE
+  std::string finish() && {
+    out_ += '.';  // STOP
+    return std::move(out_);
+  }
+
+ private:
+  void little(std::uint64_t value, int bytes) {
+    for (int i = 0; i < bytes; ++i) out_ += static_cast<char>((value >> (8 * i)) & 0xff);
+  }
+  void global(const std::string& module, const std::string& name) { out_ += "c" + module + "\n" + name + "\n"; }
+  void ordered_dict() {
+    global("collections", "OrderedDict");
+    out_ += ")R";  // EMPTY_TUPLE REDUCE
+  }
+  std::string out_;
+};
+
+// data.pkl of torch.save(state_dict): an OrderedDict of tensors, tensor i stored as record data/<i>.
+inline std::string write_state_dict_pickle(const std::vector<std::pair<std::string, torch::Tensor>>& entries) {
+  Writer writer;
+  writer.begin_ordered_dict();
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    writer.text(entries[i].first);
+    writer.tensor(entries[i].second, i);
+  }
+  writer.end_dict();
+  return std::move(writer).finish();
 }
 
 }  // namespace accelerated::detail::pickle

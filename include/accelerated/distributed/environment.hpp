@@ -125,14 +125,18 @@ inline Environment environment_from_env() {
     }
     e.rank = *rank;
     e.world_size = *size;
-    e.local_rank = env_int(names.local_rank, 0).value_or(e.world_size == 1 ? 0 : *rank);
-    e.local_world_size = env_int(names.local_size, 1).value_or(e.world_size);
+    const auto local_rank = env_int(names.local_rank, 0);
+    const auto local_size = env_int(names.local_size, 1);
+    e.local_rank = local_rank.value_or(e.world_size == 1 ? 0 : *rank);
+    e.local_world_size = local_size.value_or(e.world_size);
     e.launcher = names.launcher;
+    if (e.local_rank >= e.local_world_size && e.launcher != "slurm") {  // named by the variables it came from
+      throw std::invalid_argument(std::string("accelerated::distributed: ") +
+                                  (local_rank ? names.local_rank : names.rank) + " = " + std::to_string(e.local_rank) +
+                                  " is not below " + (local_size ? names.local_size : names.size) + " = " +
+                                  std::to_string(e.local_world_size));
+    }
     break;
-  }
-  if (e.local_rank >= e.local_world_size && e.local_world_size > 0 && e.launcher != "slurm") {
-    throw std::invalid_argument("accelerated::distributed: local rank " + std::to_string(e.local_rank) +
-                                " is not below the local world size " + std::to_string(e.local_world_size));
   }
   if (e.world_size > 1) {
     const auto addr = env("MASTER_ADDR");
