@@ -247,10 +247,20 @@ double live_heap_mb() {
   const auto info = ::mallinfo2();
   return static_cast<double>(info.uordblks + info.hblkhd) / (1024.0 * 1024.0);
 }
+// The process's peak resident memory since the last reset_peak_resident() (VmHWM); ru_maxrss would count a peak of
+// an earlier test in the same process, and make a growth measured after it 0.
 double peak_resident_mb() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  }
   rusage usage{};
   ::getrusage(RUSAGE_SELF, &usage);
   return static_cast<double>(usage.ru_maxrss) / 1024.0;
+}
+double reset_peak_resident_mb() {  // Linux: writing 5 to clear_refs sets the peak to what is resident now
+  std::ofstream("/proc/self/clear_refs") << "5";
+  return peak_resident_mb();
 }
 }  // namespace
 
@@ -259,13 +269,13 @@ TEST_CASE("saving streams the archive to disk instead of holding copies of it in
   torch::nn::Linear big(4096, 16384);  // 64 M floats: 256 MB of weights
   torch::NoGradGuard no_grad;
   big->weight.fill_(1.0);  // touch every page, so the weights count in the peak before the save
-  const double before = peak_resident_mb();
+  const double before = reset_peak_resident_mb();
   acc::save_checkpoint(dir / "big.pt", *big);
   const double growth = peak_resident_mb() - before;
   INFO("peak resident memory grew by " << growth << " MB while saving 256 MB");
   CHECK(growth < 96.0);  // holding the archive in memory (once or twice) grows it by 256-512 MB
   // A state dict for Python too (it held the whole file in a string: +256 MB).
-  const double before_state_dict = peak_resident_mb();
+  const double before_state_dict = reset_peak_resident_mb();
   acc::save_state_dict(*big, dir / "big_state_dict.pt");
   const double state_dict_growth = peak_resident_mb() - before_state_dict;
   INFO("peak resident memory grew by " << state_dict_growth << " MB while saving a 256 MB state dict");
@@ -300,7 +310,7 @@ TEST_CASE("resuming holds two copies of the model at the peak (the file's and th
   trainer.save_training_state(dir / "state.pt");
   const double model_mb = 4096.0 * 16384.0 * 4.0 / (1024.0 * 1024.0);
   heap_before = live_heap_mb();
-  const double peak_before = peak_resident_mb();
+  const double peak_before = reset_peak_resident_mb();
   trainer.load_training_state(dir / "state.pt");
   const double peak_growth = peak_resident_mb() - peak_before;
   const auto x = torch::zeros({4, 4096});
@@ -767,6 +777,44 @@ TEST_CASE("an archive's limits: nesting, expansion, repeated views, types it can
   loaded.w.detach().zero_();
   acc::load_checkpoint(dir / "empty_buffer.pt", loaded);
   CHECK(torch::equal(loaded.w, with_empty.w));
+  fs::remove_all(dir);
+}
+
+namespace {
+// Saves, in the place of EarlyStopping's state, a "best" of two numbers: a section that is present (what loading
+// the file checks) but that EarlyStopping cannot read when train() applies it.
+struct DamagedEarlyStoppingState {
+  void operator()(acc::on_train_epoch_end, auto&) {}
+  void save_state(torch::serialize::OutputArchive& archive) const {
+    archive.write("best", torch::ones({2}, torch::kDouble));
+    archive.write("epochs_without_improvement", torch::tensor(std::int64_t{0}));
+  }
+  void load_state(torch::serialize::InputArchive&) {}
+};
+}  // namespace
+
+TEST_CASE("a damaged section applied when train() starts is an error naming the file and the section",
+          "[resume][bad_input]") {
+  const auto dir = test::fresh_dir("damaged_section");
+  const auto data = test::regression_data(32);
+  {
+    auto model = test::linear_model();
+    torch::optim::SGD sgd(model->parameters(), 0.01);
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, DamagedEarlyStoppingState> saver(
+        model, torch::nn::MSELoss(), sgd, DamagedEarlyStoppingState{});
+    saver.set_output(test::quiet());
+    saver.save_training_state(dir / "state.pt");
+  }
+  auto model = test::linear_model();
+  torch::optim::SGD sgd(model->parameters(), 0.01);
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, acc::callbacks::EarlyStopping> trainer(
+      model, torch::nn::MSELoss(), sgd, acc::callbacks::EarlyStopping{});
+  trainer.set_output(test::quiet());
+  trainer.load_training_state(dir / "state.pt");  // the section is there: the load itself succeeds
+  const auto message = test::message_of([&] { trainer.train(data, {.num_epochs = 1, .per_device_batch_size = 8}, data); });
+  CHECK_THAT(message, Catch::Contains("resuming '" + (dir / "state.pt").string() + "': entry 'callback_0' could not be "
+                                      "loaded: accelerated: a callback's saved 'best' holds 2 values, not one"));
+  CHECK_THAT(message, !Catch::Contains("Exception raised from"));
   fs::remove_all(dir);
 }
 

@@ -355,10 +355,15 @@ void resume_run_shape_unguarded(const PendingResume& resume, const RunPosition& 
     throw std::invalid_argument("accelerated::Trainer::train: resuming '" + resume.file +
                                 "': the saved run had no scheduler, but this run creates one");
   }
-  if (saved_scheduler) schedulers::load_scheduler_state(scheduler, *parts.scheduler);
+  const auto where = "accelerated::Trainer::train: resuming '" + resume.file + "'";
+  if (saved_scheduler) {
+    load_section(where, "scheduler", [&] { schedulers::load_scheduler_state(scheduler, *parts.scheduler); });
+  }
   if constexpr (requires(torch::serialize::InputArchive& a) { parts.precision.load_state(a); }) {
     torch::serialize::InputArchive precision;
-    if (archive.try_read("precision", precision)) parts.precision.load_state(precision);
+    if (archive.try_read("precision", precision)) {
+      load_section(where, "precision", [&] { parts.precision.load_state(precision); });
+    }
   }
 }
 
@@ -377,7 +382,8 @@ void apply_callbacks_and_generators(const PendingResume& resume, CallbackTuple& 
   auto& archive = *resume.archive;
   for_each_stateful_callback(callbacks, [&](auto& callback, const std::string& key) {
     auto section = read_section(archive, key, resume.file);
-    callback.load_state(section);
+    load_section("accelerated::Trainer::train: resuming '" + resume.file + "'", key,
+                 [&] { callback.load_state(section); });
   });
   auto restore = [&](const char* key, torch::Device generator) {
     torch::Tensor states;

@@ -94,6 +94,23 @@ decltype(auto) without_backtrace(const std::string& where, Read&& read) {
   }
 }
 
+// An exception's message, LibTorch's without its backtrace.
+inline std::string message_of(const std::exception& error) {
+  if (const auto* c10_error = dynamic_cast<const c10::Error*>(&error)) return c10_error->what_without_backtrace();
+  return error.what();
+}
+
+// Runs `load` (a section's reader: a callback's, the scheduler's, a precision policy's load_state); whatever it
+// throws becomes std::runtime_error naming `where` (the file) and the section.
+template <class Load>
+void load_section(const std::string& where, const std::string& section, Load&& load) {
+  try {
+    load();
+  } catch (const std::exception& error) {
+    throw std::runtime_error(where + ": entry '" + section + "' could not be loaded: " + message_of(error));
+  }
+}
+
 // ---- the file's zip layer --------------------------------------------------------------------------------------
 // Writes torch.save's zip: data.pkl, then tensor i (copied to the CPU and made contiguous one at a time, so a GPU's
 // state never sits in host memory whole) as record data/<i>. Atomic, and streamed into the file.
