@@ -259,6 +259,15 @@ inline std::map<std::string, double> read_common_uncommitted(torch::serialize::I
       throw std::runtime_error(where + "entry 'optimizer' of '" + file +
                                "' does not fit this optimizer: " + error.what());
     }
+    // LibTorch 2.x matches saved state to parameters by keys that LibTorch 1.13 wrote in another form ("0x..."):
+    // every key then reads as 0, and all but one parameter are left with an empty state, which the next save of the
+    // optimizer dereferences (a segfault, found replaying the fuzz corpus on LibTorch 2.6).
+    for (const auto& [parameter, parameter_state] : optimizer->state()) {
+      if (!parameter_state) {
+        throw std::runtime_error(where + "entry 'optimizer' of '" + file + "' does not fit this optimizer: LibTorch "
+                                 "matched no state to some of its parameters (saved by another LibTorch version?)");
+      }
+    }
   }
   std::map<std::string, double> values;
   torch::serialize::InputArchive extra;
