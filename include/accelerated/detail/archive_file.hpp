@@ -229,6 +229,23 @@ class ArchivePickler {
   [[noreturn]] void fail(const std::string& where, const std::string& what) const {
     throw std::invalid_argument("accelerated: cannot save '" + file_ + "': entry '" + where + "' " + what);
   }
+  // A tensor, stored as the next record.
+  void tensor(const torch::Tensor& t) {
+    pickle_.tensor(t, tensors_.size());
+    tensors_.push_back(t);
+  }
+  // {"__accelerated_type__": annotation, "items": [what `items` writes]}.
+  template <class Items>
+  void typed(const std::string& annotation, Items&& items) {
+    pickle_.begin_dict();
+    pickle_.text(std::string(typed_value_tag));
+    pickle_.text(annotation);
+    pickle_.text("items");
+    pickle_.begin_list();
+    items();
+    pickle_.end_list();
+    pickle_.end_dict();
+  }
   void value(const c10::IValue& v, const std::string& where, int depth) {
     if (depth > max_value_depth) fail(where, "is nested more than " + std::to_string(max_value_depth) + " deep");
     if (v.isNone()) {
@@ -238,16 +255,7 @@ class ArchivePickler {
     } else if (v.isInt()) {
       pickle_.integer(v.toInt());
     } else if (v.isDouble()) {  // PyTorch 1.13's weights_only reader knows no float opcode: a 0-dim tensor, typed
-      pickle_.begin_dict();
-      pickle_.text(std::string(typed_value_tag));
-      pickle_.text("float");
-      pickle_.text("items");
-      pickle_.begin_list();
-      const auto number = torch::tensor(v.toDouble(), torch::kDouble);
-      pickle_.tensor(number, tensors_.size());
-      tensors_.push_back(number);
-      pickle_.end_list();
-      pickle_.end_dict();
+      typed("float", [&] { tensor(torch::tensor(v.toDouble(), torch::kDouble)); });
     } else if (v.isString()) {
       pickle_.text(v.toStringRef());
     } else if (v.isTensor()) {
@@ -262,8 +270,7 @@ class ArchivePickler {
         fail(where, std::string("is a tensor of dtype ") + c10::toString(t.scalar_type()) +
                         ", which torch.save's format has no storage type for");
       }
-      pickle_.tensor(t, tensors_.size());
-      tensors_.push_back(t);
+      tensor(t);
     } else if (v.isTuple()) {
       pickle_.begin_tuple();
       for (const auto& item : v.toTupleRef().elements()) value(item, where, depth + 1);
@@ -275,23 +282,18 @@ class ArchivePickler {
         fail(where, "is a " + v.type()->annotation_str() + ", which an archive cannot hold (" + error.what() +
                         "): only Tensor, int, float, bool, str and containers of them");
       }
-      pickle_.begin_dict();
-      pickle_.text(std::string(typed_value_tag));
-      pickle_.text(v.type()->annotation_str());
-      pickle_.text("items");
-      pickle_.begin_list();
-      if (v.isList()) {
-        for (const auto& item : v.toListRef()) value(item, where, depth + 1);
-      } else {
+      typed(v.type()->annotation_str(), [&] {
+        if (v.isList()) {
+          for (const auto& item : v.toListRef()) value(item, where, depth + 1);
+          return;
+        }
         for (const auto& item : v.toGenericDict()) {
           pickle_.begin_tuple();
           value(item.key(), where, depth + 1);
           value(item.value(), where, depth + 1);
           pickle_.end_tuple();
         }
-      }
-      pickle_.end_list();
-      pickle_.end_dict();
+      });
     } else {
       fail(where, "holds a value of type " + v.type()->annotation_str() +
                       " (an archive holds tensors, numbers, strings, None, and tuples, lists and dicts of them)");
