@@ -5,7 +5,7 @@
 #   slurmctld slurmd slurm-client munge  a one-node SLURM cluster for the preemption test
 #   clang libclang-rt-14-dev           libFuzzer and the sanitizers (fuzz.readers, prefetch.thread_sanitizer)
 # Optional: when an install fails, the tests that need it print "SKIPPED: why" and the rest run.
-# ACCELERATED_TEST_EXTRAS="..." names another list (the Debian 13 job takes none: " ").
+# ACCELERATED_TEST_EXTRAS="..." names another list (the Debian 13 job takes python3-torch only).
 set -uo pipefail
 read -r -a packages <<<"${ACCELERATED_TEST_EXTRAS:-python3-torch slurmctld slurmd slurm-client munge clang libclang-rt-14-dev}"
 missing=()

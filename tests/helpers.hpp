@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <thread>
 #include <vector>
 
@@ -95,6 +96,19 @@ inline int wait_for(pid_t pid, std::chrono::seconds timeout = std::chrono::secon
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   return status;
+}
+
+// Runs a shell command; true when it exits 0. Its output (stdout and stderr) is kept in `log`.
+inline bool sh(const std::string& command, std::string* log = nullptr) {
+  std::string output;
+  if (FILE* pipe = ::popen((command + " 2>&1").c_str(), "r")) {
+    char buffer[512];
+    while (std::fgets(buffer, sizeof buffer, pipe)) output += buffer;
+    const int status = ::pclose(pipe);
+    if (log) *log = output;
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+  }
+  return false;
 }
 
 // Discards the trainer's printing; tests that read it use their own ostringstream.

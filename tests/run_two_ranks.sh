@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs PROGRAM as 2 ranks on 127.0.0.1, bounded in time, and checks that both exit 0 and that rank 0's last line is
 # JSON with eval_accuracy >= MIN_ACCURACY. By default a plain shell loop launches the ranks (what docs/distributed.md
-# shows); with --torchrun, torchrun does (skipped, with the reason, where torchrun is not installed).
+# shows); with --torchrun, torchrun does (skipped, with the reason, where torchrun cannot start: torchrun_can_start.sh).
 # Usage: run_two_ranks.sh [--torchrun] PROGRAM MIN_ACCURACY [ARGS...]
 set -uo pipefail
 launcher=shell
@@ -15,7 +15,12 @@ dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 port=$((20000 + RANDOM % 20000))
 if [[ $launcher == torchrun ]]; then
-  command -v torchrun >/dev/null || { echo "SKIPPED: torchrun is not installed (Debian's python3-torch has it)"; exit 0; }
+  why=$("$(dirname "$0")/torchrun_can_start.sh")
+  case $? in
+    0) ;;
+    1) echo "SKIPPED: ${why#SKIP: }"; exit 0 ;;  # not installed, or cannot start here for a known reason
+    *) echo "$why"; exit 1 ;;
+  esac
   # -r 1 -t 1: the workaround for Debian 1.13's torchrun on Python 3.11 (stdout redirected, teed back with a
   # "[default<rank>]:" prefix on each line).
   timeout 900 torchrun --no_python --nproc_per_node 2 --master_addr 127.0.0.1 --master_port "$port" -r 1 -t 1 \

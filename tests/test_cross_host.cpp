@@ -38,18 +38,7 @@ struct Pace {
   }
 };
 
-// Runs a command; true when it exits 0. Its output is kept in `log`.
-bool sh(const std::string& command, std::string* log = nullptr) {
-  std::string output;
-  if (FILE* pipe = ::popen((command + " 2>&1").c_str(), "r")) {
-    char buffer[512];
-    while (std::fgets(buffer, sizeof buffer, pipe)) output += buffer;
-    const int status = ::pclose(pipe);
-    if (log) *log = output;
-    return WIFEXITED(status) && WEXITSTATUS(status) == 0;
-  }
-  return false;
-}
+using test::sh;
 
 // Two hosts: namespaces <prefix>0 and <prefix>1, joined by a veth pair, at 10.77.0.1 and 10.77.0.2.
 class TwoHosts {

@@ -159,6 +159,39 @@ TEST_CASE("a model trains on the GPU in fp32 and bf16 and fp16", "[cuda]") {
   CHECK(final_loss(acc::Float16{}) < fp32 * 2 + 0.05);
 }
 
+TEST_CASE("activation checkpointing on the GPU replays the CUDA generator and the autocast state", "[cuda]") {
+  REQUIRE_GPU();
+  // Dropout alone: the mask drawn in the replay must be the first run's (the CUDA generator restored).
+  const auto x = torch::randn({256, 256}, torch::kCUDA).requires_grad_();
+  auto grad_of = [&](bool checkpointed) {
+    x.mutable_grad() = torch::Tensor();
+    torch::manual_seed(3);
+    auto fn = [](const torch::Tensor& t) { return torch::dropout(t * 2, 0.5, true); };
+    (checkpointed ? acc::activation_checkpoint(fn, x) : fn(x)).pow(2).sum().backward();
+    return std::pair{x.grad().clone(), torch::rand({2}, torch::kCUDA)};  // and the generator continues as before
+  };
+  const auto plain = grad_of(false);
+  const auto checkpointed = grad_of(true);
+  CHECK(torch::equal(plain.first, checkpointed.first));
+  CHECK(torch::equal(plain.second, checkpointed.second));
+  // A model trained through TrainOptions in fp32 and bf16: the same weights as without checkpointing.
+  auto trained = [](auto precision, std::vector<std::string> names) {
+    torch::manual_seed(5);
+    torch::nn::Sequential model(torch::nn::Linear(8, 64), torch::nn::ReLU(), torch::nn::Dropout(0.2),
+                                torch::nn::Linear(64, 64), torch::nn::Tanh(), torch::nn::Linear(64, 1));
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+    auto trainer = acc::make_trainer<acc::Cuda, decltype(precision), acc::SingleProcess>(model, torch::nn::MSELoss(),
+                                                                                        optimizer);
+    trainer.set_output(test::quiet());
+    trainer.train(test::regression_data(256), {.num_epochs = 2, .per_device_batch_size = 32,
+                                               .activation_checkpointing = std::move(names)});
+    return test::flat_parameters(*model).cpu();
+  };
+  CHECK(torch::allclose(trained(acc::FullPrecision{}, {}), trained(acc::FullPrecision{}, {"*"}), 1e-6, 1e-7));
+  CHECK(torch::allclose(trained(acc::BFloat16{}, {}), trained(acc::BFloat16{}, {"*"}), 1e-6, 1e-7));
+  CHECK(torch::allclose(trained(acc::Float16{}, {}), trained(acc::Float16{}, {"*"}), 1e-6, 1e-7));  // the loss scaler's
+}
+
 TEST_CASE("on the GPU the running loss stays on the device until it is read", "[cuda]") {
   REQUIRE_GPU();
   acc::LossMeter meter;

@@ -2,11 +2,24 @@
 // The one header to include. Data flows down this list once per step: dataset -> loader (data/) -> loop policy
 // (policies/loop.hpp) -> device, precision and distributed policies -> model and optimizer -> callbacks
 // (callbacks/) -> run history. The trainer (trainer.hpp) only sequences them.
+// GCC 14 reports a false -Warray-bounds / -Wstringop-overflow in LibTorch's torch::autograd::Function::apply (a
+// std::vector<bool>::reserve), which activation checkpointing instantiates, in every program that calls train();
+// a warning in LibTorch's code is decided by the pragmas where LibTorch's headers are first read, so here
+// (docs/compatibility.md).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Warray-bounds"
+#pragma GCC diagnostic ignored "-Wstringop-overflow"
+#endif
 #include <torch/torch.h>  // users of the umbrella get all of LibTorch, as with <torch/torch.h>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 #include "detail/allocator_tuning.hpp"
 #include "detail/compat.hpp"
 
+#include "activation_checkpoint.hpp"
 #include "batch.hpp"
 #include "checkpoint.hpp"
 #include "errors.hpp"

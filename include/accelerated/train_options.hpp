@@ -55,6 +55,11 @@ struct TrainOptions {
   std::optional<std::filesystem::path> preemption_dir{};
   std::vector<int> preemption_signals = {SIGTERM, SIGUSR1};
   bool requeue_on_preemption = false;  // under SLURM: `scontrol requeue $SLURM_JOB_ID` before train() throws
+  // Activation checkpointing with no change to the model's code (activation_checkpoint.hpp,
+  // docs/activation-checkpointing.md): these submodules, named as named_modules() names them, run without keeping
+  // their activations and run again during backward. Each must be an element of a torch::nn::Sequential ("blocks.2";
+  // "2" when the model is itself one); "blocks.*" names every element of the Sequential "blocks", "*" of the model's.
+  std::vector<std::string> activation_checkpointing{};
 
   void validate() const {
     auto fail = [](const std::string& option, const std::string& value, const std::string& rule) {

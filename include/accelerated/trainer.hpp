@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "accelerator.hpp"
+#include "activation_checkpoint.hpp"
 #include "batch.hpp"
 #include "callbacks/events.hpp"
 #include "callbacks/list.hpp"
@@ -77,10 +78,8 @@ class Trainer {
   static_assert(detail::all_unique_v<callback_tuple>,
                 "accelerated::Trainer: the same callback type is listed twice (directly or through a group such as "
                 "callbacks::Defaults); list each callback type once");
-
  public:
-  // The optimizer is held by reference and must outlive the trainer; the model and the loss are shared. The policies
-  // are default-constructed.
+  // The optimizer is held by reference and must outlive the trainer; the model and loss are shared. Default policies.
   Trainer(Model model, LossFunction loss, torch::optim::Optimizer& optimizer, Callbacks... callbacks)
       : Trainer(std::move(model), std::move(loss), optimizer, Policies<Device, Precision, Distributed, Loop>{},
                 std::move(callbacks)...) {}
@@ -113,6 +112,8 @@ class Trainer {
              Collate collate = {}) {
     if constexpr (policies_ok_) {
       options.validate();
+      const CheckpointedElements checkpointing(model_.module(), options.activation_checkpointing,  // until we return
+                                               detail::finds_unused_parameters(distributed_));
       options_ = with_environment(options);  // ACCELERATED_RUN_DIR
       if (options_.resume_from) {
         load_training_state(*options_.resume_from);
@@ -416,8 +417,7 @@ class Trainer {
         try {
           detail::ScopedValue point(save_point_, detail::SavePoint::inside);  // back to outside when the epoch is left
           if (stop_agreed()) throw StopTrainingError(stop_.reason);
-          // The shuffling order follows the run history's epoch, so successive train() calls and resumed runs
-          // each see a new order.
+          // The shuffling order follows the run history's epoch: successive train() calls and resumes see new ones.
           train_loader.set_epoch(history_.current_epoch() - 1);
           reached_max_steps = run_train_epoch(train_loader, eval_loader, std::exchange(first_batch, 0));
           if constexpr (!std::is_same_v<EvalLoader, NoEvalSet>) run_eval_epoch(*eval_loader, "eval_loss_epoch", false);

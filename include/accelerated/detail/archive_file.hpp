@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "atomic_file.hpp"
+#include "private_member.hpp"
 #include "torch_pickle.hpp"
 #include "zip_reader.hpp"
 
@@ -40,15 +41,10 @@ namespace accelerated::detail {
 
 // ---- an OutputArchive's contents as an InputArchive ------------------------------------------------------------
 // LibTorch 1.13 to 2.6 keep both archives' contents in a private jit::Module, which is handed over here without a
-// copy (an explicit instantiation may name a private member: [temp.spec.general]/6). Other versions lay the archives
-// out otherwise, so there the contents go through LibTorch's own serialisation in memory: bytes LibTorch has just
-// written, never a user's file, at the cost of a copy.
+// copy (private_member.hpp). Other versions lay the archives out otherwise, so there the contents go through
+// LibTorch's own serialisation in memory: bytes LibTorch has just written, never a user's file, at the cost of a copy.
 #if TORCH_VERSION_MAJOR == 1 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR <= 6)
 #define ACCELERATED_ARCHIVE_MODULE_ACCESS 1
-template <class Tag, typename Tag::type Member>
-struct PrivateMember {
-  friend typename Tag::type member_of(Tag) { return Member; }
-};
 struct InputArchiveModule {
   using type = torch::jit::Module torch::serialize::InputArchive::*;
   friend type member_of(InputArchiveModule);

@@ -149,6 +149,7 @@ class DataParallel {
   std::int64_t rank() const { return env_.rank; }
   std::int64_t local_rank() const { return env_.local_rank; }
   const distributed::Environment& environment() const { return env_; }
+  const DataParallelOptions& options() const { return options_; }
 
   // Joins the process group now (the first run does it otherwise): every rank must call it. A no-op in a single
   // process and when this process has joined already.
