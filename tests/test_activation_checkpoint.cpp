@@ -57,16 +57,21 @@ std::int64_t counted_calls(const Sequential& sequential) {
   return -1;
 }
 
+// A trained model's outcome: its parameters, what the generator gives next (it must not have moved) and its buffers
+// (batch norm's statistics).
+torch::Tensor outcome_of(torch::nn::Module& model) {
+  std::vector<torch::Tensor> pieces{test::flat_parameters(model), torch::rand({4})};
+  for (const auto& buffer : model.buffers()) pieces.push_back(buffer.flatten().to(torch::kFloat));
+  return torch::cat(pieces);
+}
+
 template <class Precision = acc::FullPrecision>
 torch::Tensor trained(BlocksNet model, const acc::TrainOptions& options) {
   torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(1e-2));
   acc::Trainer<acc::Cpu, Precision, acc::SingleProcess> trainer(model, torch::nn::MSELoss(), optimizer);
   trainer.set_output(test::quiet());
   trainer.train(test::regression_data(64), options, test::regression_data(16, 2));
-  torch::manual_seed(1234);  // what the generator gives next is part of the result: it must not have moved
-  std::vector<torch::Tensor> pieces{test::flat_parameters(*model), torch::rand({4})};
-  for (const auto& buffer : model->buffers()) pieces.push_back(buffer.flatten().to(torch::kFloat));  // batch norm's
-  return torch::cat(pieces);
+  return outcome_of(*model);  // each run starts from blocks_net()'s seed: the generator must end where plain's does
 }
 
 BlocksNet blocks_net() {
@@ -447,9 +452,7 @@ torch::Tensor run_with_states(const std::filesystem::path& dir, bool checkpointe
     CHECK(model->blocks->ptr(1).get() == model->blocks->named_children()["1"].get());
     throw;
   }
-  std::vector<torch::Tensor> pieces{test::flat_parameters(*model), torch::rand({4})};
-  for (const auto& buffer : model->buffers()) pieces.push_back(buffer.flatten().to(torch::kFloat));
-  return torch::cat(pieces);
+  return outcome_of(*model);
 }
 }  // namespace
 

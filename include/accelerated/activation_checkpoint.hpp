@@ -150,7 +150,7 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
     replay->record_first_run(segment_inputs);
     ctx->save_for_backward(segment_inputs);
     std::vector<std::int64_t> versions;
-    for (const auto& input : segment_inputs) versions.push_back(input.defined() ? input._version() : 0);
+    for (const auto& input : segment_inputs) versions.push_back(input._version());  // all defined: see checkpointed
     torch::Tensor output;
     {
       // In no-grad mode nothing of the segment is kept. Autocast's cache is off for this run: it would keep a cast
@@ -162,7 +162,7 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
       output = replay->run(segment_inputs);
     }
     for (std::size_t i = 0; i < segment_inputs.size(); ++i) {
-      if (segment_inputs[i].defined() && segment_inputs[i]._version() != versions[i]) {
+      if (segment_inputs[i]._version() != versions[i]) {
         throw std::invalid_argument(
             replay->name + ": the checkpointed piece modified its input in place (an in-place ReLU or dropout?), "
             "but its replay in backward needs the input as it was; make that operation out of place, or checkpoint "
@@ -172,7 +172,7 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
     // A view (of an input, a flatten; or of anything, a view at the end) returned from a custom function cannot be
     // modified in place afterwards (a ReLU with inplace = true); a copy can.
     bool copy = output.is_view();
-    for (const auto& input : segment_inputs) copy = copy || (input.defined() && output.is_alias_of(input));
+    for (const auto& input : segment_inputs) copy = copy || output.is_alias_of(input);
     if (copy) output = output.clone();
     ctx->saved_data["replay"] = c10::IValue::make_capsule(std::move(replay));
     return {output};
@@ -189,7 +189,7 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
     }
     std::vector<torch::Tensor> inputs;
     for (const auto& saved : ctx->get_saved_variables()) {
-      inputs.push_back(saved.defined() ? saved.detach().requires_grad_(saved.requires_grad()) : saved);
+      inputs.push_back(saved.detach().requires_grad_(saved.requires_grad()));
     }
     std::vector<torch::Tensor> buffers_before;
     for (const auto& buffer : replay->buffers) buffers_before.push_back(buffer.clone());
@@ -208,7 +208,7 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
     if (output.requires_grad() && grad_outputs[0].defined()) torch::autograd::backward({output}, {grad_outputs[0]});
     torch::autograd::variable_list grads{torch::Tensor()};  // for the replay argument
     for (const auto& input : inputs) {
-      grads.push_back(input.defined() && input.requires_grad() ? input.grad() : torch::Tensor());
+      grads.push_back(input.requires_grad() ? input.grad() : torch::Tensor());
     }
     grads.emplace_back();  // for the empty tensor
     return grads;
