@@ -1,5 +1,6 @@
 // Train an MLP on Fashion-MNIST with the batteries: a cosine schedule, an EMA of the weights, evaluation every 300
-// updates on part of the test set, early stopping, and the full training state saved every 200 updates. Kill it at
+// updates on part of the test set, early stopping, and the full training state saved every 200 updates (written in the
+// background while training goes on; `latest` moves once a file is complete). Kill it at
 // any moment (Ctrl-C, SIGKILL, a lost machine) and run the same command again: it continues from the last saved
 // state and ends with the same weights as a run that was never interrupted.
 // Usage: resume [state folder] [fashion-mnist folder]   (defaults: ./resume_states, the Debian package's folder)
@@ -24,7 +25,8 @@ int main(int argc, char** argv) try {
                        cb::StepBasedEvaluation(300), cb::Accuracy{}, cb::Defaults{},  // LogMetrics after Accuracy
                        cb::EarlyStopping({.patience = 2, .threshold = 0.0}),
                        cb::ModelEma({.decay = 0.999, .save_path = states / "ema_model.pt"}),
-                       cb::SaveTrainingState({.save_dir = states, .save_every_n_steps = 200, .max_checkpoints = 2}));
+                       cb::SaveTrainingState(
+                           {.save_dir = states, .save_every_n_steps = 200, .max_checkpoints = 2, .asynchronous = true}));
 
   acc::TrainOptions options{.num_epochs = 3, .per_device_batch_size = 64, .eval_per_device_batch_size = 1000};
   options.create_scheduler_fn = [](torch::optim::Optimizer& optimizer, const acc::RunConfig& run) {

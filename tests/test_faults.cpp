@@ -146,6 +146,7 @@ struct DivergingRun {
   fs::path dir;
   std::int64_t poison_from = 0;
   std::optional<fs::path> resume_from_newest_in;
+  bool asynchronous = false;  // states written in the background
   torch::Tensor parameters;
   std::string printed;
 
@@ -161,7 +162,8 @@ struct DivergingRun {
     acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, Poison, cb::TerminateOnNan,
                  cb::SaveTrainingState>
         trainer(model, loss, optimizer, Poison{from, on}, cb::TerminateOnNan(50),
-                cb::SaveTrainingState({.save_dir = dir, .save_every_n_steps = 10, .max_checkpoints = 3}));
+                cb::SaveTrainingState(
+                    {.save_dir = dir, .save_every_n_steps = 10, .max_checkpoints = 3, .asynchronous = asynchronous}));
     std::ostringstream out;
     trainer.set_output(out);
     acc::TrainOptions options{.num_epochs = 1, .per_device_batch_size = 4};
@@ -204,6 +206,15 @@ TEST_CASE("a loss that diverges between checks leaves no saved state with a non-
   CHECK(left == std::set<std::string>{"latest", "step_10.pt", "step_20.pt"});
   CHECK(acc::latest_training_state(base / "diverged") == base / "diverged" / "step_20.pt");
   for (const auto& name : {"step_10.pt", "step_20.pt"}) CHECK(state_is_finite(base / "diverged" / name));
+  {  // The same with states written in the background: the check is made at the save point, before the copy.
+    DivergingRun in_background{base / "diverged_async", 25, {}, true};
+    CHECK_THROWS_WITH(in_background(), Catch::Contains("not saving '" + (base / "diverged_async" / "step_30.pt").string()));
+    std::set<std::string> written;
+    for (const auto& entry : fs::directory_iterator(base / "diverged_async")) written.insert(entry.path().filename());
+    CHECK(written == left);
+    CHECK(acc::latest_training_state(base / "diverged_async") == base / "diverged_async" / "step_20.pt");
+    for (const auto& name : {"step_10.pt", "step_20.pt"}) CHECK(state_is_finite(base / "diverged_async" / name));
+  }
   fs::copy_file(base / "diverged" / "step_20.pt", base / "good_step_20.pt");
 
   // Resuming (the cause fixed) starts from the last finite state and ends as the run that never diverged.
@@ -235,8 +246,10 @@ TEST_CASE("a loss that diverges between checks leaves no saved state with a non-
     acc::RunHistory history;
     acc::detail::TrainingStateParts<acc::FullPrecision, boost::hana::tuple<>> parts{
         *model, &optimizer, nullptr, precision, callbacks, history};
-    acc::detail::write_training_state(planted / "step_30.pt", parts, acc::RunPosition{}, 1,
-                                      {acc::detail::generator_state(torch::kCPU).unsqueeze(0), {}}, {});
+    acc::detail::write_archive_contents(
+        planted / "step_30.pt",
+        acc::detail::training_state_contents(planted / "step_30.pt", parts, acc::RunPosition{}, 1,
+                                             {acc::detail::generator_state(torch::kCPU).unsqueeze(0), {}}, {}));
     acc::record_latest_training_state(planted, "step_30.pt");
   }
   {  // A buffer of -inf (an attention mask) is legitimate: only parameters are checked.
@@ -425,8 +438,8 @@ TEST_CASE("the watchdog waits for a peer that is busy saving, three times its th
 }
 
 // ---- the faults together: one seeded fault per run, invariants checked after each ---------------------------------
-// A run is 2 or 3 ranks as processes (shared memory or Gloo), training states every 4 updates keeping 3, preemption
-// and the watchdog on (threshold 2 s), and one fault chosen by the run's seed. ACCELERATED_FAULT_RUNS sets the number
+// A run is 2 or 3 ranks as processes (shared memory or Gloo), training states every 4 updates keeping 3 (written at
+// once or in the background), preemption and the watchdog on (threshold 2 s), and one fault chosen by the run's seed. ACCELERATED_FAULT_RUNS sets the number
 // of runs (default 6: one of each kind, in the seed's order), ACCELERATED_FAULT_SEED the first seed (default:
 // random, printed), so a failure replays; scripts/soak-faults.sh runs as many as you like.
 namespace {
@@ -504,7 +517,8 @@ TEST_CASE("chaos worker", "[.chaos_worker]") {
   acc::Trainer<acc::Cpu, acc::FullPrecision, acc::DataParallel, acc::DefaultLoop, ChaosHooks, cb::TerminateOnNan,
                cb::SaveTrainingState>
       trainer(model, loss, optimizer, hooks, cb::TerminateOnNan(50),
-              cb::SaveTrainingState({.save_dir = dir / "states", .save_every_n_steps = 4, .max_checkpoints = 3}));
+              cb::SaveTrainingState({.save_dir = dir / "states", .save_every_n_steps = 4, .max_checkpoints = 3,
+                                     .asynchronous = env_or("CHAOS_ASYNC", "0") == "1"}));
   std::ofstream out(dir / ("out_" + rank + "_" + attempt));
   trainer.set_output(out);
   acc::TrainOptions options{.num_epochs = 2, .per_device_batch_size = 8, .seed = 4};  // 12 updates an epoch
@@ -533,6 +547,7 @@ TEST_CASE("faults together: one seeded fault per run keeps every invariant", "[f
                                                                        std::to_string(std::random_device{}() % 100000))));
   const auto base = test::fresh_dir("chaos");
   std::map<std::string, torch::Tensor> reference;  // by world size and transport (their sums differ in the last bits)
+  bool asynchronous = false;  // the run's states written in the background (its reference too, when made in it)
   struct Attempt {
     std::vector<int> status;
     std::vector<std::string> message, resumed;
@@ -551,6 +566,7 @@ TEST_CASE("faults together: one seeded fault per run keeps every invariant", "[f
                                    "ACCELERATED_TIMEOUT_SECONDS=60", "CHAOS_DIR=" + dir.string(),
                                    "CHAOS_ATTEMPT=" + std::to_string(number)};
       env.insert(env.end(), fault_env.begin(), fault_env.end());
+      env.push_back("CHAOS_ASYNC=" + std::string(asynchronous ? "1" : "0"));
       pids.push_back(test::spawn_self("[.chaos_worker]", env, (dir / ("log_" + std::to_string(r))).string()));
     }
     const auto started = std::chrono::steady_clock::now();
@@ -586,11 +602,13 @@ TEST_CASE("faults together: one seeded fault per run keeps every invariant", "[f
     const std::string transport = rng() % 2 ? "gloo" : "shared_memory";
     const int faulty = static_cast<int>(rng() % static_cast<std::uint32_t>(world));
     const std::int64_t step = 5 + static_cast<std::int64_t>(rng() % 12);
+    asynchronous = rng() % 2 == 1;
+    const auto saves = asynchronous ? ", states saved in the background" : "";
     std::cout << "fault run " << i << ": seed " << seed << ", " << fault_name(fault) << " on rank " << faulty << " of "
-              << world << " over " << transport << ", step " << step << std::endl;
+              << world << " over " << transport << ", step " << step << saves << std::endl;
     INFO("replay with ACCELERATED_FAULT_SEED=" << seed << " ACCELERATED_FAULT_RUNS=1 (run " << i << "): "
                                                << fault_name(fault) << " on rank " << faulty << " of " << world
-                                               << " over " << transport << ", step " << step);
+                                               << " over " << transport << ", step " << step << saves);
     const auto shape = std::to_string(world) + "_" + transport;
     if (!reference.count(shape)) {
       const auto dir = base / ("reference_" + shape);

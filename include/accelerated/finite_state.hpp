@@ -3,13 +3,9 @@
 // or an infinity (its weights, buffers or the loss it saves). If one does, nothing is written, `latest` keeps naming
 // the last good state, and every rank throws the same NonFiniteLossError. The check on one module is
 // detail::first_non_finite (checkpoint.hpp).
-#include <algorithm>
-#include <cstddef>
 #include <cstdint>
 #include <filesystem>
-#include <span>
 #include <string>
-#include <vector>
 
 #include "distributed/call_site.hpp"
 #include "errors.hpp"
@@ -20,17 +16,13 @@ namespace accelerated::detail {
 template <class Distributed>
 void require_finite_everywhere(Distributed& distributed, const std::string& bad_here, const std::string& caller,
                                const std::filesystem::path& path, const std::string& where) {
-  std::vector<double> votes(static_cast<std::size_t>(distributed.num_processes()), 0.0);
-  votes[static_cast<std::size_t>(distributed.rank())] = bad_here.empty() ? 0.0 : 1.0;
-  const distributed::AtCallSite site(distributed::CallSite::finiteness_check);
-  distributed.all_reduce_sum(std::span<double>(votes));
-  const auto first = std::find(votes.begin(), votes.end(), 1.0);
-  if (first == votes.end()) return;
-  const auto rank = static_cast<std::int64_t>(first - votes.begin());
+  const auto rank = distributed::first_rank_where(distributed, !bad_here.empty(), distributed::CallSite::finiteness_check);
+  if (!rank) return;
+  const auto processes = distributed.num_processes();
   throw NonFiniteLossError(
       "accelerated::Trainer::" + caller + ": not saving '" + path.string() + "': " +
-      (rank == distributed.rank() ? "'" + bad_here + "'" : std::string("the state")) + " holds non-finite values" +
-      (votes.size() > 1 ? " on rank " + std::to_string(rank) + " of " + std::to_string(votes.size()) : std::string()) +
+      (*rank == distributed.rank() ? "'" + bad_here + "'" : std::string("the state")) + " holds non-finite values" +
+      (processes > 1 ? " on rank " + std::to_string(*rank) + " of " + std::to_string(processes) : std::string()) +
       where + " (the loss diverged); the files saved before are left as they were");
 }
 

@@ -67,11 +67,13 @@ struct GeneratorStates {
   torch::Tensor cuda;
 };
 
-// Writes the training state to `path` atomically (process zero calls it).
+// The training state as the file at `path` will hold it, referring to the trainer's tensors (process zero calls it;
+// write_archive_contents writes it, atomically, or host_copy first takes a copy to write later).
 template <class Precision, class CallbackTuple>
-void write_training_state(const std::filesystem::path& path, const TrainingStateParts<Precision, CallbackTuple>& parts,
-                          const RunPosition& position, std::int64_t history_epoch, const GeneratorStates& generators,
-                          const std::map<std::string, double>& values) {
+ArchiveContents training_state_contents(const std::filesystem::path& path,
+                                        const TrainingStateParts<Precision, CallbackTuple>& parts,
+                                        const RunPosition& position, std::int64_t history_epoch,
+                                        const GeneratorStates& generators, const std::map<std::string, double>& values) {
   torch::serialize::OutputArchive archive;
   archive.write("accelerated_training_state_version", torch::tensor(training_state_format_version, torch::kLong));
   write_common(archive, parts.model, parts.optimizer, values);
@@ -94,7 +96,7 @@ void write_training_state(const std::filesystem::path& path, const TrainingState
   });
   archive.write("rng_cpu", generators.cpu);
   if (generators.cuda.defined()) archive.write("rng_cuda", generators.cuda);
-  save_archive(path, archive);
+  return archive_contents(path, archive);
 }
 
 // A training state loaded by load_training_state, whose rest the next train() applies.

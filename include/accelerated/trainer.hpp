@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <exception>
 #include <filesystem>
+#include <functional>
 #include <limits>
 #include <map>
 #include <memory>
@@ -26,6 +27,7 @@
 
 #include "accelerator.hpp"
 #include "activation_checkpoint.hpp"
+#include "async_save.hpp"
 #include "batch.hpp"
 #include "callbacks/events.hpp"
 #include "callbacks/list.hpp"
@@ -198,17 +200,20 @@ class Trainer {
   // Nothing is written when a weight is not finite (NonFiniteLossError on every rank).
   void save_checkpoint(const std::filesystem::path& path, const std::map<std::string, double>& values = {},
                        bool save_optimizer = true);
-
   // Loads a checkpoint written by save_checkpoint (every rank reads it) and returns its values. Every key and
   // shape is checked before anything changes; a mismatch names the entry.
   std::map<std::string, double> load_checkpoint(const std::filesystem::path& path, bool load_optimizer = true);
-
   // Saves the full training state (model, optimizer, scheduler, loss scaler, run history, callbacks' state, every
   // process's random generators, and the position in the run) with `values`, atomically. Call it outside train(),
   // or from on_update_step_end, on_training_run_epoch_end or on_training_run_end (callbacks::SaveTrainingState does);
   // a run resumed from it ends bit-identical to the uninterrupted run on CPU. Every process must call it.
   void save_training_state(const std::filesystem::path& path, const std::map<std::string, double>& values = {});
-
+  // The same, written in the background (async_save.hpp): the loop stops only to copy the state into host memory;
+  // world process zero writes the copy, then runs `when_written` on its writer thread. The next save, the end of
+  // train() and wait_for_async_save() (every process must call it) wait for it, and throw on every rank if it failed.
+  void save_training_state_async(const std::filesystem::path& path, const std::map<std::string, double>& values = {},
+                                 std::function<void()> when_written = {});
+  void wait_for_async_save();
   // Loads a training state: the model, the optimizer and the run history at once; the position, scheduler, loss
   // scaler, callbacks' state and random generators when the next train() starts, which then continues the saved run
   // (same datasets and options; num_epochs and max_num_train_steps count from the run's start). Returns the values.
@@ -226,16 +231,13 @@ class Trainer {
     }
     state_.num_batches = std::min(state_.num_batches, n);
   }
-
   // Asks for an evaluation epoch (is_intermediate = true, metric "intermediate_eval_loss") once the current update
   // has finished; needs an eval set in this train() call. Metrics named intermediate_* are removed after its
   // on_eval_epoch_end, so the run history stays one value per epoch.
   void request_evaluation() { evaluation_requested_ = true; }
-
   // Asks for the gradients' norm before clipping every n updates, in state().grad_norm (a tensor on the device: no
   // host sync until read), even without gradient_clip_norm; callbacks that log it ask at on_training_run_start.
   void measure_grad_norm(std::int64_t every_n_updates) { grad_norm_every_.ask(every_n_updates); }
-
   // Runs the eval set of this train() call through the model once more, without callbacks (e.g. with other weights
   // swapped in), and records the global mean loss under `metric`; returns it.
   double eval_loss_pass(const std::string& metric) {
@@ -258,14 +260,12 @@ class Trainer {
   }
   // Waits until every process arrives (bounded by the distributed policy's timeout).
   void barrier() { distributed_.barrier(); }
-
   // Registers a module (a metric, a teacher model, ...) that the trainer keeps on its device with the model.
   void register_module(std::shared_ptr<torch::nn::Module> module) {
     if (!module) throw std::invalid_argument("accelerated::Trainer::register_module: module is null");
     device_.place(*module);
     registered_modules_.push_back(std::move(module));
   }
-
   // Makes train()/evaluate() throw `error` once the run has ended cleanly (every callback saw its end event).
   void raise_after_run(std::exception_ptr error) {
     if (!stop_.pending_error) stop_.pending_error = std::move(error);
@@ -289,17 +289,14 @@ class Trainer {
   // The training state last loaded (load_training_state, resume_from, resume_from_newest_in), the same on every rank.
   const std::optional<std::filesystem::path>& resumed_from() const { return resumed_from_; }
   callback_tuple& callbacks() { return callbacks_; }
-
   // The callback of type T in this trainer's list (a compile error if there is none).
   template <class T>
   T& callback() { return detail::callback_of<T>(callbacks_); }
-
   // Where print() and the progress bar write (std::cout by default); only process zero writes. `terminal` says
   // whether the stream is a terminal (the progress bar then redraws in place); std::cout is checked with isatty.
   std::ostream& output() { return output_.stream(); }
   void set_output(std::ostream& out, bool terminal = false) { output_.set(out, terminal); }
   bool output_is_terminal() const { return output_.is_terminal(); }
-
   template <class... Args>
   void print(const Args&... args) {
     output_.print(run_config_.is_local_process_zero, args...);
@@ -308,6 +305,9 @@ class Trainer {
  private:
   // ---- saving and resuming (trainer_saves.hpp) ----
   void resume_from_newest(const std::filesystem::path& dir);       // TrainOptions::resume_from_newest_in
+  void save_state(const std::filesystem::path& path, const std::map<std::string, double>& values, bool async,
+                  std::function<void()> when_written);
+  void finish_async_save(bool agreed);  // the run's end: on every rank (agreed), or here only (an exception passing)
   detail::AgreedLoad stage_everywhere(const std::filesystem::path& path);
   void require_finite_state(const char* caller, const std::filesystem::path& path, bool with_loss);
   [[noreturn]] void preempt();                                      // save, requeue, and throw PreemptedError
@@ -394,8 +394,8 @@ class Trainer {
       distributed_.prepare(model_.module());
       parameters_ = model_->parameters();
       scheduler_ = steps::create_scheduler::call(loop_, *this);
-      // However the run ends, the watchdog must not see it waiting still.
-      detail::OnScopeExit idle_at_end([this] { beat(distributed::Phase::idle); });
+      // However the run ends, the watchdog must not see it waiting still, and no write of it goes on.
+      detail::OnScopeExit at_end([this] { beat(distributed::Phase::idle), finish_async_save(false); });
       std::optional<detail::PreemptionSignals> preemption;  // handlers for this run only
       if (options_.preemption_dir) preemption.emplace(options_.preemption_signals);
       stop_.preempt_agreed = false;
@@ -456,6 +456,7 @@ class Trainer {
       }
       steps::training_run_end::call(loop_, *this);
       emit<events::on_training_run_end>();
+      finish_async_save(true);
       stop_.rethrow_pending();
     }
   }
@@ -623,7 +624,6 @@ class Trainer {
   }
 
   void beat(distributed::Phase phase) { detail::beat(distributed_, phase, state_.update_step); }  // the watchdog's
-
   detail::StepPlace place(const char* phase) const {
     return {phase, history_.current_epoch(), state_.step + 1, state_.num_batches, distributed_.rank(),
             distributed_.num_processes()};
@@ -639,7 +639,6 @@ class Trainer {
   }
 
   detail::GradNormSchedule grad_norm_every_;  // measure_grad_norm's intervals, asked again at each run start
-
   Model model_;
   LossFunction loss_;
   torch::optim::Optimizer* optimizer_;
@@ -672,9 +671,10 @@ class Trainer {
     void* loader = nullptr;
     double (*run)(Trainer&, void*) = nullptr;
   } eval_pass_;
-  // Last, so that the callbacks' state never moves the other members: the step loop's machine code is the same with
-  // or without callbacks that do not handle its events (tests/zero_cost).
+  // After the other members, so that the callbacks' state never moves them: the step loop's machine code is the same
+  // with or without callbacks that do not handle its events (tests/zero_cost).
   callback_tuple callbacks_;
+  detail::AsyncSave async_save_;  // last: destroyed first, so a write still going ends before anything it may touch
 };
 
 // `Trainer trainer(model, loss, optimizer, callbacks...)` deduces the callback list with the default policies.

@@ -6,11 +6,14 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <system_error>
 
+#include "async_save.hpp"
 #include "checkpoint.hpp"
 #include "detail/preemption.hpp"
 #include "finite_state.hpp"
@@ -27,6 +30,7 @@ namespace accelerated {
 ACCELERATED_TRAINER_TEMPLATE
 void ACCELERATED_TRAINER::save_checkpoint(const std::filesystem::path& path,
                                           const std::map<std::string, double>& values, bool save_optimizer) {
+  wait_for_async_save();
   require_finite_state("save_checkpoint", path, false);  // on every rank: the writer needs no check of its own
   beat(distributed::Phase::checkpoint);  // a slow write is a busy rank 0, not a hang, to the others' watchdogs
   if (distributed_.rank() == 0) {
@@ -38,6 +42,7 @@ void ACCELERATED_TRAINER::save_checkpoint(const std::filesystem::path& path,
 ACCELERATED_TRAINER_TEMPLATE
 std::map<std::string, double> ACCELERATED_TRAINER::load_checkpoint(const std::filesystem::path& path,
                                                                    bool load_optimizer) {
+  wait_for_async_save();  // it may be writing this very file
   distributed_.barrier();
   return accelerated::load_checkpoint(path, model_.module(), load_optimizer ? optimizer_ : nullptr);
 }
@@ -45,26 +50,75 @@ std::map<std::string, double> ACCELERATED_TRAINER::load_checkpoint(const std::fi
 ACCELERATED_TRAINER_TEMPLATE
 void ACCELERATED_TRAINER::save_training_state(const std::filesystem::path& path,
                                               const std::map<std::string, double>& values) {
-  if (save_point_ == detail::SavePoint::inside) {
-    throw std::logic_error("accelerated::Trainer::save_training_state: called in the middle of a step or an eval "
-                           "epoch; call it outside train(), or from on_update_step_end, on_training_run_epoch_end "
-                           "or on_training_run_end");
+  save_state(path, values, false, {});
+}
+
+ACCELERATED_TRAINER_TEMPLATE
+void ACCELERATED_TRAINER::save_training_state_async(const std::filesystem::path& path,
+                                                    const std::map<std::string, double>& values,
+                                                    std::function<void()> when_written) {
+  save_state(path, values, true, std::move(when_written));
+}
+
+ACCELERATED_TRAINER_TEMPLATE
+void ACCELERATED_TRAINER::wait_for_async_save() {
+  if (async_save_.started()) beat(distributed::Phase::checkpoint);  // the others wait on rank 0 here: busy, not hung
+  detail::settle_async_save(async_save_, distributed_);
+}
+
+// Agreed (the run ended normally): a failed write is the run's error, unless a callback deferred one (raise_after_run,
+// a NonFiniteLossError), which wins and the failure is printed. Here only (an exception is passing): printed.
+ACCELERATED_TRAINER_TEMPLATE
+void ACCELERATED_TRAINER::finish_async_save(bool agreed) {
+  if (!agreed) {
+    if (const auto failure = async_save_.wait(); !failure.empty()) print(failure);
+    return;
   }
-  require_finite_state("save_training_state", path, run_started_ && save_point_ == detail::SavePoint::update_end);
+  try {
+    wait_for_async_save();
+  } catch (const std::exception& error) {
+    if (!stop_.pending_error) throw;
+    print(error.what());
+  }
+}
+
+// Both saves: checked and gathered on every rank at the save point; written by rank 0 now, or from a host copy on
+// the writer thread (async_save.hpp).
+ACCELERATED_TRAINER_TEMPLATE
+void ACCELERATED_TRAINER::save_state(const std::filesystem::path& path, const std::map<std::string, double>& values,
+                                     bool async, std::function<void()> when_written) {
+  const char* caller = async ? "save_training_state_async" : "save_training_state";
+  if (save_point_ == detail::SavePoint::inside) {
+    throw std::logic_error(std::string("accelerated::Trainer::") + caller +
+                           ": called in the middle of a step or an eval epoch; call it outside train(), or from "
+                           "on_update_step_end, on_training_run_epoch_end or on_training_run_end");
+  }
+  wait_for_async_save();  // one write at a time: at most one copy of the state in host memory
+  require_finite_state(caller, path, run_started_ && save_point_ == detail::SavePoint::update_end);
   beat(distributed::Phase::checkpoint);
   detail::GeneratorStates generators{distributed_.gather(detail::generator_state(torch::kCPU).unsqueeze(0)), {}};
   if (device_.device().is_cuda()) {
     generators.cuda = distributed_.gather(detail::generator_state(device_.device()).unsqueeze(0));
   }
+  std::optional<detail::ArchiveContents> contents;
   if (distributed_.rank() == 0) {
     const auto epoch = history_.current_epoch() + (save_point_ == detail::SavePoint::epoch_end ? 1 : 0);
-    detail::write_training_state(path, state_parts(), current_position(), epoch, generators, values);
+    contents = detail::training_state_contents(path, state_parts(), current_position(), epoch, generators, values);
+    if (!async) {
+      detail::write_archive_contents(path, *contents);
+      if (when_written) when_written();
+    }
+  }
+  if (async) {
+    if (contents) contents = detail::host_copy(std::move(*contents));
+    async_save_.start(path, std::move(contents), std::move(when_written));
   }
   distributed_.barrier();
 }
 
 ACCELERATED_TRAINER_TEMPLATE
 std::map<std::string, double> ACCELERATED_TRAINER::load_training_state(const std::filesystem::path& path) {
+  wait_for_async_save();
   distributed_.barrier();
   auto outcome = stage_everywhere(path);
   if (!outcome.everywhere()) {
@@ -81,6 +135,7 @@ std::map<std::string, double> ACCELERATED_TRAINER::load_training_state(const std
 // The newest state in `dir` that loads on every rank (resume.hpp).
 ACCELERATED_TRAINER_TEMPLATE
 void ACCELERATED_TRAINER::resume_from_newest(const std::filesystem::path& dir) {
+  wait_for_async_save();
   distributed_.barrier();  // here, not per file: a failure to reach the peers is not a damaged file
   detail::resume_from_newest_agreed(
       dir, distributed_, [&](const std::filesystem::path& state) { return stage_everywhere(state); },
@@ -120,6 +175,7 @@ void ACCELERATED_TRAINER::preempt() {
   const auto step = state_.update_step;
   const auto name = "preempted_step_" + std::to_string(step) + ".pt";
   const bool zero = distributed_.rank() == 0;
+  finish_async_save(false);  // a background write that failed must not cost the preemption save: printed instead
   if (zero) {
     std::error_code error;
     std::filesystem::create_directories(dir, error);

@@ -6,9 +6,12 @@
 // resumes a killed run from its last save. max_checkpoints keeps only the newest step_/epoch_ files (final.pt is
 // never removed). List it after callbacks whose state it should capture (EarlyStopping, SaveBestModel, ModelEma).
 // The Python original counts micro-batches for save_every_n_steps; this counts updates, what a resume restarts at.
+// asynchronous = true writes each state on a background thread while training goes on (async_save.hpp): the loop
+// stops only to copy the state into host memory, and `latest` moves (and rotation removes) once the file is complete.
 #include <algorithm>
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -28,6 +31,7 @@ struct SaveTrainingStateOptions {
   std::optional<std::int64_t> save_every_n_steps{};  // optimizer updates
   bool save_at_end = true;
   std::optional<std::int64_t> max_checkpoints{};  // keep the newest step_/epoch_ states only
+  bool asynchronous = false;  // write in the background (host memory for one more copy of the state while it writes)
 };
 
 class SaveTrainingState {
@@ -82,24 +86,34 @@ class SaveTrainingState {
  private:
   template <class Trainer>
   void save(Trainer& trainer, const std::string& name, bool rotate) {
-    trainer.save_training_state(options_.save_dir / (name + ".pt"),
-                                {{"update_step", static_cast<double>(trainer.state().update_step)}});
-    if (!trainer.run_config().is_world_process_zero) return;
-    record_latest_training_state(options_.save_dir, name + ".pt");
-    if (rotate && options_.max_checkpoints) remove_oldest(trainer.run_config().num_update_steps_per_epoch);
+    const auto file = name + ".pt";
+    const std::map<std::string, double> values{{"update_step", static_cast<double>(trainer.state().update_step)}};
+    // On world process zero, once the file is complete (on the writer thread when asynchronous): `latest` never names
+    // a file still being written, and rotation never removes the state before it while it is.
+    auto written = [dir = options_.save_dir, file, keep = rotate ? options_.max_checkpoints : std::optional<std::int64_t>{},
+                    updates_per_epoch = trainer.run_config().num_update_steps_per_epoch] {
+      record_latest_training_state(dir, file);
+      if (keep) remove_oldest(dir, *keep, updates_per_epoch);
+    };
+    if (options_.asynchronous) {
+      trainer.save_training_state_async(options_.save_dir / file, values, std::move(written));
+      return;
+    }
+    trainer.save_training_state(options_.save_dir / file, values);
+    if (trainer.run_config().is_world_process_zero) written();
   }
 
   // Oldest first by the update step each state was saved at, read from its name: step_<n> at update n,
   // epoch_<n> at update n x updates-per-epoch. Not by modification time (a copied or touched file would jump the
   // queue) nor by name (step_10 < step_9). The state `latest` names is never removed.
-  void remove_oldest(std::int64_t updates_per_epoch) const {
+  static void remove_oldest(const std::filesystem::path& dir, std::int64_t keep, std::int64_t updates_per_epoch) {
     struct Saved {
       std::filesystem::path path;
       std::int64_t update = 0;
     };
-    const auto latest_state = latest(options_.save_dir);
+    const auto latest_state = latest(dir);
     std::vector<Saved> states;
-    for (const auto& entry : std::filesystem::directory_iterator(options_.save_dir)) {
+    for (const auto& entry : std::filesystem::directory_iterator(dir)) {
       if (!entry.is_regular_file() || entry.path().extension() != ".pt") continue;
       const auto stem = entry.path().stem().string();
       std::int64_t scale = 0;
@@ -114,12 +128,12 @@ class SaveTrainingState {
       if (scale == 0 || number.empty() || number.find_first_not_of("0123456789") != std::string::npos) continue;
       states.push_back({entry.path(), std::stoll(number) * scale});
     }
-    if (static_cast<std::int64_t>(states.size()) <= *options_.max_checkpoints) return;
+    if (static_cast<std::int64_t>(states.size()) <= keep) return;
     std::sort(states.begin(), states.end(), [](const Saved& a, const Saved& b) {
       return a.update != b.update ? a.update < b.update : a.path < b.path;
     });
     auto left = static_cast<std::int64_t>(states.size());
-    for (std::size_t i = 0; i < states.size() && left > *options_.max_checkpoints; ++i) {
+    for (std::size_t i = 0; i < states.size() && left > keep; ++i) {
       if (latest_state && std::filesystem::equivalent(states[i].path, *latest_state)) continue;
       std::filesystem::remove(states[i].path);
       --left;

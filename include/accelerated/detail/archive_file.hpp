@@ -13,6 +13,7 @@
 // Parameters and buffers are not told apart: no LibTorch reader of an archive asks which one a tensor was.
 #include <caffe2/serialize/inline_container.h>
 #include <torch/csrc/jit/api/module.h>
+#include <torch/cuda.h>
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
 #include <torch/types.h>
@@ -301,13 +302,46 @@ class ArchivePickler {
   std::vector<torch::Tensor> tensors_;
 };
 
+// What the torch.save file of an archive holds: the pickle, and the tensors its records are made of (the archive's
+// own tensors, a model's live parameters among them, until host_copy).
+struct ArchiveContents {
+  std::string pickle;
+  std::vector<torch::Tensor> tensors;
+};
+
+// `archive` pickled for `path` (named in errors); its tensors are referred to, not copied.
+inline ArchiveContents archive_contents(const std::filesystem::path& path, torch::serialize::OutputArchive& archive) {
+  auto input = as_input_archive(archive);
+  ArchivePickler pickler(path);
+  pickler.archive(input, "");
+  auto tensors = std::move(pickler.tensors());
+  return {std::move(pickler).finish(), std::move(tensors)};
+}
+
+// The same contents with every tensor copied into host memory, contiguous: the values of this moment, whatever
+// training does to the originals afterwards (an asynchronous save writes the copy while training goes on). Unlike
+// the synchronous write, this holds the whole state in host memory; a GPU's tensors go to pinned memory, the copies
+// queued without blocking and waited for once at the end.
+inline ArchiveContents host_copy(ArchiveContents contents) {
+  std::set<c10::DeviceIndex> devices;
+  for (auto& tensor : contents.tensors) {
+    const bool cuda = tensor.is_cuda();
+    if (cuda) devices.insert(tensor.device().index());
+    auto copy = torch::empty(tensor.sizes(), torch::TensorOptions().dtype(tensor.scalar_type()).pinned_memory(cuda));
+    copy.copy_(tensor.detach(), /*non_blocking=*/cuda);
+    tensor = std::move(copy);
+  }
+  for (const auto device : devices) torch::cuda::synchronize(device);
+  return contents;
+}
+
+inline void write_archive_contents(const std::filesystem::path& path, const ArchiveContents& contents) {
+  write_torch_save_file(path, contents.pickle, contents.tensors);
+}
+
 // Writes `archive` to `path` atomically, in torch.save's format.
 inline void write_archive_file(const std::filesystem::path& path, torch::serialize::OutputArchive& archive) {
-  auto contents = as_input_archive(archive);
-  ArchivePickler pickler(path);
-  pickler.archive(contents, "");
-  auto tensors = std::move(pickler.tensors());
-  write_torch_save_file(path, std::move(pickler).finish(), tensors);
+  write_archive_contents(path, archive_contents(path, archive));
 }
 
 // ---- reading an archive ----------------------------------------------------------------------------------------

@@ -4,8 +4,13 @@
 // rank only would pair with the other rank's different one and exchange garbage. The shared-memory group puts the
 // site in every barrier's tag; DataParallel's checked mode (DataParallelOptions::check_collectives) compares it
 // through the store on any transport. Set per thread, for the duration of a scope (AtCallSite).
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <optional>
+#include <span>
 #include <utility>
+#include <vector>
 
 namespace accelerated::distributed {
 
@@ -17,6 +22,7 @@ enum class CallSite : std::uint8_t {
   resume_vote,       // resume.hpp: which file, and whether every rank could load it
   resume_choice,     // resume.hpp: rank 0's choice of file, sent to every rank
   metric,            // a built-in callback's metric (Accuracy)
+  async_save,        // async_save.hpp: whether a save written in the background failed
 };
 
 inline const char* call_site_name(CallSite site) {
@@ -28,6 +34,7 @@ inline const char* call_site_name(CallSite site) {
     case CallSite::resume_vote: return "the resume vote";
     case CallSite::resume_choice: return "rank 0's choice of the file to resume from";
     case CallSite::metric: return "a callback's metric";
+    case CallSite::async_save: return "the outcome of an asynchronous save";
   }
   return "an unknown call site";
 }
@@ -48,5 +55,17 @@ class AtCallSite {
  private:
   CallSite saved_;
 };
+
+// The first rank where `here` holds, agreed by every rank in one all-reduce made at `site` (every rank must call it).
+template <class Distributed>
+std::optional<std::int64_t> first_rank_where(Distributed& distributed, bool here, CallSite site) {
+  std::vector<double> votes(static_cast<std::size_t>(distributed.num_processes()), 0.0);
+  votes[static_cast<std::size_t>(distributed.rank())] = here ? 1.0 : 0.0;
+  const AtCallSite at(site);
+  distributed.all_reduce_sum(std::span<double>(votes));
+  const auto first = std::find(votes.begin(), votes.end(), 1.0);
+  if (first == votes.end()) return std::nullopt;
+  return static_cast<std::int64_t>(first - votes.begin());
+}
 
 }  // namespace accelerated::distributed
