@@ -192,6 +192,41 @@ TEST_CASE("activation checkpointing on the GPU replays the CUDA generator and th
   CHECK(torch::allclose(trained(acc::Float16{}, {}), trained(acc::Float16{}, {"*"}), 1e-6, 1e-7));  // the loss scaler's
 }
 
+// A training state saved in the background: its device-to-host copies are queued into pinned memory and waited for
+// before the call returns, so kernels queued right after it (here: the weights overwritten) cannot reach the file.
+struct SaveAsyncAt3ThenOverwrite {
+  std::filesystem::path path;
+  std::shared_ptr<torch::Tensor> saved_at = std::make_shared<torch::Tensor>();
+  void operator()(acc::on_update_step_end, auto& trainer) {
+    if (trainer.state().update_step != 3) return;
+    *saved_at = test::flat_parameters(trainer.model().module()).cpu();
+    trainer.save_training_state_async(path);
+    torch::NoGradGuard no_grad;
+    std::vector<torch::Tensor> kept;
+    for (auto& p : trainer.model()->parameters()) kept.push_back(p.clone()), p.fill_(-1.0);
+    trainer.wait_for_async_save();
+    for (std::size_t i = 0; i < kept.size(); ++i) trainer.model()->parameters()[i].copy_(kept[i]);
+  }
+};
+
+TEST_CASE("an asynchronous save on the GPU holds the state of its save point", "[cuda][async_save]") {
+  REQUIRE_GPU();
+  const auto dir = test::fresh_dir("async_gpu");
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+  SaveAsyncAt3ThenOverwrite hook{dir / "step_3.pt"};
+  auto trainer = acc::make_trainer<acc::Cuda, acc::FullPrecision, acc::SingleProcess>(model, torch::nn::MSELoss(),
+                                                                                      optimizer, hook);
+  trainer.set_output(test::quiet());
+  trainer.train(test::regression_data(256), {.num_epochs = 1, .per_device_batch_size = 16});
+  auto on_cpu = test::linear_model(2);
+  torch::optim::SGD cpu_optimizer(on_cpu->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess> reader(on_cpu, torch::nn::MSELoss(), cpu_optimizer);
+  reader.load_training_state(dir / "step_3.pt");
+  CHECK(torch::equal(test::flat_parameters(*on_cpu), *hook.saved_at));
+  std::filesystem::remove_all(dir);
+}
+
 TEST_CASE("on the GPU the running loss stays on the device until it is read", "[cuda]") {
   REQUIRE_GPU();
   acc::LossMeter meter;
