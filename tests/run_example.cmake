@@ -1,4 +1,5 @@
-# Runs an example as a user would and checks its last line: a JSON object whose eval_accuracy >= MIN_ACCURACY.
+# Runs an example as a user would and checks its last line: a JSON object whose eval_accuracy >= MIN_ACCURACY; with
+# CHECK_RUN_LINE, also the model summary's line that names the precision the run trains in.
 # With COMPARE_BF16, runs it again under ACCELERATED_MIXED_PRECISION=bf16 (same binary, no code change) and checks
 # that bf16 lands within MAX_BF16_GAP_E4 (in units of 1e-4) of float32.
 function(run_program result)
@@ -14,6 +15,13 @@ function(run_program result)
     message(FATAL_ERROR "last line is not JSON with eval_accuracy: '${last}' (${json_error})")
   endif()
   message(STATUS "${ARGN}: ${last}")
+  # A program with the default callbacks says at its start what precision it trains in (callbacks::ModelSummary).
+  if(CHECK_RUN_LINE AND "${ARGN}" MATCHES "ACCELERATED_MIXED_PRECISION=([a-z0-9]+)")
+    set(mode ${CMAKE_MATCH_1})
+    if(NOT out MATCHES "(^|\n)Run: [^\n]*, precision ${mode}, ")
+      message(FATAL_ERROR "${PROGRAM} (${ARGN}) printed no 'Run: ..., precision ${mode}, ...' line:\n${out}")
+    endif()
+  endif()
   set(${result} ${accuracy} PARENT_SCOPE)
 endfunction()
 

@@ -219,6 +219,13 @@ TEST_CASE("one asynchronous write at a time: the next save, or load, waits for t
   CHECK(trainer.resumed_from() == dir / "f.pt");
   for (const auto* name : {"a.pt", "b.pt", "c.pt", "d.pt", "e.pt", "f.pt"}) CHECK(fs::exists(dir / name));
 
+  // A follow-up that fails is the save's failure, which says that the file itself was written.
+  trainer.save_training_state_async(dir / "g.pt", {}, [] { throw std::runtime_error("the upload failed"); });
+  CHECK_THROWS_WITH(trainer.wait_for_async_save(),
+                    Catch::Contains("the asynchronous save of '" + (dir / "g.pt").string() + "' failed: the file was "
+                                    "written, but what follows its write failed: the upload failed"));
+  CHECK(fs::exists(dir / "g.pt"));
+
   // In the middle of a step it is refused, as the synchronous save is.
   struct SavesMidStep {
     void operator()(acc::on_train_step_end, acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess,
@@ -286,7 +293,7 @@ TEST_CASE("a failed asynchronous write is an error on every rank at the next sav
   auto errors = two_ranks_saving_every(2);
   const auto file = (base / "states" / "step_4.pt").string();
   CHECK_THAT(errors[0], Catch::Contains("the asynchronous save of '" + file + "' failed: ") &&
-                            Catch::Contains("rename failed") && Catch::Contains("`latest` names the state saved before"));
+                            Catch::Contains("rename failed") && Catch::Contains("the files saved before it are left as they were"));
   CHECK_THAT(errors[1], Catch::Contains("the asynchronous save of '" + file + "' failed on rank 0"));
   CHECK(acc::latest_training_state(base / "states") == base / "states" / "step_2.pt");
   CHECK_FALSE(fs::exists(base / "states" / "step_6.pt"));  // the next save stopped at the failure

@@ -115,9 +115,10 @@ TEST_CASE("the default callbacks print progress and a plain progress bar and met
   trainer.set_output(out);
   trainer.train(test::regression_data(40), {.num_epochs = 2, .per_device_batch_size = 4}, test::regression_data(8, 3));
   const auto text = out.str();
-  for (const char* expected : {"Starting training run", "Starting epoch 1", "Starting epoch 2", "Starting eval epoch",
-                               "train [", "10/10", "it/s", "eta", "train_loss_epoch: ", "eval_loss_epoch: ",
-                               "Finishing training run"}) {
+  for (const char* expected : {"Starting training run", "Model summary (Linear):", "Total: 9 parameters",
+                               "Run: cpu, precision no, 1 process, transport none", "Starting epoch 1",
+                               "Starting epoch 2", "Starting eval epoch", "train [", "10/10", "it/s", "eta",
+                               "train_loss_epoch: ", "eval_loss_epoch: ", "Finishing training run"}) {
     CHECK_THAT(text, Catch::Contains(expected));
   }
   CHECK_THAT(text, !Catch::Contains("\r"));  // not a terminal: plain lines
@@ -495,6 +496,41 @@ TEST_CASE("configured policies are given to the trainer as values", "[trainer][p
   counted.train(test::regression_data(16), {.num_epochs = 2, .per_device_batch_size = 4});
   CHECK(steps == 8);
   (void)options;
+}
+
+TEST_CASE("the model summary lists modules, trainable and frozen parameters, bytes by dtype, and the run",
+          "[trainer][callbacks]") {
+  struct Net : torch::nn::Module {
+    Net() {
+      backbone = register_module("backbone", torch::nn::Sequential(torch::nn::Linear(8, 16), torch::nn::ReLU()));
+      head = register_module("head", torch::nn::Linear(16, 1));
+      head->to(torch::kDouble);
+      for (auto& p : backbone->parameters()) p.requires_grad_(false);  // frozen
+    }
+    torch::Tensor forward(torch::Tensor x) { return head(backbone->forward(x).to(torch::kDouble)).to(torch::kFloat); }
+    torch::nn::Sequential backbone{nullptr};
+    torch::nn::Linear head{nullptr};
+  };
+  auto model = std::make_shared<Net>();
+  const auto table = acc::callbacks::ModelSummary::summary(*model, 1);
+  INFO(table);
+  // backbone: 8x16 + 16 = 144 floats (576 B), frozen; head: 16 + 1 = 17 doubles (136 B), trainable.
+  CHECK_THAT(table, Catch::Contains("backbone  Sequential         144          0  576 B Float"));
+  CHECK_THAT(table, Catch::Contains("head      Linear              17         17  136 B Double"));
+  CHECK_THAT(table, !Catch::Contains("backbone.0"));  // depth 1: the model's children
+  CHECK_THAT(table, Catch::Contains("Total: 161 parameters, 17 trainable, 144 frozen; 136 B Double, 576 B Float"));
+  CHECK_THAT(acc::callbacks::ModelSummary::summary(*model, 2), Catch::Contains("backbone.0  Linear"));
+  CHECK_THROWS_WITH(acc::callbacks::ModelSummary(0), Catch::Contains("max_depth"));
+
+  // The run line says what the run uses, e.g. bf16 (a default callback: printed at every run's start).
+  auto linear = test::linear_model();
+  torch::optim::SGD optimizer(linear->parameters(), 0.05);
+  acc::Trainer trainer(linear, torch::nn::MSELoss(), optimizer, acc::policies(acc::BFloat16{}, acc::Cpu{}));
+  std::ostringstream out;
+  trainer.set_output(out);
+  trainer.train(test::regression_data(16), {.per_device_batch_size = 4});
+  CHECK_THAT(out.str(), Catch::Contains("Run: cpu, precision bf16, 1 process, transport none, " +
+                                        std::to_string(at::get_num_threads()) + " intra-op threads"));
 }
 
 TEST_CASE("a trainer can run with no callbacks at all", "[trainer][callbacks]") {

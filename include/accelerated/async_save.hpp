@@ -55,7 +55,7 @@ class AsyncSave {
       try {
         write_archive_contents(path, contents);
       } catch (const std::exception& error) {
-        *failure = message_of(error) + "; `latest` names the state saved before it";
+        *failure = message_of(error) + "; the files saved before it are left as they were (and `latest` with them)";
         return;
       }
       try {

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "log_metrics.hpp"
+#include "model_summary.hpp"
 #include "print_progress.hpp"
 #include "progress_bar.hpp"
 #include "terminate_on_nan.hpp"
@@ -23,8 +24,9 @@ Group<Callbacks...> group(Callbacks... callbacks) {
   return {boost::hana::make_tuple(std::move(callbacks)...)};
 }
 
-// On by default, in this order: stop on a non-finite loss, print run boundaries, progress bar, log metrics.
-using Defaults = Group<TerminateOnNan, PrintProgress, ProgressBar, LogMetrics>;
+// On by default, in this order: stop on a non-finite loss, print run boundaries, what is trained and how, progress
+// bar, log metrics.
+using Defaults = Group<TerminateOnNan, PrintProgress, ModelSummary, ProgressBar, LogMetrics>;
 
 // No callbacks at all (not even the defaults): Trainer trainer(model, loss, optimizer, callbacks::None{}).
 using None = Group<>;
