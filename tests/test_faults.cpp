@@ -50,7 +50,7 @@ std::string read_text(const fs::path& path) {
 }  // namespace
 
 // ---- ranks resume together ------------------------------------------------------------------------------------
-TEST_CASE("ranks that read different newest states resume together from the same older one",
+TEST_CASE("ranks that read different newest states resume together from the same older one, each with its own loss",
           "[resume][distributed][faults]") {
   const auto data = test::regression_data(64, 5);
   const auto base = test::fresh_dir("agreed_resume");
@@ -78,7 +78,10 @@ TEST_CASE("ranks that read different newest states resume together from the same
         throw;
       }
       if (printed) (*printed)[static_cast<std::size_t>(rank)] = out.str();
-      return test::flat_parameters(*model);
+      // The weights, then the epochs' mean training loss: a resumed rank continues its own partial epoch loss.
+      const auto losses = trainer.run_history().get_metric_values("train_loss_epoch");
+      return torch::cat({test::flat_parameters(*model).to(torch::kDouble),
+                         torch::tensor(std::vector<double>(losses.begin(), losses.end()), torch::kDouble)});
     });
   };
   const auto reference = run({base / "uninterrupted", base / "uninterrupted"}, 0, nullptr);

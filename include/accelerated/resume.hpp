@@ -62,9 +62,11 @@ struct TrainingStateParts {
 };
 
 // Every process's random generators, gathered by the caller (row r is rank r's state); cuda undefined on a CPU run.
+// With them, each process's partial epoch loss: row r = rank r's (sum of loss x batch size, sum of batch sizes).
 struct GeneratorStates {
   torch::Tensor cpu;
   torch::Tensor cuda;
+  torch::Tensor loss;  // undefined: not saved (rank 0's alone is, in the position)
 };
 
 // The training state as the file at `path` will hold it, referring to the trainer's tensors (process zero calls it;
@@ -96,6 +98,7 @@ ArchiveContents training_state_contents(const std::filesystem::path& path,
   });
   archive.write("rng_cpu", generators.cpu);
   if (generators.cuda.defined()) archive.write("rng_cuda", generators.cuda);
+  if (generators.loss.defined()) archive.write("loss_by_rank", generators.loss);
   return archive_contents(path, archive);
 }
 
@@ -154,6 +157,20 @@ StagedTrainingState stage_training_state_unguarded(const std::filesystem::path& 
       throw std::runtime_error("accelerated::load_training_state: '" + file + "' has a damaged '" + key +
                                "' (not one random generator state per process)");
     }
+  }
+  // This rank continues its own partial epoch loss. A file without the entry (saved before it existed) holds rank 0's
+  // alone, in the position, which then only rank 0 continues (rather than every rank counting it once more).
+  torch::Tensor losses;
+  if (archive->try_read("loss_by_rank", losses)) {
+    if (losses.scalar_type() != torch::kDouble || losses.dim() != 2 || losses.size(1) != 2 || losses.size(0) <= rank ||
+        !torch::isfinite(losses).all().item<bool>()) {
+      throw std::runtime_error("accelerated::load_training_state: '" + file +
+                               "' has a damaged 'loss_by_rank' (not one finite (sum, count) pair per process)");
+    }
+    position.loss_total = losses[rank][0].item<double>();
+    position.loss_count = losses[rank][1].item<double>();
+  } else if (rank != 0) {
+    position.loss_total = position.loss_count = 0.0;
   }
   StagedTrainingState staged;
   staged.history = parts.history;

@@ -96,9 +96,15 @@ void ACCELERATED_TRAINER::save_state(const std::filesystem::path& path, const st
   wait_for_async_save();  // one write at a time: at most one copy of the state in host memory
   require_finite_state(caller, path, run_started_ && save_point_ == detail::SavePoint::update_end);
   beat(distributed::Phase::checkpoint);
-  detail::GeneratorStates generators{distributed_.gather(detail::generator_state(torch::kCPU).unsqueeze(0)), {}};
+  detail::GeneratorStates generators{distributed_.gather(detail::generator_state(torch::kCPU).unsqueeze(0)), {}, {}};
   if (device_.device().is_cuda()) {
     generators.cuda = distributed_.gather(detail::generator_state(device_.device()).unsqueeze(0));
+  }
+  if (distributed_.num_processes() > 1) {  // each rank's partial epoch loss, which a resumed rank continues
+    const bool mid_epoch = run_started_ && save_point_ == detail::SavePoint::update_end;
+    const auto partial = torch::tensor(
+        {mid_epoch ? train_tracker_.total() : 0.0, mid_epoch ? train_tracker_.count() : 0.0}, torch::kDouble);
+    generators.loss = distributed_.gather(partial.unsqueeze(0));
   }
   std::optional<detail::ArchiveContents> contents;
   if (distributed_.rank() == 0) {
