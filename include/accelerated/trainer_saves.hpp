@@ -83,7 +83,7 @@ void ACCELERATED_TRAINER::finish_async_save(bool agreed) {
 }
 
 // Both saves: checked and gathered on every rank at the save point; written by rank 0 now, or from a host copy on
-// the writer thread (async_save.hpp).
+// the writer thread (async_save.hpp), which then runs `when_written` (the synchronous save has none).
 ACCELERATED_TRAINER_TEMPLATE
 void ACCELERATED_TRAINER::save_state(const std::filesystem::path& path, const std::map<std::string, double>& values,
                                      bool async, std::function<void()> when_written) {
@@ -94,14 +94,14 @@ void ACCELERATED_TRAINER::save_state(const std::filesystem::path& path, const st
                            "on_update_step_end, on_training_run_epoch_end or on_training_run_end");
   }
   wait_for_async_save();  // one write at a time: at most one copy of the state in host memory
-  require_finite_state(caller, path, run_started_ && save_point_ == detail::SavePoint::update_end);
+  const bool mid_epoch = run_started_ && save_point_ == detail::SavePoint::update_end;  // the epoch's loss is saved
+  require_finite_state(caller, path, mid_epoch);
   beat(distributed::Phase::checkpoint);
   detail::GeneratorStates generators{distributed_.gather(detail::generator_state(torch::kCPU).unsqueeze(0)), {}, {}};
   if (device_.device().is_cuda()) {
     generators.cuda = distributed_.gather(detail::generator_state(device_.device()).unsqueeze(0));
   }
   if (distributed_.num_processes() > 1) {  // each rank's partial epoch loss, which a resumed rank continues
-    const bool mid_epoch = run_started_ && save_point_ == detail::SavePoint::update_end;
     const auto partial = torch::tensor(
         {mid_epoch ? train_tracker_.total() : 0.0, mid_epoch ? train_tracker_.count() : 0.0}, torch::kDouble);
     generators.loss = distributed_.gather(partial.unsqueeze(0));
@@ -110,10 +110,7 @@ void ACCELERATED_TRAINER::save_state(const std::filesystem::path& path, const st
   if (distributed_.rank() == 0) {
     const auto epoch = history_.current_epoch() + (save_point_ == detail::SavePoint::epoch_end ? 1 : 0);
     contents = detail::training_state_contents(path, state_parts(), current_position(), epoch, generators, values);
-    if (!async) {
-      detail::write_archive_contents(path, *contents);
-      if (when_written) when_written();
-    }
+    if (!async) detail::write_archive_contents(path, *contents);
   }
   if (async) {
     if (contents) contents = detail::host_copy(std::move(*contents));
