@@ -2,6 +2,7 @@
 # Runs PROGRAM as 2 ranks on 127.0.0.1, bounded in time, and checks that both exit 0 and that rank 0's last line is
 # JSON with eval_accuracy >= MIN_ACCURACY. By default a plain shell loop launches the ranks (what docs/distributed.md
 # shows); with --torchrun, torchrun does (skipped, with the reason, where torchrun cannot start: torchrun_can_start.sh).
+# With EXPECT_LINE set (a grep -E pattern), rank 0 must also have printed a line matching it.
 # Usage: run_two_ranks.sh [--torchrun] PROGRAM MIN_ACCURACY [ARGS...]
 set -uo pipefail
 launcher=shell
@@ -47,3 +48,7 @@ grep -q '^{' "$dir/out1" && { echo "rank 1 printed the metrics line: only proces
 accuracy=$(echo "$last" | sed -n 's/.*"eval_accuracy":\([0-9.]*\).*/\1/p')
 [[ -n $accuracy ]] || { echo "no eval_accuracy in rank 0's last line"; exit 1; }
 awk -v a="$accuracy" -v m="$min" 'BEGIN { exit !(a >= m) }' || { echo "eval_accuracy $accuracy < $min"; exit 1; }
+if [[ -n ${EXPECT_LINE:-} ]]; then
+  grep -Eq "$EXPECT_LINE" "$dir/out0" || { echo "rank 0 printed no line matching '$EXPECT_LINE'"; cat "$dir/out0"; exit 1; }
+  echo "rank 0: $(grep -E "$EXPECT_LINE" "$dir/out0" | head -n 1)"
+fi

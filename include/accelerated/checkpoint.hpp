@@ -16,6 +16,7 @@
 #include <filesystem>
 #include <typeinfo>
 #include <map>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -25,6 +26,7 @@
 #include "detail/archive_file.hpp"
 #include "detail/atomic_file.hpp"
 #include "errors.hpp"
+#include "optimizer_shards.hpp"
 
 namespace accelerated {
 
@@ -203,16 +205,22 @@ class LoadTransaction {
   bool committed_ = false;
 };
 
-// The entries a checkpoint and a training state share: "model", "optimizer" (when given) and "values".
+// The entries a checkpoint and a training state share: "model", "optimizer" (when given; "optimizer_shards" in its
+// place when every rank wrote its own shard, optimizer_shards.hpp) and "values".
 inline void write_common(torch::serialize::OutputArchive& archive, const torch::nn::Module& module,
-                         const torch::optim::Optimizer* optimizer, const std::map<std::string, double>& values) {
+                         const torch::optim::Optimizer* optimizer, const std::map<std::string, double>& values,
+                         const ShardManifest* shards = nullptr) {
   torch::serialize::OutputArchive model;
   write_module(model, module);
   archive.write("model", model);
   if (optimizer != nullptr) {
-    torch::serialize::OutputArchive state;
-    optimizer->save(state);
-    archive.write("optimizer", state);
+    if (shards != nullptr) {
+      write_shard_manifest(archive, *shards);
+    } else {
+      torch::serialize::OutputArchive state;
+      optimizer->save(state);
+      archive.write("optimizer", state);
+    }
     archive.write("optimizer_type", c10::IValue(optimizer_type(*optimizer)));
   }
   torch::serialize::OutputArchive extra;
@@ -228,17 +236,21 @@ inline void save_archive(const std::filesystem::path& path, torch::serialize::Ou
 
 // Checks and loads the model and the optimizer (when given) from `archive`, and returns the saved values. Run it under
 // a LoadTransaction, which puts both back unless committed. `caller` names the loading function in errors.
+// A state whose optimizer is in shards loads them onto `device` (the module's when not given).
 inline std::map<std::string, double> read_common_uncommitted(torch::serialize::InputArchive& archive,
                                                              torch::nn::Module& module,
                                                              torch::optim::Optimizer* optimizer,
                                                              const std::string& file, const std::string& caller,
-                                                             bool require_finite = false) {
+                                                             bool require_finite = false,
+                                                             std::optional<torch::Device> device = std::nullopt) {
   const std::string where = "accelerated::" + caller + ": ";
   torch::serialize::InputArchive model;
   if (!archive.try_read("model", model)) throw std::runtime_error(where + "'" + file + "' has no entry 'model'");
   torch::serialize::InputArchive state;
+  torch::serialize::InputArchive shards;
+  const bool sharded = optimizer != nullptr && archive.try_read("optimizer_shards", shards);
   if (optimizer != nullptr) {
-    if (!archive.try_read("optimizer", state)) {
+    if (!sharded && !archive.try_read("optimizer", state)) {
       throw std::runtime_error(where + "'" + file + "' has no entry 'optimizer'");
     }
     c10::IValue saved_type;
@@ -249,7 +261,10 @@ inline std::map<std::string, double> read_common_uncommitted(torch::serialize::I
     }
   }
   read_module(model, module, file, caller, require_finite);
-  if (optimizer != nullptr) {
+  if (sharded) {
+    load_optimizer_shards(archive, file, *optimizer, optimizer_type(*optimizer), caller,
+                          device.value_or(device_of(module)));
+  } else if (optimizer != nullptr) {
     try {
       optimizer->load(state);
     } catch (const c10::Error& error) {
@@ -259,6 +274,8 @@ inline std::map<std::string, double> read_common_uncommitted(torch::serialize::I
       throw std::runtime_error(where + "entry 'optimizer' of '" + file +
                                "' does not fit this optimizer: " + error.what());
     }
+  }
+  if (optimizer != nullptr) {
     // LibTorch 2.x matches saved state to parameters by keys that LibTorch 1.13 wrote in another form ("0x..."):
     // every key then reads as 0, and all but one parameter are left with an empty state, which the next save of the
     // optimizer dereferences (a segfault, found replaying the fuzz corpus on LibTorch 2.6).
@@ -298,10 +315,11 @@ namespace detail {
 // The checkpoint file itself, with no finiteness check: the caller made it (Trainer::save_checkpoint checks on every
 // rank at once).
 inline void write_checkpoint(const std::filesystem::path& path, const torch::nn::Module& module,
-                             const torch::optim::Optimizer* optimizer, const std::map<std::string, double>& values) {
+                             const torch::optim::Optimizer* optimizer, const std::map<std::string, double>& values,
+                             const ShardManifest* shards = nullptr) {
   torch::serialize::OutputArchive archive;
   archive.write("accelerated_format_version", torch::tensor(checkpoint_format_version, torch::kLong));
-  write_common(archive, module, optimizer, values);
+  write_common(archive, module, optimizer, values, shards);
   save_archive(path, archive);
 }
 }  // namespace detail

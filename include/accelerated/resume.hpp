@@ -59,6 +59,7 @@ struct TrainingStateParts {
   Precision& precision;
   CallbackTuple& callbacks;
   RunHistory& history;
+  const ShardManifest* shards = nullptr;  // the optimizer's state is in these shards (each rank wrote its own)
 };
 
 // Every process's random generators, gathered by the caller (row r is rank r's state); cuda undefined on a CPU run.
@@ -78,7 +79,7 @@ ArchiveContents training_state_contents(const std::filesystem::path& path,
                                         const GeneratorStates& generators, const std::map<std::string, double>& values) {
   torch::serialize::OutputArchive archive;
   archive.write("accelerated_training_state_version", torch::tensor(training_state_format_version, torch::kLong));
-  write_common(archive, parts.model, parts.optimizer, values);
+  write_common(archive, parts.model, parts.optimizer, values, parts.shards);
   write_position(archive, position);
   write_history(archive, parts.history, history_epoch);
   if (parts.scheduler != nullptr) {
@@ -177,7 +178,7 @@ StagedTrainingState stage_training_state_unguarded(const std::filesystem::path& 
   read_history(*archive, staged.history, file);
   staged.transaction = std::make_unique<LoadTransaction>(parts.model, parts.optimizer);
   staged.values = read_common_uncommitted(*archive, parts.model, parts.optimizer, file, "load_training_state",
-                                          /*require_finite=*/true);
+                                          /*require_finite=*/true, device);
   staged.resume = PendingResume{std::move(archive), position, file};
   return staged;
 }

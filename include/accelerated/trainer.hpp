@@ -391,7 +391,7 @@ class Trainer {
       epochs_done_ = 0;
       train_tracker_.reset();
       place_modules();
-      distributed_.prepare(model_.module());
+      detail::prepare(distributed_, model_.module(), *optimizer_);
       parameters_ = model_->parameters();
       scheduler_ = steps::create_scheduler::call(loop_, *this);
       // However the run ends, the watchdog must not see it waiting still, and no write of it goes on.
@@ -509,7 +509,7 @@ class Trainer {
       if (update) {
         beat(distributed::Phase::optimizer);
         clip_gradients();
-        steps::optimizer_step::call(loop_, *this);
+        detail::step_optimizer(distributed_, precision_, *optimizer_, [&] { steps::optimizer_step::call(loop_, *this); });
         if (!precision_.step_was_skipped()) steps::scheduler_step::call(loop_, *this);
         steps::optimizer_zero_grad::call(loop_, *this);
         reached_max_steps = ++state_.update_step >= run_config_.max_num_train_steps;

@@ -33,10 +33,13 @@ void ACCELERATED_TRAINER::save_checkpoint(const std::filesystem::path& path,
   wait_for_async_save();
   require_finite_state("save_checkpoint", path, false);  // on every rank: the writer needs no check of its own
   beat(distributed::Phase::checkpoint);  // a slow write is a busy rank 0, not a hang, to the others' watchdogs
-  if (distributed_.rank() == 0) {
-    detail::write_checkpoint(path, model_.module(), save_optimizer ? optimizer_ : nullptr, values);
-  }
-  distributed_.barrier();
+  const auto* optimizer = save_optimizer ? optimizer_ : nullptr;
+  const bool sharded = optimizer != nullptr && detail::optimizer_shard(distributed_) != nullptr;
+  detail::save_with_shards(distributed_, sharded ? optimizer : nullptr, detail::optimizer_type(*optimizer_), path,
+                           "accelerated::Trainer::save_checkpoint of '" + path.string() + "'",
+                           [&](const detail::ShardManifest* shards) {
+                             detail::write_checkpoint(path, model_.module(), optimizer, values, shards);
+                           });
 }
 
 ACCELERATED_TRAINER_TEMPLATE
@@ -82,8 +85,9 @@ void ACCELERATED_TRAINER::finish_async_save(bool agreed) {
   }
 }
 
-// Both saves: checked and gathered on every rank at the save point; written by rank 0 now, or from a host copy on
-// the writer thread (async_save.hpp), which then runs `when_written` (the synchronous save has none).
+// Both saves: checked and gathered on every rank at the save point; written by rank 0 now (every rank its shard
+// too, when the optimizer state is sharded), or from a host copy on the writer thread (async_save.hpp), which then
+// runs `when_written` (the synchronous save has none).
 ACCELERATED_TRAINER_TEMPLATE
 void ACCELERATED_TRAINER::save_state(const std::filesystem::path& path, const std::map<std::string, double>& values,
                                      bool async, std::function<void()> when_written) {
@@ -106,16 +110,26 @@ void ACCELERATED_TRAINER::save_state(const std::filesystem::path& path, const st
         {mid_epoch ? train_tracker_.total() : 0.0, mid_epoch ? train_tracker_.count() : 0.0}, torch::kDouble);
     generators.loss = distributed_.gather(partial.unsqueeze(0));
   }
-  std::optional<detail::ArchiveContents> contents;
-  if (distributed_.rank() == 0) {
+  const auto contents = [&](const detail::ShardManifest* shards) {
     const auto epoch = history_.current_epoch() + (save_point_ == detail::SavePoint::epoch_end ? 1 : 0);
-    contents = detail::training_state_contents(path, state_parts(), current_position(), epoch, generators, values);
-    if (!async) detail::write_archive_contents(path, *contents);
+    auto parts = state_parts();
+    parts.shards = shards;
+    return detail::training_state_contents(path, parts, current_position(), epoch, generators, values);
+  };
+  // A sharded optimizer state is written by every rank at once, now (optimizer_shards.hpp): then `when_written`
+  // runs on rank 0 once the save is complete, and its failure is agreed as an asynchronous save's would be.
+  const bool sharded = detail::optimizer_shard(distributed_) != nullptr;
+  if (!async || sharded) {
+    detail::save_with_shards(
+        distributed_, sharded ? optimizer_ : nullptr, detail::optimizer_type(*optimizer_), path,
+        std::string("accelerated::Trainer::") + caller + " of '" + path.string() + "'",
+        [&](const detail::ShardManifest* shards) { detail::write_archive_contents(path, contents(shards)); },
+        async ? [&] { if (when_written) when_written(); } : std::function<void()>());
+    return;
   }
-  if (async) {
-    if (contents) contents = detail::host_copy(std::move(*contents));
-    async_save_.start(path, std::move(contents), std::move(when_written));
-  }
+  std::optional<detail::ArchiveContents> copy;
+  if (distributed_.rank() == 0) copy = detail::host_copy(contents(nullptr));
+  async_save_.start(path, std::move(copy), std::move(when_written));
   distributed_.barrier();
 }
 

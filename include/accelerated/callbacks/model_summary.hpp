@@ -81,15 +81,22 @@ class ModelSummary {
     return out.str();
   }
 
-  // "Run: cpu, precision bf16, 1 process, transport none, 2 threads"
+  // "Run: cpu, precision bf16, 1 process, transport none, 2 intra-op threads" (with ", optimizer state sharded over N
+  // processes" after the transport when it is)
   template <class Trainer>
   static std::string run_line(Trainer& trainer) {
     std::string transport = "none";
     if constexpr (requires { trainer.distributed().transport(); }) transport = trainer.distributed().transport();
     const auto processes = trainer.run_config().num_processes;
+    std::string sharded;
+    if constexpr (requires { trainer.distributed().optimizer_shard(); }) {
+      if (trainer.distributed().optimizer_shard() != nullptr) {
+        sharded = ", optimizer state sharded over " + std::to_string(processes) + " processes";
+      }
+    }
     return "Run: " + trainer.device().str() + ", precision " + trainer.precision().name() + ", " +
            std::to_string(processes) + (processes == 1 ? " process" : " processes") + ", transport " + transport +
-           ", " + std::to_string(at::get_num_threads()) + " intra-op threads";
+           sharded + ", " + std::to_string(at::get_num_threads()) + " intra-op threads";
   }
 
  private:

@@ -20,6 +20,7 @@
 #include <system_error>
 #include <vector>
 
+#include "../optimizer_shards.hpp"
 #include "../run_folder.hpp"
 #include "events.hpp"
 
@@ -135,7 +136,7 @@ class SaveTrainingState {
     auto left = static_cast<std::int64_t>(states.size());
     for (std::size_t i = 0; i < states.size() && left > keep; ++i) {
       if (latest_state && std::filesystem::equivalent(states[i].path, *latest_state)) continue;
-      std::filesystem::remove(states[i].path);
+      detail::remove_training_state(states[i].path);  // and its optimizer shards
       --left;
     }
   }

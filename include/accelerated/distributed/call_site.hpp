@@ -23,6 +23,8 @@ enum class CallSite : std::uint8_t {
   resume_choice,     // resume.hpp: rank 0's choice of file, sent to every rank
   metric,            // a built-in callback's metric (Accuracy)
   async_save,        // async_save.hpp: whether a save written in the background failed
+  shard_exchange,    // optimizer_shard.hpp: the updated parameters, from the ranks that own their state
+  save_outcome,      // optimizer_shards.hpp: whether every rank wrote its part of a save (and its nonce)
 };
 
 inline const char* call_site_name(CallSite site) {
@@ -35,6 +37,8 @@ inline const char* call_site_name(CallSite site) {
     case CallSite::resume_choice: return "rank 0's choice of the file to resume from";
     case CallSite::metric: return "a callback's metric";
     case CallSite::async_save: return "the outcome of an asynchronous save";
+    case CallSite::shard_exchange: return "the exchange of the parameters each rank stepped";
+    case CallSite::save_outcome: return "the outcome of a save";
   }
   return "an unknown call site";
 }

@@ -85,10 +85,10 @@ inline std::chrono::milliseconds watchdog_threshold_from_env() {
   return seconds_from_env("ACCELERATED_WATCHDOG_SECONDS", std::chrono::milliseconds(0));
 }
 
-// ACCELERATED_CHECK_COLLECTIVES: 1 (or true/yes/on) turns DataParallel's checked collectives on, 0 (false/no/off)
-// or unset leaves them off; anything else is an error naming the value.
-inline bool check_collectives_from_env() {
-  const auto value = detail::env("ACCELERATED_CHECK_COLLECTIVES");
+// A yes/no variable: 1 (or true/yes/on) is true, 0 (false/no/off), empty or unset is false; anything else is an
+// error naming the variable and its value.
+inline bool flag_from_env(const char* name) {
+  const auto value = detail::env(name);
   if (!value) return false;
   for (const char* yes : {"1", "true", "yes", "on"}) {
     if (*value == yes) return true;
@@ -96,9 +96,15 @@ inline bool check_collectives_from_env() {
   for (const char* no : {"0", "false", "no", "off", ""}) {
     if (*value == no) return false;
   }
-  throw std::invalid_argument("accelerated::distributed: ACCELERATED_CHECK_COLLECTIVES = '" + *value +
+  throw std::invalid_argument("accelerated::distributed: " + std::string(name) + " = '" + *value +
                               "' is not one of 1, true, yes, on, 0, false, no, off");
 }
+
+// ACCELERATED_CHECK_COLLECTIVES turns DataParallel's checked collectives on.
+inline bool check_collectives_from_env() { return flag_from_env("ACCELERATED_CHECK_COLLECTIVES"); }
+
+// ACCELERATED_SHARD_OPTIMIZER turns DataParallel's sharded optimizer state on (distributed/optimizer_shard.hpp).
+inline bool shard_optimizer_state_from_env() { return flag_from_env("ACCELERATED_SHARD_OPTIMIZER"); }
 
 // Reads the environment; a single process (world_size 1) when no launcher variable is set.
 inline Environment environment_from_env() {

@@ -59,10 +59,11 @@ class GradientSync {
     return i == parameters_.size();
   }
 
-  // Rank 0's parameters and buffers, everywhere.
+  // Rank 0's parameters (frozen ones too, as Python's DDP: a layer unfrozen later must start equal) and buffers,
+  // everywhere.
   void broadcast_state() {
     torch::NoGradGuard no_grad;  // an in-place write to a leaf that requires grad is otherwise refused
-    std::vector<torch::Tensor> state = parameters_;
+    std::vector<torch::Tensor> state = all_parameters_;
     state.insert(state.end(), buffers_.begin(), buffers_.end());
     if (!state.empty()) c10d::broadcast_coalesced(group_, state, 250 << 20, 0);
   }

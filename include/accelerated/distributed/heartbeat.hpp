@@ -16,17 +16,18 @@
 
 namespace accelerated::distributed {
 
-enum class Phase : int { idle, data, forward, backward, optimizer, eval, checkpoint, all_reduce, gather, barrier, broadcast };
+enum class Phase : int { idle, data, forward, backward, optimizer, eval, checkpoint, all_reduce, gather, barrier, broadcast,
+                       exchange };
 
 inline const char* phase_name(Phase phase) {
   static const char* names[] = {"idle",       "data",       "forward", "backward", "optimizer", "eval",
-                                "checkpoint", "all_reduce", "gather",  "barrier",  "broadcast"};
+                                "checkpoint", "all_reduce", "gather",  "barrier",  "broadcast", "exchange"};
   return names[static_cast<int>(phase)];
 }
 
 // The phase a published name stands for (a heartbeat read back from the store); idle for a name it does not know.
 inline Phase phase_from_name(const std::string& name) {
-  for (int p = 0; p <= static_cast<int>(Phase::broadcast); ++p) {
+  for (int p = 0; p <= static_cast<int>(Phase::exchange); ++p) {
     if (name == phase_name(static_cast<Phase>(p))) return static_cast<Phase>(p);
   }
   return Phase::idle;
@@ -35,7 +36,7 @@ inline Phase phase_from_name(const std::string& name) {
 // Phases in which this rank waits on its peers.
 inline bool waits_on_peers(Phase phase) {
   return phase == Phase::backward || phase == Phase::all_reduce || phase == Phase::gather ||
-         phase == Phase::barrier || phase == Phase::broadcast;
+         phase == Phase::barrier || phase == Phase::broadcast || phase == Phase::exchange;
 }
 
 inline std::int64_t steady_ms() {

@@ -35,6 +35,7 @@
 #include "../distributed/call_site.hpp"
 #include "../distributed/environment.hpp"
 #include "../distributed/heartbeat.hpp"
+#include "../distributed/optimizer_shard.hpp"
 
 // Multi-process training needs LibTorch's Gloo process group and Gloo's own headers, which the official LibTorch
 // zips and wheels do not ship (Debian's libgloo-dev has them).
@@ -81,6 +82,12 @@ struct DataParallelOptions {
   // collectives and exchanging garbage (the shared-memory group always checks; Gloo only does in this mode).
   // Costs a store round trip per collective. ACCELERATED_CHECK_COLLECTIVES=1 turns it on from outside.
   bool check_collectives = distributed::check_collectives_from_env();
+  // ZeRO stage 1 (distributed/optimizer_shard.hpp): each rank keeps and steps the optimizer state of 1/N of the
+  // parameters, then the ranks exchange the updated parameters; the weights are those of unsharded training. A no-op
+  // in one process. ACCELERATED_SHARD_OPTIMIZER=1 turns it on from outside.
+  bool shard_optimizer_state = distributed::shard_optimizer_state_from_env();
+  // The size of each all-gather of that exchange (N + 1 buffers of this size per device and dtype).
+  std::int64_t shard_exchange_bucket_bytes = std::int64_t{4} << 20;
 #if ACCELERATED_HAS_GLOO
   distributed::GradientSyncOptions gradient_sync{};
   // Shared memory when every rank runs on this machine, Gloo otherwise (ACCELERATED_TRANSPORT overrides it).
@@ -280,6 +287,69 @@ class DataParallel {
     (void)enabled;
 #endif
     return SyncGuard{};
+  }
+
+  // After prepare, at the start of every run: with shard_optimizer_state in several processes, this rank's share of
+  // the optimizer's parameters (kept across runs of the same optimizer); the state of the others is dropped.
+  void prepare_optimizer(torch::optim::Optimizer& optimizer) {
+#if ACCELERATED_HAS_GLOO
+    if (!options_.shard_optimizer_state || env_.world_size == 1) {
+      shard_.reset();
+      return;
+    }
+    repartition(optimizer);
+    shard_->prune(optimizer);
+#else
+    (void)optimizer;
+#endif
+  }
+
+  // The update: `step` (the loop's optimizer step) on the owned parameters, then the exchange of the updated ones;
+  // just `step` when unsharded. The gradients are unscaled first, so that the loss scaler's overflow check still
+  // covers every gradient; an update it skips is skipped on every rank (their reduced gradients are equal), with
+  // nothing to exchange.
+  template <class Precision, class Step>
+  void step_optimizer(Precision& precision, torch::optim::Optimizer& optimizer, Step&& step) {
+#if ACCELERATED_HAS_GLOO
+    if (!shard_) return step();
+    repartition(optimizer);  // a parameter group added during the run (every rank adds it at the same step)
+    precision.unscale_gradients(optimizer);
+    shard_->step(step);
+    if (precision.step_was_skipped()) return;
+    distributed::PhaseScope phase(heartbeat(), distributed::Phase::exchange);
+    const distributed::AtCallSite at(distributed::CallSite::shard_exchange);
+    guarded("exchanging the updated parameters", [&] {
+      shard_->exchange([&](torch::Tensor& send, std::vector<torch::Tensor>& receive) {
+        check_collective("allgather", std::to_string(send.numel()) + " elements");
+        std::vector<std::vector<torch::Tensor>> out{receive};
+        std::vector<torch::Tensor> in{send};
+        membership_->group->allgather(out, in)->wait(options_.timeout);
+      });
+      return 0;
+    });
+#else
+    (void)precision, (void)optimizer;
+    step();
+#endif
+  }
+
+#if ACCELERATED_HAS_GLOO
+  // A partition for the optimizer's current parameters: built at the first run, and again when parameters were added
+  // (the ones it had keep their owners, and with them their state). A comparison of handles per parameter.
+  void repartition(torch::optim::Optimizer& optimizer) {
+    if (shard_ && shard_->built_for(optimizer)) return;
+    shard_ = std::make_shared<distributed::OptimizerShard>(optimizer, env_.rank, env_.world_size,
+                                                           options_.shard_exchange_bucket_bytes, shard_.get());
+  }
+#endif
+
+  // The partition of the optimizer's state over the ranks; null when unsharded (or before the first run).
+  const distributed::OptimizerShard* optimizer_shard() const {
+#if ACCELERATED_HAS_GLOO
+    return shard_.get();
+#else
+    return nullptr;
+#endif
   }
 
 #if ACCELERATED_HAS_GLOO
@@ -509,6 +579,7 @@ class DataParallel {
   c10::intrusive_ptr<c10d::Store> given_store_;              // the store of the store constructor
   std::shared_ptr<distributed::Membership> membership_;       // null until joined
   std::shared_ptr<distributed::GradientSync> sync_;
+  std::shared_ptr<distributed::OptimizerShard> shard_;  // null: unsharded
   torch::nn::Module* module_ = nullptr;  // the model sync_ was built for
   std::optional<std::string> silent_peers_;
   struct PendingSum {
@@ -528,6 +599,29 @@ namespace detail {
 template <class Distributed>
 void beat(Distributed& distributed, distributed::Phase phase, std::int64_t update_step) {
   if constexpr (requires { distributed.heartbeat(phase, update_step); }) distributed.heartbeat(phase, update_step);
+}
+// The distributed policy's optional members for a sharded optimizer state (DataParallel's shard_optimizer_state):
+// a policy without them prepares the model only, steps the optimizer as the loop says, and shards nothing.
+template <class Distributed>
+void prepare(Distributed& distributed, torch::nn::Module& module, torch::optim::Optimizer& optimizer) {
+  distributed.prepare(module);
+  if constexpr (requires { distributed.prepare_optimizer(optimizer); }) distributed.prepare_optimizer(optimizer);
+}
+template <class Distributed, class Precision, class Step>
+void step_optimizer(Distributed& distributed, Precision& precision, torch::optim::Optimizer& optimizer, Step&& step) {
+  if constexpr (requires { distributed.step_optimizer(precision, optimizer, step); }) {
+    distributed.step_optimizer(precision, optimizer, step);
+  } else {
+    step();
+  }
+}
+template <class Distributed>
+const distributed::OptimizerShard* optimizer_shard(const Distributed& distributed) {
+  if constexpr (requires { distributed.optimizer_shard(); }) {
+    return distributed.optimizer_shard();
+  } else {
+    return nullptr;
+  }
 }
 template <class Distributed>
 std::string silent_peers(Distributed& distributed, const std::string& what) {
