@@ -839,34 +839,6 @@ TEST_CASE("two trainers in one process under a launcher share one process group"
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("a training state of another number of processes is refused at the load, before anything changes",
-          "[distributed][resume][bad_input]") {
-  const auto dir = test::fresh_dir("dp_world_mismatch");
-  const auto data = test::regression_data(32);
-  {
-    auto model = test::linear_model();
-    torch::optim::SGD optimizer(model->parameters(), 0.05);
-    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess> single(model, torch::nn::MSELoss(), optimizer);
-    single.set_output(test::quiet());
-    single.train(data, {.num_epochs = 1, .per_device_batch_size = 4});
-    single.save_training_state(dir / "one_process.pt");
-  }
-  const auto results = run_ranks(2, [&](int rank, auto store) {
-    auto model = test::linear_model(5);
-    torch::optim::SGD optimizer(model->parameters(), 0.05);
-    ParallelTrainer trainer(model, torch::nn::MSELoss(), optimizer);
-    trainer.distributed() = acc::DataParallel(store, rank, 2, short_timeout(20s));
-    const auto before = test::flat_parameters(*model);
-    const auto error = test::error_or_none([&] { trainer.load_training_state(dir / "one_process.pt"); });
-    return std::pair{error, torch::equal(before, test::flat_parameters(*model))};
-  });
-  for (const auto& [error, unchanged] : results) {
-    CHECK_THAT(error, Catch::Contains("saved by a run of 1 process; this one has 2"));
-    CHECK(unchanged);
-  }
-  std::filesystem::remove_all(dir);
-}
-
 // ---- preemption under a launcher ([preemption]) ----------------------------------------------------------------
 // Hidden: one rank of a preemptible run in ACCELERATED_TEST_DIR. It records its pid (pid_<rank>_<attempt>), says when
 // it reached update 20 of its first attempt (reached_<rank>), resumes from the newest state in states/, and at the

@@ -157,6 +157,22 @@ void check_equal_to_unsharded(const std::vector<RankResult>& plain, const std::v
   }
 }
 
+// Loads the checkpoint `file` (score 0.75) into a fresh model and Adam in one process: the weights are `weights`, and
+// every parameter's state equals unsharded training's.
+void check_loads_whole(const std::filesystem::path& file, const torch::Tensor& weights, const RankResult& plain) {
+  auto model = mlp(9);
+  torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(1e-2).weight_decay(1e-3));
+  const auto values = acc::load_checkpoint(file, *model, &optimizer);
+  CHECK(values.at("score") == 0.75);
+  CHECK(torch::equal(test::flat_parameters(*model), weights));
+  const auto parameters = acc::distributed::optimizer_parameters(optimizer);
+  REQUIRE(parameters.size() == plain.state.size());
+  for (std::size_t i = 0; i < parameters.size(); ++i) {
+    INFO("parameter " << i);
+    CHECK(same(state_of(optimizer, parameters[i]), plain.state[i]));
+  }
+}
+
 }  // namespace
 
 TEST_CASE("sharded optimizer state ends bit-identical to unsharded data parallel (SGD, Adam, AdamW, RMSprop, "
@@ -422,16 +438,7 @@ TEST_CASE("a sharded checkpoint loads in one process and in unsharded ranks with
   CHECK(acc::detail::shard_files(base / "model.pt").size() == 2);
 
   // One process, no DataParallel: the whole state.
-  auto model = mlp(9);
-  torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(1e-2).weight_decay(1e-3));
-  const auto values = acc::load_checkpoint(base / "model.pt", *model, &optimizer);
-  CHECK(values.at("score") == 0.75);
-  CHECK(torch::equal(test::flat_parameters(*model), saved[0]));
-  const auto parameters = acc::distributed::optimizer_parameters(optimizer);
-  for (std::size_t i = 0; i < parameters.size(); ++i) {
-    INFO("parameter " << i);
-    CHECK(same(state_of(optimizer, parameters[i]), plain[0].state[i]));
-  }
+  check_loads_whole(base / "model.pt", saved[0], plain[0]);
 
   // Two unsharded ranks: each loads the whole state.
   auto loaded = test::run_ranks(2, [&](int rank, auto store) {
@@ -618,5 +625,59 @@ TEST_CASE("a follow-up that fails after a sharded save is an error on every rank
                             Catch::Contains("the file and its shards were written"));
   CHECK(fs::exists(base / "state.pt"));
   CHECK(acc::detail::shard_files(base / "state.pt").size() == 2);
+  fs::remove_all(base);
+}
+
+TEST_CASE("consolidate_optimizer_shards writes one file that loads without its shards, with every parameter's state",
+          "[zero1][checkpoint]") {
+  const auto base = test::fresh_dir("zero1_consolidate");
+  const auto data = test::regression_data(48);
+  std::vector<torch::nn::Sequential> models{mlp(5), mlp(6)};
+  const auto plain = train_case(Case{.kind = Kind::adam});
+  const auto saved = test::run_ranks(2, [&](int rank, auto store) {
+    auto model = models[rank];
+    torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(1e-2).weight_decay(1e-3));
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::DataParallel> trainer(model, torch::nn::MSELoss(), optimizer);
+    two_ranks(trainer, store, rank, true, 30s);
+    trainer.train(data, {.num_epochs = 17, .per_device_batch_size = 4, .seed = 3});
+    trainer.save_checkpoint(base / "model.pt", {{"score", 0.75}});
+    trainer.save_training_state(base / "state.pt");
+    return test::flat_parameters(*model);
+  });
+  REQUIRE(acc::detail::shard_files(base / "model.pt").size() == 2);
+
+  // A missing shard is named, and nothing is written.
+  const auto shards = acc::detail::shard_files(base / "model.pt");
+  fs::rename(shards[1], base / "aside");
+  CHECK_THROWS_WITH(acc::consolidate_optimizer_shards(base / "model.pt", base / "whole.pt"),
+                    Catch::Contains(shards[1].string()) && Catch::Contains("does not exist"));
+  CHECK_FALSE(fs::exists(base / "whole.pt"));
+  fs::rename(base / "aside", shards[1]);
+
+  acc::consolidate_optimizer_shards(base / "model.pt", base / "whole.pt");
+  for (const auto& shard : shards) fs::remove(shard);  // the consolidated file needs none of them
+  check_loads_whole(base / "whole.pt", saved[0], plain[0]);
+  // A file that is not sharded is written as it is, and consolidating in place works.
+  acc::consolidate_optimizer_shards(base / "whole.pt", base / "again.pt");
+  auto again = mlp(10);
+  torch::optim::Adam again_optimizer(again->parameters(), torch::optim::AdamOptions(1e-2));
+  acc::load_checkpoint(base / "again.pt", *again, &again_optimizer);
+  CHECK(torch::equal(test::flat_parameters(*again), saved[0]));
+
+  // A training state, consolidated in place, resumes in one process without its shards.
+  const auto state_shards = acc::detail::shard_files(base / "state.pt");
+  acc::consolidate_optimizer_shards(base / "state.pt", base / "state.pt");
+  for (const auto& shard : state_shards) fs::remove(shard);
+  auto resumed = mlp(12);
+  torch::optim::Adam resumed_optimizer(resumed->parameters(), torch::optim::AdamOptions(1e-2).weight_decay(1e-3));
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess> single(resumed, torch::nn::MSELoss(),
+                                                                         resumed_optimizer);
+  single.set_output(test::quiet());
+  single.load_training_state(base / "state.pt");
+  const auto parameters = acc::distributed::optimizer_parameters(resumed_optimizer);
+  REQUIRE(parameters.size() == plain[0].state.size());
+  for (std::size_t i = 0; i < parameters.size(); ++i) {
+    CHECK(same(state_of(resumed_optimizer, parameters[i]), plain[0].state[i]));
+  }
   fs::remove_all(base);
 }

@@ -162,6 +162,35 @@ inline std::string optimizer_type(const torch::optim::Optimizer& optimizer) {
 // What a load may change, copied so that a load that fails half-way (or that another rank could not do) puts it
 // back: the model's parameters and buffers, copied to host memory (a GPU's memory stays for the loaded values), and
 // the optimizer's state (through its own serialisation, in memory).
+// Each parameter group's learning rate. LibTorch's Optimizer::load restores the optimizer's state but not its groups'
+// options, so a rate a LibTorch scheduler lowered step by step (StepLR, ExponentialLR) would come back as the initial
+// one: a training state keeps the rates beside the state (`optimizer_lrs`), and its load sets them back.
+inline std::vector<double> learning_rates(const torch::optim::Optimizer& optimizer) {
+  std::vector<double> rates;
+  for (const auto& group : optimizer.param_groups()) rates.push_back(group.options().get_lr());
+  return rates;
+}
+
+inline void set_learning_rates(torch::optim::Optimizer& optimizer, const std::vector<double>& rates) {
+  auto& groups = optimizer.param_groups();
+  for (std::size_t i = 0; i < groups.size() && i < rates.size(); ++i) groups[i].options().set_lr(rates[i]);
+}
+
+// Sets the rates a file saved (files from before the entry existed have none); a damaged entry is named.
+inline void restore_learning_rates(torch::serialize::InputArchive& archive, torch::optim::Optimizer& optimizer,
+                                   const std::string& where) {
+  torch::Tensor rates;
+  if (!archive.try_read("optimizer_lrs", rates)) return;
+  if (rates.scalar_type() != torch::kDouble || rates.dim() != 1 ||
+      rates.size(0) != static_cast<std::int64_t>(optimizer.param_groups().size()) ||
+      !torch::isfinite(rates).all().item<bool>()) {
+    throw std::runtime_error(where + " has a damaged 'optimizer_lrs' (not one finite learning rate for each of the " +
+                             std::to_string(optimizer.param_groups().size()) + " parameter groups)");
+  }
+  rates = rates.cpu().contiguous();
+  set_learning_rates(optimizer, std::vector<double>(rates.data_ptr<double>(), rates.data_ptr<double>() + rates.numel()));
+}
+
 class LoadTransaction {
  public:
   LoadTransaction(torch::nn::Module& module, torch::optim::Optimizer* optimizer) : module_(module), optimizer_(optimizer) {
@@ -173,6 +202,7 @@ class LoadTransaction {
       torch::serialize::OutputArchive state;
       optimizer_->save(state);
       state.save_to(optimizer_state_);
+      learning_rates_ = learning_rates(*optimizer_);
     }
   }
   void commit() { committed_ = true; }
@@ -190,6 +220,7 @@ class LoadTransaction {
         std::istringstream in(optimizer_state_.str());
         state.load_from(in);
         optimizer_->load(state);
+        set_learning_rates(*optimizer_, learning_rates_);
       }
     } catch (...) {  // never throw from a destructor; the first error is the one to report
     }
@@ -202,6 +233,7 @@ class LoadTransaction {
   torch::optim::Optimizer* optimizer_;
   std::vector<torch::Tensor> saved_;
   std::ostringstream optimizer_state_;
+  std::vector<double> learning_rates_;
   bool committed_ = false;
 };
 
@@ -265,15 +297,7 @@ inline std::map<std::string, double> read_common_uncommitted(torch::serialize::I
     load_optimizer_shards(archive, file, *optimizer, optimizer_type(*optimizer), caller,
                           device.value_or(device_of(module)));
   } else if (optimizer != nullptr) {
-    try {
-      optimizer->load(state);
-    } catch (const c10::Error& error) {
-      throw std::runtime_error(where + "entry 'optimizer' of '" + file +
-                               "' does not fit this optimizer: " + error.what_without_backtrace());
-    } catch (const std::exception& error) {
-      throw std::runtime_error(where + "entry 'optimizer' of '" + file +
-                               "' does not fit this optimizer: " + error.what());
-    }
+    load_optimizer_state(*optimizer, state, where + "entry 'optimizer' of '" + file + "'");
   }
   if (optimizer != nullptr) {
     // LibTorch 2.x matches saved state to parameters by keys that LibTorch 1.13 wrote in another form ("0x..."):

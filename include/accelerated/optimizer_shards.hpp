@@ -10,7 +10,7 @@
 // the new one with its shards. A load reads every shard into the optimizer (LibTorch's Optimizer::load adds the state
 // of the parameters a file has and leaves the others), so a sharded file loads in one process, unsharded, or sharded
 // (the next run start keeps only this rank's part). Every rank reads every shard onto its device: while loading,
-// each holds the whole state.
+// each holds the whole state. consolidate_optimizer_shards merges the shards into one file that needs none of them.
 #include <torch/optim/optimizer.h>
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
@@ -18,12 +18,15 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <filesystem>
 #include <functional>
+#include <map>
+#include <memory>
 #include <optional>
 #include <random>
 #include <span>
@@ -110,12 +113,26 @@ inline std::string read_text(torch::serialize::InputArchive& archive, const std:
   return value.toStringRef();
 }
 
-// True when the main file's optimizer state is in shards; then loads every shard into `optimizer`, each checked
-// against the manifest (rank, count, nonce, optimizer type). A missing or mismatched shard is a runtime_error, as a
-// damaged file is, so that a resume falls back to an older state.
-inline bool load_optimizer_shards(torch::serialize::InputArchive& archive, const std::filesystem::path& path,
-                                  torch::optim::Optimizer& optimizer, const std::string& optimizer_type,
-                                  const std::string& caller, torch::Device device) {
+// optimizer.load(state), with LibTorch's error (another optimizer's state, other shapes) as a runtime_error that
+// names `what` (the file and entry) without a backtrace.
+inline void load_optimizer_state(torch::optim::Optimizer& optimizer, torch::serialize::InputArchive& state,
+                                 const std::string& what) {
+  try {
+    optimizer.load(state);
+  } catch (const c10::Error& error) {
+    throw std::runtime_error(what + " does not fit this optimizer: " + error.what_without_backtrace());
+  } catch (const std::exception& error) {
+    throw std::runtime_error(what + " does not fit this optimizer: " + error.what());
+  }
+}
+
+// True when the main file's optimizer state is in shards; then calls fn(optimizer entry, optimizer type, where) for
+// every shard in rank order, each read onto `device` and checked against the manifest (rank, count, nonce, format).
+// A missing or mismatched shard is a runtime_error, as a damaged file is, so that a resume falls back to an older
+// state.
+template <class Fn>
+bool for_each_optimizer_shard(torch::serialize::InputArchive& archive, const std::filesystem::path& path,
+                              const std::string& caller, torch::Device device, Fn&& fn) {
   torch::serialize::InputArchive shards;
   if (!archive.try_read("optimizer_shards", shards)) return false;
   const std::string where = "accelerated::" + caller + ": '" + path.string() + "'";
@@ -147,21 +164,29 @@ inline bool load_optimizer_shards(torch::serialize::InputArchive& archive, const
     expect("world_size", std::to_string(read_count(shard, "world_size", shard_where)),
            std::to_string(manifest.world_size));
     expect("nonce", read_text(shard, "nonce", shard_where), manifest.nonce);
-    if (const auto type = read_text(shard, "optimizer_type", shard_where); type != optimizer_type) {
-      throw std::runtime_error(shard_where + " holds the state of a " + type + ", but this optimizer is a " +
-                               optimizer_type);
-    }
+    const auto type = read_text(shard, "optimizer_type", shard_where);
     torch::serialize::InputArchive state;
     if (!shard.try_read("optimizer", state)) throw std::runtime_error(shard_where + " has no entry 'optimizer'");
-    try {
-      optimizer.load(state);
-    } catch (const c10::Error& error) {
-      throw std::runtime_error(shard_where + " does not fit this optimizer: " + error.what_without_backtrace());
-    } catch (const std::exception& error) {
-      throw std::runtime_error(shard_where + " does not fit this optimizer: " + error.what());
-    }
+    fn(state, type, shard_where);
   }
   return true;
+}
+
+
+// Loads every shard of a sharded file into `optimizer` (LibTorch's Optimizer::load adds each shard's entries); false
+// when the file's optimizer state is not sharded.
+inline bool load_optimizer_shards(torch::serialize::InputArchive& archive, const std::filesystem::path& path,
+                                  torch::optim::Optimizer& optimizer, const std::string& optimizer_type,
+                                  const std::string& caller, torch::Device device) {
+  return for_each_optimizer_shard(
+      archive, path, caller, device,
+      [&](torch::serialize::InputArchive& state, const std::string& type, const std::string& where) {
+        if (type != optimizer_type) {
+          throw std::runtime_error(where + " holds the state of a " + type + ", but this optimizer is a " +
+                                   optimizer_type);
+        }
+        load_optimizer_state(optimizer, state, where);
+      });
 }
 
 // 64 random bits from rank 0, the same on every rank (one all-reduce of two exactly representable halves).
@@ -233,7 +258,8 @@ void save_with_shards(Distributed& distributed, const torch::optim::Optimizer* s
     }
   }
   agree_on_write(distributed, error, what, undo);
-  // The replaced save's shards: this rank's, and rank 0 also those of ranks this run does not have.
+  // The replaced save's shards: this rank's, and rank 0 also those of ranks this run does not have. Also after an
+  // unsharded save (one listing of the folder): the file it replaced may have been sharded.
   std::error_code ignored;
   for (const auto& shard : shard_files(path)) {
     if (shard == mine) continue;
@@ -255,4 +281,115 @@ void save_with_shards(Distributed& distributed, const torch::optim::Optimizer* s
                  "the file and its shards were written");
 }
 
+// ---- one file from the shards ------------------------------------------------------------------------------------
+
+// `in`'s entries copied into `out`, nested archives included, except the entry `skip`.
+inline void copy_archive(torch::serialize::InputArchive& in, torch::serialize::OutputArchive& out,
+                         const std::string& skip = {}) {
+  for (const auto& key : in.keys()) {
+    if (key == skip) continue;
+    torch::serialize::InputArchive nested;
+    if (in.try_read(key, nested)) {
+      torch::serialize::OutputArchive copy;
+      copy_archive(nested, copy);
+      out.write(key, copy);
+      continue;
+    }
+    c10::IValue value;
+    in.read(key, value);
+    if (value.isTensor()) {
+      out.write(key, value.toTensor());
+    } else {
+      out.write(key, value);
+    }
+  }
+}
+
+// The parameter keys of a saved optimizer state, by group: LibTorch names each parameter's state after the address
+// of the parameter in the process that saved it, and lists those names in param_groups/<i>/params/<j>.
+inline std::vector<std::vector<std::string>> saved_parameter_keys(torch::serialize::InputArchive& optimizer,
+                                                                  const std::string& where) {
+  torch::serialize::InputArchive groups;
+  if (!optimizer.try_read("param_groups", groups)) throw std::runtime_error(where + " has no 'param_groups'");
+  std::vector<std::vector<std::string>> keys(
+      static_cast<std::size_t>(std::clamp<std::int64_t>(read_count(groups, "param_groups/size", where), 0, 1 << 20)));
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    torch::serialize::InputArchive group;
+    if (!groups.try_read("param_groups/" + std::to_string(i), group)) {
+      throw std::runtime_error(where + " has no parameter group " + std::to_string(i));
+    }
+    const auto size = read_count(group, "params/size", where + "'s parameter group " + std::to_string(i));
+    for (std::int64_t j = 0; j < size && j < (1 << 24); ++j) {
+      keys[i].push_back(read_text(group, "params/" + std::to_string(j), where + "'s parameter group " +
+                                                                         std::to_string(i)));
+    }
+  }
+  return keys;
+}
+
 }  // namespace accelerated::detail
+
+namespace accelerated {
+
+// Writes the checkpoint or training state at `sharded`, saved with DataParallelOptions::shard_optimizer_state, as
+// one file at `out` (atomically; `out` may be `sharded` itself): every shard's optimizer state merged into the file's
+// own `optimizer` entry, as an unsharded save writes it. The file then loads with no shards beside it: in one
+// process, with any number of processes, sharded or not. A file whose optimizer state is not sharded is written as it
+// is. A missing or foreign shard is a std::runtime_error naming it.
+inline void consolidate_optimizer_shards(const std::filesystem::path& sharded, const std::filesystem::path& out) {
+  const std::string caller = "consolidate_optimizer_shards";
+  auto file = detail::read_archive_file(sharded, caller, torch::kCPU);
+  const std::string where = "accelerated::" + caller + ": '" + sharded.string() + "'";
+  // Every shard's parameter states, under shard 0's parameter keys. A key two shards hold (a state saved between a
+  // load and the next train(), when each rank still held the whole state) takes the last shard's, as a load does.
+  std::map<std::string, std::unique_ptr<torch::serialize::OutputArchive>> states;
+  torch::serialize::OutputArchive entry;  // shard 0's optimizer entry but its state: its param_groups are every rank's
+  std::vector<std::vector<std::string>> keys;
+  std::string type;
+  const bool is_sharded = detail::for_each_optimizer_shard(
+      file, sharded, caller, torch::kCPU,
+      [&](torch::serialize::InputArchive& optimizer, const std::string& shard_type, const std::string& shard_where) {
+        auto shard_keys = detail::saved_parameter_keys(optimizer, shard_where);
+        if (type.empty()) {
+          type = shard_type;
+          keys = shard_keys;
+          detail::copy_archive(optimizer, entry, "state");
+        }
+        const auto shapes = [](const auto& groups) {
+          std::vector<std::size_t> sizes;
+          for (const auto& group : groups) sizes.push_back(group.size());
+          return sizes;
+        };
+        if (shard_type != type || shapes(shard_keys) != shapes(keys)) {
+          throw std::runtime_error(shard_where + " holds another optimizer's state than the first shard (" +
+                                   shard_type + " against " + type + ", or other parameter groups)");
+        }
+        std::map<std::string, std::string> renamed;  // this shard's key -> shard 0's, by place in the groups
+        for (std::size_t i = 0; i < keys.size(); ++i) {
+          for (std::size_t j = 0; j < keys[i].size(); ++j) renamed[shard_keys[i][j]] = keys[i][j];
+        }
+        torch::serialize::InputArchive own;
+        if (!optimizer.try_read("state", own)) return;  // a stateless optimizer (SGD without momentum)
+        for (const auto& key : own.keys()) {
+          const auto found = renamed.find(key);
+          torch::serialize::InputArchive one;
+          if (found == renamed.end() || !own.try_read(key, one)) {
+            throw std::runtime_error(shard_where + " holds a state '" + key + "' of no parameter (a damaged shard)");
+          }
+          auto copy = std::make_unique<torch::serialize::OutputArchive>();
+          detail::copy_archive(one, *copy);
+          states[found->second] = std::move(copy);
+        }
+      });
+  torch::serialize::OutputArchive whole;
+  detail::copy_archive(file, whole, "optimizer_shards");
+  if (is_sharded) {
+    torch::serialize::OutputArchive state;
+    for (auto& [key, archive] : states) state.write(key, *archive);
+    entry.write("state", state);
+    whole.write("optimizer", entry);
+  }
+  detail::without_backtrace(where, [&] { detail::write_archive_file(out, whole); });
+}
+
+}  // namespace accelerated

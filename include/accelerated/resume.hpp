@@ -12,6 +12,7 @@
 #include <boost/hana/for_each.hpp>
 
 #include <algorithm>
+#include <concepts>
 #include <cmath>
 #include <span>
 #include <vector>
@@ -80,6 +81,9 @@ ArchiveContents training_state_contents(const std::filesystem::path& path,
   torch::serialize::OutputArchive archive;
   archive.write("accelerated_training_state_version", torch::tensor(training_state_format_version, torch::kLong));
   write_common(archive, parts.model, parts.optimizer, values, parts.shards);
+  if (parts.optimizer != nullptr) {
+    archive.write("optimizer_lrs", torch::tensor(learning_rates(*parts.optimizer), torch::kDouble));
+  }
   write_position(archive, position);
   write_history(archive, parts.history, history_epoch);
   if (parts.scheduler != nullptr) {
@@ -134,11 +138,14 @@ StagedTrainingState stage_training_state_unguarded(const std::filesystem::path& 
       path, "load_training_state", "training state", "accelerated_training_state_version",
       training_state_format_version, device));
   auto position = read_position(*archive, file);
-  if (position.in_run && position.num_processes != num_processes) {
+  const bool same_size = position.num_processes == num_processes;
+  if (position.in_run && !same_size && position.train_dataset_size == 0) {
     throw std::invalid_argument("accelerated::load_training_state: '" + file + "' was saved by a run of " +
                                 std::to_string(position.num_processes) +
                                 (position.num_processes == 1 ? " process" : " processes") + "; this one has " +
-                                std::to_string(num_processes) + " (an exact resume needs the same number)");
+                                std::to_string(num_processes) +
+                                ", and the file does not say where its epoch stands (saved by an older version, or "
+                                "with a LoopPolicy's own loader), so only as many processes can continue it");
   }
   if (!std::isfinite(position.loss_total) || !std::isfinite(position.loss_count)) {
     throw std::runtime_error("accelerated::load_training_state: '" + file + "' holds a non-finite loss (" +
@@ -146,30 +153,35 @@ StagedTrainingState stage_training_state_unguarded(const std::filesystem::path& 
                              ", saved after the loss diverged?); it is not a state to resume from");
   }
   for_each_stateful_callback(parts.callbacks, [&](auto&, const std::string& key) { read_section(*archive, key, file); });
+  // One random generator state per saving process. A process the saved run did not have draws from a fresh seed
+  // (apply_callbacks_and_generators).
   for (const char* key : {"rng_cpu", "rng_cuda"}) {
     torch::Tensor states;
-    if (archive->try_read(key, states) && (states.dim() < 1 || states.size(0) <= rank)) {
-      throw std::runtime_error("accelerated::load_training_state: '" + file + "' holds '" + key + "' for " +
-                               std::to_string(states.dim() < 1 ? 0 : states.size(0)) + " processes; this is rank " +
-                               std::to_string(rank));
-    }
-    if (states.defined() && (states.scalar_type() != torch::kByte || states.dim() != 2 ||
-                             (key == std::string("rng_cpu") && states.size(1) != generator_state(torch::kCPU).numel()))) {
+    if (!archive->try_read(key, states)) continue;
+    if (states.scalar_type() != torch::kByte || states.dim() != 2 || states.size(0) < 1 ||
+        (key == std::string("rng_cpu") && states.size(1) != generator_state(torch::kCPU).numel())) {
       throw std::runtime_error("accelerated::load_training_state: '" + file + "' has a damaged '" + key +
                                "' (not one random generator state per process)");
     }
+    if (position.in_run && states.size(0) != position.num_processes) {
+      throw std::runtime_error("accelerated::load_training_state: '" + file + "' holds '" + key + "' for " +
+                               std::to_string(states.size(0)) + " processes but was saved by " +
+                               std::to_string(position.num_processes) + " (a damaged file)");
+    }
   }
   // This rank continues its own partial epoch loss. A file without the entry (saved before it existed) holds rank 0's
-  // alone, in the position, which then only rank 0 continues (rather than every rank counting it once more).
+  // alone, in the position, which then only rank 0 continues (rather than every rank counting it once more). With
+  // another number of processes, rank 0 continues the sum of them all: the epoch's mean stays the same.
   torch::Tensor losses;
   if (archive->try_read("loss_by_rank", losses)) {
-    if (losses.scalar_type() != torch::kDouble || losses.dim() != 2 || losses.size(1) != 2 || losses.size(0) <= rank ||
-        !torch::isfinite(losses).all().item<bool>()) {
+    if (losses.scalar_type() != torch::kDouble || losses.dim() != 2 || losses.size(1) != 2 ||
+        (position.in_run && losses.size(0) != position.num_processes) || !torch::isfinite(losses).all().item<bool>()) {
       throw std::runtime_error("accelerated::load_training_state: '" + file +
                                "' has a damaged 'loss_by_rank' (not one finite (sum, count) pair per process)");
     }
-    position.loss_total = losses[rank][0].item<double>();
-    position.loss_count = losses[rank][1].item<double>();
+    const auto mine = losses.size(0) == num_processes ? losses[rank] : losses.sum(0) * (rank == 0 ? 1.0 : 0.0);
+    position.loss_total = mine[0].item<double>();
+    position.loss_count = mine[1].item<double>();
   } else if (rank != 0) {
     position.loss_total = position.loss_count = 0.0;
   }
@@ -179,6 +191,9 @@ StagedTrainingState stage_training_state_unguarded(const std::filesystem::path& 
   staged.transaction = std::make_unique<LoadTransaction>(parts.model, parts.optimizer);
   staged.values = read_common_uncommitted(*archive, parts.model, parts.optimizer, file, "load_training_state",
                                           /*require_finite=*/true, device);
+  if (parts.optimizer != nullptr) {
+    restore_learning_rates(*archive, *parts.optimizer, "accelerated::load_training_state: '" + file + "'");
+  }
   staged.resume = PendingResume{std::move(archive), position, file};
   return staged;
 }
@@ -355,13 +370,24 @@ void resume_run_shape_unguarded(const PendingResume& resume, const RunPosition& 
     }
   };
   if (saved.in_run) {
-    check("num_processes", here.num_processes, saved.num_processes);
     check("per_device_batch_size", here.per_device_batch_size, saved.per_device_batch_size);
     check("gradient_accumulation_steps", here.gradient_accumulation_steps, saved.gradient_accumulation_steps);
-    check("batches per epoch (train_dataset size, drop_last)", here.num_train_batches_per_epoch,
-          saved.num_train_batches_per_epoch);
     check("seed", here.seed, saved.seed);
     check("shuffle", here.shuffle, saved.shuffle);
+    if (here.num_processes == saved.num_processes) {
+      check("batches per epoch (train_dataset size, drop_last)", here.num_train_batches_per_epoch,
+            saved.num_train_batches_per_epoch);
+    }
+    // Known where both the file and this run's loader say it (stage_training_state refused a file without it for
+    // another number of processes).
+    if (here.train_dataset_size != 0 && saved.train_dataset_size != 0) {
+      check("train_dataset size", here.train_dataset_size, saved.train_dataset_size);
+      check("drop_last", here.drop_last, saved.drop_last);
+    } else if (saved.epoch_start != 0) {  // a continued epoch whose examples this run cannot leave out
+      throw std::invalid_argument("accelerated::Trainer::train: resuming '" + resume.file +
+                                  "': it continues an epoch after its first " + std::to_string(saved.epoch_start) +
+                                  " examples, which this run's loader cannot leave out");
+    }
   }
   auto& archive = *resume.archive;
   torch::serialize::InputArchive scheduler;
@@ -408,7 +434,11 @@ void apply_callbacks_and_generators(const PendingResume& resume, CallbackTuple& 
   auto restore = [&](const char* key, torch::Device generator) {
     torch::Tensor states;
     if (!archive.try_read(key, states)) return;
-    set_generator_state(generator, states[rank].contiguous());
+    if (rank < states.size(0)) {
+      set_generator_state(generator, states[rank].contiguous());
+    } else {  // a process the saved run did not have: a seed of its own, the same on every resume of this state
+      seed_generator(generator, fresh_seed(resume.position, rank));
+    }
   };
   restore("rng_cpu", torch::kCPU);
   if (device.is_cuda()) restore("rng_cuda", device);
@@ -422,6 +452,93 @@ void resume_callbacks_and_generators(std::optional<PendingResume>& pending, Call
   const auto resume = std::exchange(pending, std::nullopt).value();
   without_backtrace("accelerated::Trainer::train: resuming '" + resume.file + "'",
                     [&] { apply_callbacks_and_generators(resume, callbacks, rank, device); });
+}
+
+// ---- an epoch continued by another number of processes ----------------------------------------------------------
+// Rank r of N trains positions r, r + N, ... of an epoch's example order, so after k batches of B the ranks together
+// have trained its first k·B·N positions, whatever N is. A resumed run of M processes continues with the positions
+// after those, shared out among its M ranks the same way (EpochSampler's `skip`).
+
+// Where the first epoch of a train() call begins: batch `batch` of a sampling that skipped `skip` examples.
+struct EpochStart {
+  std::int64_t batch = 0;
+  std::int64_t skip = 0;
+  bool resumed = false;  // the saved run had begun this epoch: its loss so far continues
+};
+
+// The current training epoch's sampling, which a training state records.
+struct EpochSampling {
+  std::int64_t dataset_size = 0;  // 0: the loader does not say (a LoopPolicy's own)
+  std::int64_t skip = 0;          // examples of the epoch's order left out
+  std::int64_t batches = 0;       // this process's batches in the epoch
+
+  // Examples of the epoch's order trained after `step` batches of `batch_size` on each of `num_processes`.
+  std::int64_t examples_done(std::int64_t step, std::int64_t batch_size, std::int64_t num_processes) const {
+    if (step >= batches) return dataset_size;  // complete (the short batches drop_last drops included)
+    return std::min(dataset_size, skip + step * batch_size * num_processes);
+  }
+};
+
+// The training dataset's size, where the loader can also leave out an epoch's first examples; else 0 (then a state
+// records no size, and only as many processes as saved it continue it).
+template <class Loader>
+std::int64_t train_dataset_size(Loader& loader) {
+  if constexpr (requires(std::int64_t e) {
+                  { loader.sampler().dataset_size() } -> std::convertible_to<std::int64_t>;
+                  loader.set_epoch(e, e);
+                }) {
+    return loader.sampler().dataset_size();
+  } else {
+    return 0;
+  }
+}
+
+// Selects epoch `epoch`'s order on the loader, without its first `skip` examples.
+template <class Loader>
+EpochSampling start_epoch(Loader& loader, std::int64_t epoch, std::int64_t skip) {
+  if constexpr (requires { loader.set_epoch(epoch, skip); }) {
+    loader.set_epoch(epoch, skip);
+  } else {
+    if (skip != 0) {  // load_training_state refuses such a state first: the file has no dataset size
+      throw std::logic_error("accelerated::Trainer::train: this loader cannot leave out an epoch's first examples");
+    }
+    loader.set_epoch(epoch);
+  }
+  return {train_dataset_size(loader), skip, static_cast<std::int64_t>(loader.size())};
+}
+
+// This process's batches in the rest of the saved run's epoch after its first `skip` examples, with `num_processes`.
+inline std::int64_t batches_continued(const RunPosition& saved, std::int64_t skip, std::int64_t num_processes) {
+  const auto samples = (saved.train_dataset_size - skip + num_processes - 1) / num_processes;  // padded: every rank's
+  const auto b = saved.per_device_batch_size;
+  return saved.drop_last ? samples / b : (samples + b - 1) / b;
+}
+
+inline std::int64_t updates_of(const RunPosition& saved, std::int64_t batches) {
+  return (batches + saved.gradient_accumulation_steps - 1) / saved.gradient_accumulation_steps;
+}
+
+// The update count a run of `num_processes` would have at the point the saved run stopped: its past epochs at this
+// run's updates per epoch, and the interrupted one less the updates its rest takes here. A schedule sized from
+// run_config, moved there, ends when this run does.
+inline std::int64_t update_step_continued(const RunPosition& saved, std::int64_t num_processes,
+                                          std::int64_t updates_per_epoch) {
+  if (saved.batches_done == 0) return saved.epochs_done * updates_per_epoch;
+  return (saved.epochs_done + 1) * updates_per_epoch -
+         updates_of(saved, batches_continued(saved, saved.examples_done, num_processes));
+}
+
+// The last update of a run that continues `saved` from `start` with `num_processes` and ends with epoch
+// `num_epochs`: its update count, the updates left in the epoch as this run samples it, and whole epochs after it.
+// (The count may run ahead of its epochs' updates: a run resumed with another number of processes keeps counting.)
+inline std::int64_t last_update_continued(const RunPosition& saved, const EpochStart& start,
+                                          std::int64_t num_processes, std::int64_t num_epochs,
+                                          std::int64_t updates_per_epoch, std::int64_t batches_per_epoch) {
+  if (!start.resumed) return saved.update_step + std::max<std::int64_t>(0, num_epochs - saved.epochs_done) *
+                                                     updates_per_epoch;
+  const auto batches = start.skip > 0 ? batches_continued(saved, start.skip, num_processes) : batches_per_epoch;
+  const auto rest = std::max<std::int64_t>(0, updates_of(saved, batches) - updates_of(saved, start.batch));
+  return saved.update_step + rest + std::max<std::int64_t>(0, num_epochs - saved.epochs_done - 1) * updates_per_epoch;
 }
 
 }  // namespace accelerated::detail

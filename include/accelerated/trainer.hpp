@@ -216,7 +216,8 @@ class Trainer {
   void wait_for_async_save();
   // Loads a training state: the model, the optimizer and the run history at once; the position, scheduler, loss
   // scaler, callbacks' state and random generators when the next train() starts, which then continues the saved run
-  // (same datasets and options; num_epochs and max_num_train_steps count from the run's start). Returns the values.
+  // (same datasets and options, any number of processes: docs/distributed.md; num_epochs and max_num_train_steps
+  // count from the run's start). Returns the values.
   // Every rank reads the file; it is loaded only if it loads on every rank (otherwise nothing changes anywhere and
   // every rank throws, naming the ranks that could not read it).
   std::map<std::string, double> load_training_state(const std::filesystem::path& path);
@@ -311,7 +312,7 @@ class Trainer {
   detail::AgreedLoad stage_everywhere(const std::filesystem::path& path);
   void require_finite_state(const char* caller, const std::filesystem::path& path, bool with_loss);
   [[noreturn]] void preempt();                                      // save, requeue, and throw PreemptedError
-  std::int64_t continue_saved_run(const detail::PendingResume& resume);  // returns the first batch to run
+  detail::EpochStart continue_saved_run(const detail::PendingResume& resume);  // where the first epoch starts
   RunPosition train_position() const;
   RunPosition current_position();
   detail::TrainingStateParts<Precision, callback_tuple> state_parts();
@@ -347,8 +348,7 @@ class Trainer {
   // Reads the vote started at this update step.
   bool stop_finished() { return stop_.finish(distributed_, place(state_.training ? "train" : "eval")); }
 
-  // The policies are bound to each other (accelerator.hpp), then the model, the loss module and every registered
-  // module go to the device.
+  // The policies are bound to each other (accelerator.hpp); the model, loss and registered modules go to the device.
   void place_modules() {
     bind_policies(device_, precision_, distributed_);
     device_.place(model_.module());
@@ -399,7 +399,8 @@ class Trainer {
       std::optional<detail::PreemptionSignals> preemption;  // handlers for this run only
       if (options_.preemption_dir) preemption.emplace(options_.preemption_signals);
       stop_.preempt_agreed = false;
-      std::int64_t first_batch = resume ? continue_saved_run(*resume) : 0;
+      sampling_ = {detail::train_dataset_size(train_loader)};  // the epoch's skip and batches come at its start
+      auto first = resume ? continue_saved_run(*resume) : detail::EpochStart{};
       run_started_ = true;
       if constexpr (!std::is_same_v<EvalLoader, NoEvalSet>) {
         eval_pass_ = {eval_loader, [](Trainer& trainer, void* loader) {
@@ -418,8 +419,8 @@ class Trainer {
           detail::ScopedValue point(save_point_, detail::SavePoint::inside);  // back to outside when the epoch is left
           if (stop_agreed()) throw StopTrainingError(stop_.reason);
           // The shuffling order follows the run history's epoch: successive train() calls and resumes see new ones.
-          train_loader.set_epoch(history_.current_epoch() - 1);
-          reached_max_steps = run_train_epoch(train_loader, eval_loader, std::exchange(first_batch, 0));
+          sampling_ = detail::start_epoch(train_loader, history_.current_epoch() - 1, first.skip);
+          reached_max_steps = run_train_epoch(train_loader, eval_loader, std::exchange(first, {}));
           if constexpr (!std::is_same_v<EvalLoader, NoEvalSet>) run_eval_epoch(*eval_loader, "eval_loss_epoch", false);
           steps::training_run_epoch_end::call(loop_, *this);
           {
@@ -436,8 +437,7 @@ class Trainer {
           ++epochs_done_;
           if (stop_agreed()) throw StopTrainingError(stop_.reason);
         } catch (const StopTrainingError& error) {
-          // A stop between an update's micro-steps leaves their gradients half accumulated: drop them, so that
-          // nothing of this run leaks into the next train() call.
+          // A stop between micro-steps leaves gradients half accumulated: dropped, none leak into the next train().
           steps::optimizer_zero_grad::call(loop_, *this);
           print(error.what());
           emit<events::on_stop_training_error>(error);
@@ -461,17 +461,17 @@ class Trainer {
     }
   }
 
-  // One training epoch from batch `first` (not 0 only when resuming); true when max_num_train_steps was reached.
+  // One training epoch from batch `first.batch` (not 0 only when resuming); true when max_num_train_steps was reached.
   template <class Loader, class EvalLoader>
-  bool run_train_epoch(Loader& loader, EvalLoader* eval_loader, std::int64_t first) {
+  bool run_train_epoch(Loader& loader, EvalLoader* eval_loader, detail::EpochStart first) {
     const auto accumulation = run_config_.gradient_accumulation_steps;
     const auto batches = static_cast<std::int64_t>(loader.size());
     const auto updates_left = run_config_.max_num_train_steps - state_.update_step;
     state_.training = true;
-    state_.step = first;
-    state_.num_batches = std::min(batches, first + updates_left * accumulation);
+    state_.step = first.batch;
+    state_.num_batches = std::min(batches, first.batch + updates_left * accumulation);
     steps::train_epoch_start::call(loop_, *this);
-    if (first == 0) train_tracker_.reset();
+    if (!first.resumed) train_tracker_.reset();
     {
       detail::ScopedValue starting(epoch_starting_, true);
       emit_in_epoch<events::on_train_epoch_start>();
@@ -607,8 +607,7 @@ class Trainer {
     }, prepare_loader(loader));
   }
 
-  // The loss step under the precision policy's autocast.
-  // A LibTorch error in it is raised again as a StepError that says where (try/catch costs nothing until a throw).
+  // The loss step under the precision policy's autocast; a LibTorch error in it is raised as a StepError saying where.
   template <bool Training, class Batch>
   auto forward(Batch& batch) {
     [[maybe_unused]] auto autocast = precision_.autocast(device_.device());
@@ -659,6 +658,7 @@ class Trainer {
   // training state and resume
   LossMeter train_tracker_;                 // the current training epoch's loss so far
   std::int64_t epochs_done_ = 0;            // epochs of the current run completed
+  detail::EpochSampling sampling_;          // the current training epoch's examples (resume.hpp)
   bool run_started_ = false;                // a train() call has set up the run
   detail::SavePoint save_point_ = detail::SavePoint::outside;
   std::optional<detail::PendingResume> pending_resume_;

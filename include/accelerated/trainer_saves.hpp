@@ -217,16 +217,39 @@ void ACCELERATED_TRAINER::preempt() {
 }
 
 // A loaded training state meets the run train() is starting: its shape must match (resume.hpp); a state saved
-// inside a run puts the loop where it was. Returns the batch of the epoch to start from.
+// inside a run puts the loop where it was. With the saved number of processes, the epoch continues at its next batch.
+// With another, its examples not yet trained are shared out anew, the update count goes on (file names and logs keep
+// growing) and the schedule moves to where a run of this many processes would be. Either way the run's last update
+// is where its last epoch ends.
 ACCELERATED_TRAINER_TEMPLATE
-std::int64_t ACCELERATED_TRAINER::continue_saved_run(const detail::PendingResume& resume) {
+detail::EpochStart ACCELERATED_TRAINER::continue_saved_run(const detail::PendingResume& resume) {
   detail::resume_run_shape(resume, train_position(), state_parts());
   const auto& saved = resume.position;
-  if (!saved.in_run) return 0;
-  state_.update_step = saved.update_step;
+  if (!saved.in_run) return {};
   epochs_done_ = saved.epochs_done;
   train_tracker_.restore(saved.loss_total, saved.loss_count);
-  return saved.batches_done;
+  state_.update_step = saved.update_step;
+  const auto processes = distributed_.num_processes();
+  const bool resumed = saved.batches_done > 0;
+  detail::EpochStart start{saved.batches_done, saved.epoch_start, resumed};
+  if (saved.num_processes != processes) {
+    if (options_.max_num_train_steps) {
+      throw std::invalid_argument("accelerated::Trainer::train: resuming '" + resume.file + "', saved by " +
+                                  std::to_string(saved.num_processes) + " processes, with " +
+                                  std::to_string(processes) + ": max_num_train_steps counts updates, whose size "
+                                  "changes with the number of processes; bound the run with num_epochs");
+    }
+    const auto moved = detail::update_step_continued(saved, processes, train_config_.num_update_steps_per_epoch) -
+                       saved.update_step;
+    if (scheduler_) schedulers::shift_schedule(*scheduler_, moved);
+    start = {0, resumed ? saved.examples_done : 0, resumed};
+  }
+  if (!options_.max_num_train_steps) {  // the run ends with its last epoch, wherever its update count stands
+    train_config_.max_num_train_steps = run_config_.max_num_train_steps = detail::last_update_continued(
+        saved, start, processes, run_config_.num_epochs, run_config_.num_update_steps_per_epoch,
+        run_config_.num_train_batches_per_epoch);
+  }
+  return start;
 }
 
 ACCELERATED_TRAINER_TEMPLATE
@@ -250,6 +273,8 @@ RunPosition ACCELERATED_TRAINER::train_position() const {
   p.num_train_batches_per_epoch = train_config_.num_train_batches_per_epoch;
   p.seed = static_cast<std::int64_t>(options_.seed);
   p.shuffle = options_.shuffle;
+  p.train_dataset_size = sampling_.dataset_size;
+  p.drop_last = options_.drop_last;
   return p;
 }
 
@@ -263,6 +288,8 @@ RunPosition ACCELERATED_TRAINER::current_position() {
   p.epochs_done = epochs_done_ + (save_point_ == detail::SavePoint::epoch_end ? 1 : 0);
   if (save_point_ == detail::SavePoint::update_end) {
     p.batches_done = state_.step;
+    p.epoch_start = sampling_.skip;
+    p.examples_done = sampling_.examples_done(state_.step, p.per_device_batch_size, p.num_processes);
     p.loss_total = train_tracker_.total();
     p.loss_count = train_tracker_.count();
   }

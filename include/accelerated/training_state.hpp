@@ -38,6 +38,12 @@ struct RunPosition {
   std::int64_t num_train_batches_per_epoch = 0;
   std::int64_t seed = 0;
   bool shuffle = true;
+  // What another number of processes needs to continue the epoch (absent from files of before 2026-12: such a state
+  // resumes with its own number of processes only). Positions count in the epoch's example order (sampler.hpp).
+  std::int64_t train_dataset_size = 0;  // 0: unknown (a loader of a LoopPolicy's own)
+  bool drop_last = false;
+  std::int64_t epoch_start = 0;    // examples the epoch's sampling skipped (continuing an epoch begun by another run)
+  std::int64_t examples_done = 0;  // examples of the next epoch's order trained (all of them: the epoch is complete)
 };
 
 namespace detail {
@@ -53,6 +59,13 @@ inline std::vector<std::pair<const char*, std::int64_t RunPosition::*>> position
           {"seed", &RunPosition::seed}};
 }
 
+// Written since resume at another number of processes; read only where present.
+inline std::vector<std::pair<const char*, std::int64_t RunPosition::*>> continuation_integers() {
+  return {{"train_dataset_size", &RunPosition::train_dataset_size},
+          {"epoch_start", &RunPosition::epoch_start},
+          {"examples_done", &RunPosition::examples_done}};
+}
+
 inline void write_position(torch::serialize::OutputArchive& archive, const RunPosition& p) {
   torch::serialize::OutputArchive out;
   for (const auto& [key, member] : position_integers()) out.write(key, torch::tensor(p.*member, torch::kLong));
@@ -60,6 +73,8 @@ inline void write_position(torch::serialize::OutputArchive& archive, const RunPo
   out.write("shuffle", torch::tensor(std::int64_t{p.shuffle}, torch::kLong));
   out.write("loss_total", torch::tensor(p.loss_total, torch::kDouble));
   out.write("loss_count", torch::tensor(p.loss_count, torch::kDouble));
+  for (const auto& [key, member] : continuation_integers()) out.write(key, torch::tensor(p.*member, torch::kLong));
+  out.write("drop_last", torch::tensor(std::int64_t{p.drop_last}, torch::kLong));
   archive.write("position", out);
 }
 
@@ -105,6 +120,27 @@ inline RunPosition read_position(torch::serialize::InputArchive& archive, const 
   p.shuffle = read_scalar(in, "shuffle", "position", file).item<std::int64_t>() != 0;
   p.loss_total = read_scalar(in, "loss_total", "position", file).item<double>();
   p.loss_count = read_scalar(in, "loss_count", "position", file).item<double>();
+  if (p.epochs_done < 0 || p.batches_done < 0 || p.update_step < 0 || p.num_processes < 1 ||
+      p.per_device_batch_size < 0 || p.gradient_accumulation_steps < 1 || p.num_train_batches_per_epoch < 0 ||
+      (p.in_run && p.batches_done > p.num_train_batches_per_epoch)) {
+    throw std::runtime_error("accelerated::load_training_state: '" + file + "' has a damaged position (epochs_done = " +
+                             std::to_string(p.epochs_done) + ", batches_done = " + std::to_string(p.batches_done) +
+                             ", update_step = " + std::to_string(p.update_step) + ", num_processes = " +
+                             std::to_string(p.num_processes) + ")");
+  }
+  torch::Tensor present;
+  if (in.try_read("train_dataset_size", present)) {  // then the rest is there too
+    for (const auto& [key, member] : continuation_integers()) {
+      p.*member = read_scalar(in, key, "position", file).item<std::int64_t>();
+    }
+    p.drop_last = read_scalar(in, "drop_last", "position", file).item<std::int64_t>() != 0;
+    if (p.train_dataset_size < 0 || p.epoch_start < 0 || p.examples_done < p.epoch_start ||
+        p.epoch_start > p.train_dataset_size || p.examples_done > p.train_dataset_size) {
+      throw std::runtime_error("accelerated::load_training_state: '" + file + "' has a damaged position (epoch_start = " +
+                               std::to_string(p.epoch_start) + ", examples_done = " + std::to_string(p.examples_done) +
+                               " of train_dataset_size = " + std::to_string(p.train_dataset_size) + ")");
+    }
+  }
   return p;
 }
 
@@ -157,6 +193,22 @@ inline void set_generator_state(torch::Device device, const torch::Tensor& state
   auto generator = at::globalContext().defaultGenerator(device);
   std::lock_guard<std::mutex> lock(generator.mutex());
   generator.set_state(state.to(torch::kCPU));  // a generator's state is a CPU byte tensor, also a GPU generator's
+}
+
+inline void seed_generator(torch::Device device, std::uint64_t seed) {
+  auto generator = at::globalContext().defaultGenerator(device);
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  generator.set_current_seed(seed);
+}
+
+// The seed of a process that the run saved at `position` did not have: from the run's seed, the update step and the
+// rank (SplitMix64's finaliser), so that two such processes, or two resumes at different steps, do not draw alike.
+inline std::uint64_t fresh_seed(const RunPosition& position, std::int64_t rank) {
+  std::uint64_t z = static_cast<std::uint64_t>(position.seed) ^ (static_cast<std::uint64_t>(position.update_step) << 20) ^
+                    (static_cast<std::uint64_t>(rank) * 0x9E3779B97F4A7C15ULL);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
 }
 
 }  // namespace detail

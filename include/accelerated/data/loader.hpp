@@ -39,15 +39,16 @@ class Loader {
   // (TrainOptions::num_workers), as with torch::data's own loader.
   static constexpr bool workers_by_default = std::is_same_v<Collate, DefaultCollate> && is_augmented_dataset_v<Source>;
 
-  // Batches per epoch on this process.
-  std::int64_t size() const { return sampler_.num_batches(); }
+  // Batches of the current epoch on this process (all of an epoch's, unless set_epoch skipped some examples).
+  std::int64_t size() const { return sampler_.batches_of(static_cast<std::int64_t>(order_.size())); }
   const EpochSampler& sampler() const { return sampler_; }
   Source& source() { return source_; }
 
-  // Selects the example order of `epoch` for the next pass (the trainer calls it at each epoch start).
-  void set_epoch(std::int64_t epoch) {
+  // Selects the example order of `epoch` for the next pass (the trainer calls it at each epoch start), without its
+  // first `skip` examples (a resumed run continuing an epoch that another number of processes began).
+  void set_epoch(std::int64_t epoch, std::int64_t skip = 0) {
     epoch_ = epoch;
-    order_ = sampler_.indices(epoch_);
+    order_ = sampler_.indices(epoch_, skip);
   }
   std::int64_t epoch() const { return epoch_; }
 

@@ -3,6 +3,8 @@
 // same on every process, so shuffling changes per epoch, resumes exactly, and needs no communication. With several
 // processes each takes every num_replicas-th example of that order (training pads by wrapping around so that every
 // process gets the same number of batches; evaluation does not pad, so each example is seen exactly once).
+// An epoch may also start after its first `skip` examples: a run resumed with another number of processes continues
+// the interrupted epoch with the examples the saved run had not trained, shared out the same way.
 #include <cstdint>
 #include <random>
 #include <stdexcept>
@@ -44,23 +46,32 @@ class EpochSampler {
     return size_ / r + (options_.rank < size_ % r ? 1 : 0);
   }
 
-  std::int64_t num_batches() const {
-    const auto n = num_samples();
+  std::int64_t num_batches() const { return batches_of(num_samples()); }
+
+  // Batches made of `samples` examples on this process.
+  std::int64_t batches_of(std::int64_t samples) const {
     const auto b = options_.batch_size;
-    return options_.drop_last ? n / b : (n + b - 1) / b;
+    return options_.drop_last ? samples / b : (samples + b - 1) / b;
   }
 
-  // This process's example indices for `epoch`, in batch order.
-  std::vector<std::int64_t> indices(std::int64_t epoch) const {
+  // This process's example indices for `epoch`, in batch order: every num_replicas-th example of the epoch's order
+  // after its first `skip` (the examples already trained, when a resumed run continues an epoch).
+  std::vector<std::int64_t> indices(std::int64_t epoch, std::int64_t skip = 0) const {
+    if (skip < 0 || skip > size_) {
+      throw std::invalid_argument("accelerated::data::EpochSampler: skip = " + std::to_string(skip) +
+                                  " is not in [0, dataset size = " + std::to_string(size_) + "]");
+    }
     std::vector<std::int64_t> order(static_cast<std::size_t>(size_));
     for (std::int64_t i = 0; i < size_; ++i) order[static_cast<std::size_t>(i)] = i;
     if (options_.shuffle) shuffle(order, epoch);
-    if (options_.num_replicas == 1) return order;
+    if (options_.num_replicas == 1 && skip == 0) return order;
+    const auto rest = size_ - skip;  // padding wraps around inside the rest: no trained example comes back
+    const auto r = options_.num_replicas;
+    const auto total = options_.pad_to_even ? (rest + r - 1) / r * r : rest;
     std::vector<std::int64_t> mine;
-    mine.reserve(static_cast<std::size_t>(num_samples()));
-    const auto total = options_.pad_to_even ? num_samples() * options_.num_replicas : size_;
-    for (auto i = options_.rank; i < total; i += options_.num_replicas) {
-      mine.push_back(order[static_cast<std::size_t>(i % size_)]);
+    mine.reserve(static_cast<std::size_t>(total / r + 1));
+    for (auto i = options_.rank; i < total; i += r) {
+      mine.push_back(order[static_cast<std::size_t>(skip + i % rest)]);
     }
     return mine;
   }

@@ -10,6 +10,7 @@
 #include <torch/serialize/output-archive.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -44,6 +45,11 @@ class PerUpdateScheduler : public torch::optim::LRScheduler, public StatefulSche
     updates_ = updates.item<std::int64_t>();
     base = base.contiguous();
     base_lrs_.assign(base.data_ptr<double>(), base.data_ptr<double>() + base.numel());
+    set(static_cast<const Derived&>(*this).lrs_at(updates_));
+  }
+
+  void shift(std::int64_t updates) override {
+    updates_ = std::max<std::int64_t>(0, updates_ + updates);
     set(static_cast<const Derived&>(*this).lrs_at(updates_));
   }
 
