@@ -35,6 +35,10 @@ echo "2 ranks: preempted, saved $state"
 unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT
 timeout 900 "$program" >"$dir/single" 2>"$dir/single_err" || { echo "the single process exited with $?"; cat "$dir/single" "$dir/single_err"; exit 1; }
 grep -q "Resuming from '.*$state'" "$dir/single" || { echo "the single process did not resume from $state"; cat "$dir/single"; exit 1; }
+# Mid-epoch: the state is after some update of epoch 1 (preempted_step_<n>, n > 0), and the single process goes on
+# with epoch 1 (a state saved at the epoch's end would start it at epoch 2).
+[[ $state =~ ^preempted_step_([0-9]+)\.pt$ && ${BASH_REMATCH[1]} -gt 0 ]] || { echo "$state is not after an update"; exit 1; }
+grep -q "Starting epoch 1" "$dir/single" || { echo "the single process did not go on with epoch 1"; cat "$dir/single"; exit 1; }
 last=$(tail -n 1 "$dir/single")
 echo "1 process: $(grep -m1 "Resuming from" "$dir/single")"
 echo "1 process: $last"

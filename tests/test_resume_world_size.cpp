@@ -64,14 +64,18 @@ struct RankResult {
   std::string error;
 };
 
+enum class Schedule { step_lr, cosine, wsd };
+
 struct Run {
   std::int64_t processes = 2;
   bool shard = false;
   std::filesystem::path resume_from;  // empty: a fresh run
-  std::filesystem::path save_to;      // with crash_at: saved there at that update, then the run fails
+  std::filesystem::path save_to;      // with crash_at: saved there at that update, then the run fails; else at the end
   std::int64_t crash_at = -1;
   std::int64_t accumulation = 1;
-  bool cosine = false;  // the library's cosine schedule over the run, else a StepLR that halves every 5 updates
+  // A StepLR that halves every 5 updates, or the library's cosine or WSD (linear decay) over the run.
+  Schedule schedule = Schedule::step_lr;
+  std::int64_t num_epochs = 3;
 };
 
 // 3 epochs of batch 4 per process, Adam, a scheduler stepped per update; ranks as threads under DataParallel, or
@@ -91,19 +95,28 @@ std::vector<RankResult> train(const Run& run) {
         trainer(model, torch::nn::MSELoss(), optimizer, epoch_2, epoch_3, SaveThenCrash{run.save_to, run.crash_at});
     trainer.distributed() = std::move(distributed);
     trainer.set_output(test::quiet());
-    acc::TrainOptions options{.num_epochs = 3, .per_device_batch_size = 4,
+    acc::TrainOptions options{.num_epochs = run.num_epochs, .per_device_batch_size = 4,
                               .gradient_accumulation_steps = run.accumulation, .seed = 7};
-    options.create_scheduler_fn = [cosine = run.cosine](torch::optim::Optimizer& o, const acc::RunConfig& config)
+    options.create_scheduler_fn = [schedule = run.schedule](torch::optim::Optimizer& o, const acc::RunConfig& config)
         -> std::unique_ptr<torch::optim::LRScheduler> {
-      if (!cosine) return std::make_unique<torch::optim::StepLR>(o, 5, 0.5);
-      return std::make_unique<acc::schedulers::CosineLrScheduler>(
-          o, acc::schedulers::CosineOptions{.total_num_epochs = config.num_epochs,
-                                            .num_update_steps_per_epoch = config.num_update_steps_per_epoch,
-                                            .lr_min = 1e-4});
+      namespace sch = acc::schedulers;
+      if (schedule == Schedule::cosine) {
+        return std::make_unique<sch::CosineLrScheduler>(
+            o, sch::CosineOptions{.total_num_epochs = config.num_epochs,
+                                  .num_update_steps_per_epoch = config.num_update_steps_per_epoch, .lr_min = 1e-4});
+      }
+      if (schedule == Schedule::wsd) {
+        return std::make_unique<sch::WsdLrScheduler>(
+            o, sch::WsdOptions{.total_steps = config.max_num_train_steps, .use_inverse_sqrt_decay = false});
+      }
+      return std::make_unique<torch::optim::StepLR>(o, 5, 0.5);
     };
     if (!run.resume_from.empty()) options.resume_from = run.resume_from;
     RankResult result;
-    result.error = test::error_or_none([&] { trainer.train(data, options); });
+    result.error = test::error_or_none([&] {
+      trainer.train(data, options);
+      if (run.crash_at < 0 && !run.save_to.empty()) trainer.save_training_state(run.save_to);
+    });
     result.seen_epoch_2 = *epoch_2.seen;
     result.seen_epoch_3 = *epoch_3.seen;
     result.loss_sum_epoch_2 = *epoch_2.loss_sum;
@@ -113,9 +126,14 @@ std::vector<RankResult> train(const Run& run) {
     if (std::find(names.begin(), names.end(), "train_loss_epoch") != names.end()) {
       result.epoch_losses = trainer.run_history().get_metric_values("train_loss_epoch");
     }
-    result.scheduler_count = trainer.scheduler()->*acc::schedulers::detail::StepCounter::member;
+    if (trainer.scheduler() != nullptr) {  // none when train() failed before making it
+      result.scheduler_count = trainer.scheduler()->*acc::schedulers::detail::StepCounter::member;
+    }
     if (const auto* cosine = dynamic_cast<acc::schedulers::CosineLrScheduler*>(trainer.scheduler())) {
       result.scheduler_count = cosine->num_updates();
+    }
+    if (const auto* wsd = dynamic_cast<acc::schedulers::WsdLrScheduler*>(trainer.scheduler())) {
+      result.scheduler_count = wsd->num_updates();
     }
     result.lr = optimizer.param_groups()[0].options().get_lr();
     result.optimizer_state_bytes = acc::distributed::optimizer_state_bytes(optimizer);
@@ -164,7 +182,7 @@ TEST_CASE("a 2-rank state resumed on 1 and on 3 processes trains each example of
   INFO("accumulation " << accumulation << (cosine ? ", cosine schedule" : ", StepLR"));
   const auto state = dir / "state.pt";
   const auto before = train({.processes = 2, .save_to = state, .crash_at = crash_at, .accumulation = accumulation,
-                             .cosine = cosine});
+                             .schedule = cosine ? Schedule::cosine : Schedule::step_lr});
   for (const auto& rank : before) REQUIRE_THAT(rank.error, Catch::Contains("simulated crash"));
   const auto trained_before = joined(before, &RankResult::seen_epoch_2);
   REQUIRE(static_cast<std::int64_t>(trained_before.size()) == trained);
@@ -172,7 +190,7 @@ TEST_CASE("a 2-rank state resumed on 1 and on 3 processes trains each example of
   const auto processes = GENERATE(1, 3);
   INFO("resumed on " << processes << " processes");
   const auto after = train({.processes = processes, .resume_from = state, .accumulation = accumulation,
-                            .cosine = cosine});
+                            .schedule = cosine ? Schedule::cosine : Schedule::step_lr});
   for (const auto& rank : after) REQUIRE(rank.error == "none");
   const auto trained_after = joined(after, &RankResult::seen_epoch_2);
   CHECK(static_cast<std::int64_t>(trained_after.size()) == examples - trained);
@@ -189,7 +207,8 @@ TEST_CASE("a 2-rank state resumed on 1 and on 3 processes trains each example of
   // ends: 3 epochs of 96 / (4 x processes x accumulation) updates.
   const auto updates_per_epoch = examples / (4 * processes * accumulation);
   const auto rest_updates = (examples - trained) / (4 * processes * accumulation);
-  const auto uninterrupted = train({.processes = processes, .accumulation = accumulation, .cosine = cosine});
+  const auto uninterrupted = train({.processes = processes, .accumulation = accumulation,
+                                    .schedule = cosine ? Schedule::cosine : Schedule::step_lr});
   for (const auto& rank : after) {
     CHECK(rank.epoch_losses.at(1) == Approx(loss_sum / examples).epsilon(1e-6));
     CHECK(rank.update_step == crash_at + rest_updates + updates_per_epoch);
@@ -395,5 +414,38 @@ TEST_CASE("a LibTorch StepLR resumes exactly: the learning rates travel with the
     CHECK(resumed[r].lr == uninterrupted[r].lr);
     CHECK(torch::equal(resumed[r].weights, uninterrupted[r].weights));
   }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("a run resized twice (2, then 3, then 1 process) ends its schedule where a 1-process run does",
+          "[distributed][resume][world_size]") {
+  const auto dir = test::fresh_dir("resume_world_size_twice");
+  const auto before = train({.processes = 2, .save_to = dir / "a.pt", .crash_at = 15, .schedule = Schedule::cosine});
+  const auto middle = train({.processes = 3, .resume_from = dir / "a.pt", .save_to = dir / "b.pt", .crash_at = 17,
+                             .schedule = Schedule::cosine});
+  for (const auto& rank : middle) REQUIRE_THAT(rank.error, Catch::Contains("simulated crash"));
+  const auto last = train({.processes = 1, .resume_from = dir / "b.pt", .schedule = Schedule::cosine});
+  REQUIRE(last[0].error == "none");
+  const auto uninterrupted = train({.processes = 1, .schedule = Schedule::cosine});
+  CHECK(last[0].scheduler_count == uninterrupted[0].scheduler_count);
+  CHECK(last[0].scheduler_count == 72);
+  CHECK(last[0].lr == Approx(uninterrupted[0].lr).epsilon(1e-12));
+  const auto a = joined(before, &RankResult::seen_epoch_2);
+  const auto b = joined(middle, &RankResult::seen_epoch_2);
+  CHECK(each_example_once(counts({&a, &b, &last[0].seen_epoch_2})));
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("a WSD schedule resumes from a state whose rate decayed below its warm-up start", "[resume][world_size]") {
+  // The saved rates are set back once the run's scheduler exists: set at the load, the WSD constructor took the
+  // decayed rate (1e-8) for its base and refused its warm-up start (1e-6) as above it.
+  const auto dir = test::fresh_dir("resume_wsd");
+  const auto first = train({.processes = 1, .save_to = dir / "final.pt", .schedule = Schedule::wsd});
+  REQUIRE(first[0].error == "none");
+  REQUIRE(first[0].lr < 1e-6);
+  const auto extended = train({.processes = 1, .resume_from = dir / "final.pt", .schedule = Schedule::wsd,
+                               .num_epochs = 4});
+  CHECK(extended[0].error == "none");
+  CHECK(extended[0].scheduler_count == 96);
   std::filesystem::remove_all(dir);
 }

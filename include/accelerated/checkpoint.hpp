@@ -164,7 +164,8 @@ inline std::string optimizer_type(const torch::optim::Optimizer& optimizer) {
 // the optimizer's state (through its own serialisation, in memory).
 // Each parameter group's learning rate. LibTorch's Optimizer::load restores the optimizer's state but not its groups'
 // options, so a rate a LibTorch scheduler lowered step by step (StepLR, ExponentialLR) would come back as the initial
-// one: a training state keeps the rates beside the state (`optimizer_lrs`), and its load sets them back.
+// one: a training state keeps the rates beside the state (`optimizer_lrs`), and the resumed train() sets them back
+// once the run's scheduler exists (resume.hpp: a scheduler's constructor may read the rate it starts from).
 inline std::vector<double> learning_rates(const torch::optim::Optimizer& optimizer) {
   std::vector<double> rates;
   for (const auto& group : optimizer.param_groups()) rates.push_back(group.options().get_lr());
@@ -176,11 +177,13 @@ inline void set_learning_rates(torch::optim::Optimizer& optimizer, const std::ve
   for (std::size_t i = 0; i < groups.size() && i < rates.size(); ++i) groups[i].options().set_lr(rates[i]);
 }
 
-// Sets the rates a file saved (files from before the entry existed have none); a damaged entry is named.
-inline void restore_learning_rates(torch::serialize::InputArchive& archive, torch::optim::Optimizer& optimizer,
-                                   const std::string& where) {
+// The rates a file saved, checked against `optimizer` (none in files from before the entry existed); a damaged entry
+// is named.
+inline std::optional<std::vector<double>> saved_learning_rates(torch::serialize::InputArchive& archive,
+                                                               const torch::optim::Optimizer& optimizer,
+                                                               const std::string& where) {
   torch::Tensor rates;
-  if (!archive.try_read("optimizer_lrs", rates)) return;
+  if (!archive.try_read("optimizer_lrs", rates)) return std::nullopt;
   if (rates.scalar_type() != torch::kDouble || rates.dim() != 1 ||
       rates.size(0) != static_cast<std::int64_t>(optimizer.param_groups().size()) ||
       !torch::isfinite(rates).all().item<bool>()) {
@@ -188,7 +191,7 @@ inline void restore_learning_rates(torch::serialize::InputArchive& archive, torc
                              std::to_string(optimizer.param_groups().size()) + " parameter groups)");
   }
   rates = rates.cpu().contiguous();
-  set_learning_rates(optimizer, std::vector<double>(rates.data_ptr<double>(), rates.data_ptr<double>() + rates.numel()));
+  return std::vector<double>(rates.data_ptr<double>(), rates.data_ptr<double>() + rates.numel());
 }
 
 class LoadTransaction {

@@ -191,8 +191,8 @@ StagedTrainingState stage_training_state_unguarded(const std::filesystem::path& 
   staged.transaction = std::make_unique<LoadTransaction>(parts.model, parts.optimizer);
   staged.values = read_common_uncommitted(*archive, parts.model, parts.optimizer, file, "load_training_state",
                                           /*require_finite=*/true, device);
-  if (parts.optimizer != nullptr) {
-    restore_learning_rates(*archive, *parts.optimizer, "accelerated::load_training_state: '" + file + "'");
+  if (parts.optimizer != nullptr) {  // checked now; set when the run's scheduler exists (resume_run_shape)
+    saved_learning_rates(*archive, *parts.optimizer, "accelerated::load_training_state: '" + file + "'");
   }
   staged.resume = PendingResume{std::move(archive), position, file};
   return staged;
@@ -402,6 +402,13 @@ void resume_run_shape_unguarded(const PendingResume& resume, const RunPosition& 
                                 "': the saved run had no scheduler, but this run creates one");
   }
   const auto where = "accelerated::Trainer::train: resuming '" + resume.file + "'";
+  // The rates, then the scheduler's state: after the scheduler's constructor, which may read the rate it starts
+  // from (ours take it as their base value, which their saved state then replaces).
+  if (parts.optimizer != nullptr) {
+    if (const auto rates = saved_learning_rates(archive, *parts.optimizer, where)) {
+      set_learning_rates(*parts.optimizer, *rates);
+    }
+  }
   if (saved_scheduler) {
     load_section(where, "scheduler", [&] { schedulers::load_scheduler_state(scheduler, *parts.scheduler); });
   }

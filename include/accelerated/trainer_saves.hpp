@@ -239,8 +239,11 @@ detail::EpochStart ACCELERATED_TRAINER::continue_saved_run(const detail::Pending
                                   std::to_string(processes) + ": max_num_train_steps counts updates, whose size "
                                   "changes with the number of processes; bound the run with num_epochs");
     }
+    // From where the saved run's schedule stood to where this run's stands: both in their own run's updates, so
+    // that a run resized before (whose count ran ahead of its schedule) moves by the right amount again.
+    const auto saved_updates_per_epoch = detail::updates_of(saved, saved.num_train_batches_per_epoch);
     const auto moved = detail::update_step_continued(saved, processes, train_config_.num_update_steps_per_epoch) -
-                       saved.update_step;
+                       detail::update_step_continued(saved, saved.num_processes, saved_updates_per_epoch);
     if (scheduler_) schedulers::shift_schedule(*scheduler_, moved);
     start = {0, resumed ? saved.examples_done : 0, resumed};
   }
