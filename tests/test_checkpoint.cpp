@@ -90,6 +90,27 @@ TEST_CASE("a checkpoint restores the model, the optimizer and the saved values",
   fs::remove_all(dir);
 }
 
+TEST_CASE("a checkpoint restores each parameter group's learning rate on LibTorch 1.13 as on 2.x", "[checkpoint]") {
+  // LibTorch 1.13's Optimizer::load left the groups' options as constructed and 2.x's restores them: the file carries
+  // the rates (optimizer_lrs), so a load gives the same optimizer on either version, as Python's load_state_dict does.
+  const auto dir = test::fresh_dir("checkpoint_lrs");
+  auto model = test::linear_model();
+  auto groups = [&] {
+    return std::vector<torch::optim::OptimizerParamGroup>{
+        torch::optim::OptimizerParamGroup({model->weight}, std::make_unique<torch::optim::SGDOptions>(0.1)),
+        torch::optim::OptimizerParamGroup({model->bias}, std::make_unique<torch::optim::SGDOptions>(0.01))};
+  };
+  torch::optim::SGD saved(groups(), torch::optim::SGDOptions(0.1));
+  saved.param_groups()[0].options().set_lr(0.05);  // lowered by a schedule
+  saved.param_groups()[1].options().set_lr(0.004);
+  acc::save_checkpoint(dir / "ckpt.pt", *model, &saved);
+  torch::optim::SGD loaded(groups(), torch::optim::SGDOptions(0.1));
+  acc::load_checkpoint(dir / "ckpt.pt", *model, &loaded);
+  CHECK(loaded.param_groups()[0].options().get_lr() == 0.05);
+  CHECK(loaded.param_groups()[1].options().get_lr() == 0.004);
+  fs::remove_all(dir);
+}
+
 TEST_CASE("bad checkpoints are refused with the entry named and nothing changed", "[checkpoint][bad_input]") {
   const auto dir = test::fresh_dir("bad_checkpoint");
   Fixture f;

@@ -162,10 +162,11 @@ inline std::string optimizer_type(const torch::optim::Optimizer& optimizer) {
 // What a load may change, copied so that a load that fails half-way (or that another rank could not do) puts it
 // back: the model's parameters and buffers, copied to host memory (a GPU's memory stays for the loaded values), and
 // the optimizer's state (through its own serialisation, in memory).
-// Each parameter group's learning rate. LibTorch's Optimizer::load restores the optimizer's state but not its groups'
-// options, so a rate a LibTorch scheduler lowered step by step (StepLR, ExponentialLR) would come back as the initial
-// one: a training state keeps the rates beside the state (`optimizer_lrs`), and the resumed train() sets them back
-// once the run's scheduler exists (resume.hpp: a scheduler's constructor may read the rate it starts from).
+// Each parameter group's learning rate. LibTorch 1.13's Optimizer::load restores the optimizer's state but not its
+// groups' options (2.x's restores them), so a rate a LibTorch scheduler lowered step by step (StepLR) came back as the
+// initial one: checkpoints and training states keep the rates beside the state (`optimizer_lrs`). A checkpoint's load
+// sets them; a training state's waits until the resumed train() has made its scheduler (resume.hpp: a scheduler's
+// constructor may read the rate it starts from).
 inline std::vector<double> learning_rates(const torch::optim::Optimizer& optimizer) {
   std::vector<double> rates;
   for (const auto& group : optimizer.param_groups()) rates.push_back(group.options().get_lr());
@@ -257,6 +258,7 @@ inline void write_common(torch::serialize::OutputArchive& archive, const torch::
       archive.write("optimizer", state);
     }
     archive.write("optimizer_type", c10::IValue(optimizer_type(*optimizer)));
+    archive.write("optimizer_lrs", torch::tensor(learning_rates(*optimizer), torch::kDouble));
   }
   torch::serialize::OutputArchive extra;
   for (const auto& [key, value] : values) extra.write(key, torch::tensor(value, torch::kDouble));
@@ -333,6 +335,11 @@ inline std::map<std::string, double> read_common(torch::serialize::InputArchive&
                                                  const std::string& caller) {
   LoadTransaction transaction(module, optimizer);
   auto values = read_common_uncommitted(archive, module, optimizer, file, caller);
+  if (optimizer != nullptr) {
+    if (const auto rates = saved_learning_rates(archive, *optimizer, "accelerated::" + caller + ": '" + file + "'")) {
+      set_learning_rates(*optimizer, *rates);
+    }
+  }
   transaction.commit();
   return values;
 }

@@ -81,9 +81,6 @@ ArchiveContents training_state_contents(const std::filesystem::path& path,
   torch::serialize::OutputArchive archive;
   archive.write("accelerated_training_state_version", torch::tensor(training_state_format_version, torch::kLong));
   write_common(archive, parts.model, parts.optimizer, values, parts.shards);
-  if (parts.optimizer != nullptr) {
-    archive.write("optimizer_lrs", torch::tensor(learning_rates(*parts.optimizer), torch::kDouble));
-  }
   write_position(archive, position);
   write_history(archive, parts.history, history_epoch);
   if (parts.scheduler != nullptr) {
@@ -112,6 +109,9 @@ struct PendingResume {
   std::shared_ptr<torch::serialize::InputArchive> archive;
   RunPosition position;
   std::string file;
+  // Each parameter group's rate for the resumed train() to set once its scheduler exists: the saved `optimizer_lrs`,
+  // or (a file from before the entry) the rates the optimizer's load left.
+  std::vector<double> learning_rates;
 };
 
 // A training state read and checked, with the model and optimizer already loaded under a transaction that puts them
@@ -189,12 +189,19 @@ StagedTrainingState stage_training_state_unguarded(const std::filesystem::path& 
   staged.history = parts.history;
   read_history(*archive, staged.history, file);
   staged.transaction = std::make_unique<LoadTransaction>(parts.model, parts.optimizer);
+  const auto rates_before = parts.optimizer != nullptr ? learning_rates(*parts.optimizer) : std::vector<double>{};
   staged.values = read_common_uncommitted(*archive, parts.model, parts.optimizer, file, "load_training_state",
                                           /*require_finite=*/true, device);
-  if (parts.optimizer != nullptr) {  // checked now; set when the run's scheduler exists (resume_run_shape)
-    saved_learning_rates(*archive, *parts.optimizer, "accelerated::load_training_state: '" + file + "'");
+  std::vector<double> rates;
+  if (parts.optimizer != nullptr) {
+    // LibTorch 2.x's Optimizer::load also restores the groups' options, the rates with them (1.13's leaves them): the
+    // rates go back to this run's, on either version, until the resumed train() has made its scheduler, whose
+    // constructor may read the rate it starts from (resume_run_shape sets the saved ones then).
+    rates = saved_learning_rates(*archive, *parts.optimizer, "accelerated::load_training_state: '" + file + "'")
+                .value_or(learning_rates(*parts.optimizer));
+    set_learning_rates(*parts.optimizer, rates_before);
   }
-  staged.resume = PendingResume{std::move(archive), position, file};
+  staged.resume = PendingResume{std::move(archive), position, file, std::move(rates)};
   return staged;
 }
 
@@ -404,11 +411,7 @@ void resume_run_shape_unguarded(const PendingResume& resume, const RunPosition& 
   const auto where = "accelerated::Trainer::train: resuming '" + resume.file + "'";
   // The rates, then the scheduler's state: after the scheduler's constructor, which may read the rate it starts
   // from (ours take it as their base value, which their saved state then replaces).
-  if (parts.optimizer != nullptr) {
-    if (const auto rates = saved_learning_rates(archive, *parts.optimizer, where)) {
-      set_learning_rates(*parts.optimizer, *rates);
-    }
-  }
+  if (parts.optimizer != nullptr) set_learning_rates(*parts.optimizer, resume.learning_rates);
   if (saved_scheduler) {
     load_section(where, "scheduler", [&] { schedulers::load_scheduler_state(scheduler, *parts.scheduler); });
   }

@@ -1,7 +1,7 @@
 #pragma once
 // A scheduler's state, saved with the training state. Any LibTorch LRScheduler has an update counter
 // (LRScheduler::step_count_, protected); the rates themselves live in the optimizer's parameter groups, which the
-// training state saves beside the optimizer (optimizer_lrs: LibTorch's Optimizer::load does not restore them). A
+// training state saves beside the optimizer (optimizer_lrs: LibTorch 1.13's Optimizer::load does not restore them). A
 // scheduler with more state (ours: the base values it scales) implements StatefulScheduler.
 #include <torch/optim/schedulers/lr_scheduler.h>
 #include <torch/serialize/input-archive.h>
