@@ -1,9 +1,9 @@
 // Fine-tuning, in C++, a backbone pre-trained in Python: examples/pretrain_backbone.py trains it on Fashion-MNIST
-// classes 0-4 and saves torch.save(backbone.state_dict(), path); here the weights are loaded with
-// accelerated::load_state_dict (every name and shape checked), the backbone is frozen with ModelFreezer, and a new
-// head learns classes 5-9; then the backbone is unfrozen and trained at a lower rate. The fine-tuned model goes back
-// to Python with save_state_dict.
-// Usage: finetune_from_python BACKBONE.pt OUT.pt [fashion-mnist folder]. Last line: JSON with the accuracy.
+// classes 0-4 and saves torch.save(backbone.state_dict(), path) or a safetensors file; here the weights are loaded
+// with accelerated::load_state_dict (either format, every name and shape checked), the backbone is frozen with
+// ModelFreezer, and a new head learns classes 5-9; then the backbone is unfrozen and trained at a lower rate. The
+// fine-tuned model goes back to Python with save_state_dict (safetensors when OUT ends in ".safetensors").
+// Usage: finetune_from_python BACKBONE OUT [fashion-mnist folder]. Last line: JSON with the accuracy.
 #include <accelerated/accelerated.hpp>
 
 namespace acc = accelerated;
@@ -65,7 +65,7 @@ int main(int argc, char** argv) try {
   }
   trainer.train(train, options, test);
 
-  acc::save_state_dict(model, argv[2]);  // Python: model.load_state_dict(torch.load(OUT.pt))
+  acc::save_state_dict(model, argv[2]);  // Python: model.load_state_dict(torch.load(OUT.pt)), or load_file(OUT.safetensors)
   std::cout << R"({"eval_accuracy_frozen_backbone":)" << frozen_accuracy << R"(,"eval_accuracy":)"
             << trainer.run_history().get_latest_metric("eval_accuracy") << "}" << std::endl;
 } catch (const std::exception& error) {

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-60}
 shift || true
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(state_dict checkpoint training_state idx latest env)
+[[ ${#targets[@]} -gt 0 ]] || targets=(state_dict checkpoint training_state idx latest env safetensors)
 work=${TMPDIR:-/tmp}/accelerated-fuzz
 headers=/usr/include/torch/csrc/api/include
 mkdir -p "$work"

@@ -11,12 +11,12 @@ debian13_start test-debian13.sh
 echo "Debian 13 root ready in $((SECONDS - started)) s: $root"
 debian13_copy_checkout "$root" "$PWD"
 # ccache lives in the root, beside its compiler, and survives between runs.
-# One test extra here, python3-torch: PyTorch 2.6 opens the files the library writes and writes the ones it reads
-# (the Python interop tests). Its torchrun cannot start (its store asks for libuv, which Debian's build lacks: "use_libuv
+# Two test extras here, python3-torch: PyTorch 2.6 opens the files the library writes and writes the ones it reads
+# (the Python interop tests), and python3-numpy (the safetensors tests' reader and writer). Its torchrun cannot start (its store asks for libuv, which Debian's build lacks: "use_libuv
 # was requested"), so the torchrun tests skip here with that reason (tests/torchrun_can_start.sh), as do the SLURM
 # and fuzzing tests (their packages are not installed); they run in the Debian 12 job. Without PyTorch 2.6 the job
 # fails: the docs say CI opens the files in it.
-debian13_run "$root" 'cd /src/accelerated && export CCACHE_DIR=/var/cache/ccache CCACHE_MAXSIZE=4G ACCELERATED_TEST_EXTRAS=python3-torch &&
+debian13_run "$root" 'cd /src/accelerated && export CCACHE_DIR=/var/cache/ccache CCACHE_MAXSIZE=4G ACCELERATED_TEST_EXTRAS="python3-torch python3-numpy" &&
   echo "LibTorch $(awk "/define TORCH_VERSION_(MAJOR|MINOR|PATCH)/ { v = v s \$3; s = \".\" } END { print v }" /usr/include/torch/csrc/api/include/torch/version.h), $(g++ --version | head -n 1)" &&
   ./scripts/install-test-extras.sh && python3 -c "import torch" && ./scripts/test.sh'
 echo "Debian 13 (LibTorch 2.6) suite: $((SECONDS - started)) s"

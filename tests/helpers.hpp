@@ -3,7 +3,9 @@
 #include <accelerated/accelerated.hpp>
 #include "catch.hpp"
 
+#include <malloc.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <fcntl.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -15,10 +17,84 @@
 #include <vector>
 
 #include <filesystem>
+#include <fstream>
 #include <sstream>
 #include <string>
 
 namespace test {
+
+// Bytes the process's heap holds in live allocations now, in MB. Not the resident memory: with the trainer's
+// allocator tuning (detail/allocator_tuning.hpp) glibc keeps freed blocks for reuse instead of unmapping them.
+inline double live_heap_mb() {
+  const auto info = ::mallinfo2();
+  return static_cast<double>(info.uordblks + info.hblkhd) / (1024.0 * 1024.0);
+}
+// The process's peak resident memory since the last reset_peak_resident() (VmHWM); ru_maxrss would count a peak of
+// an earlier test in the same process, and make a growth measured after it 0.
+inline double peak_resident_mb() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  }
+  rusage usage{};
+  ::getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_maxrss) / 1024.0;
+}
+// The Python interpreter that can import `module` (Debian's python3-torch and python3-numpy install for
+// /usr/bin/python3), or "".
+inline std::string python_with(const std::string& module) {
+  for (const char* candidate : {"/usr/bin/python3", "python3"}) {
+    if (std::system((std::string(candidate) + " -c 'import " + module + "' >/dev/null 2>&1").c_str()) == 0) {
+      return candidate;
+    }
+  }
+  return "";
+}
+
+// Runs tests/python/<script> with `python` and the arguments, each quoted; returns its exit status.
+inline int run_python(const std::string& python, const std::string& script, const std::vector<std::string>& args) {
+  std::string command = python + " '" + ACCELERATED_TEST_SOURCE_DIR + "/python/" + script + "'";
+  for (const auto& arg : args) command += " '" + arg + "'";
+  return std::system(command.c_str());
+}
+
+// The message of what `load` throws ("" when it loads), checked to name `file` and to hold no LibTorch backtrace.
+template <class Load>
+inline std::string load_error(const std::filesystem::path& file, Load&& load) {
+  try {
+    load();
+  } catch (const std::exception& error) {
+    const std::string what = error.what();
+    INFO(what);
+    CHECK_THAT(what, Catch::Contains(file.string()));
+    CHECK_THAT(what, !Catch::Contains("Exception raised from"));
+    return what;
+  }
+  return "";
+}
+
+// A file's bytes, and a file made of bytes.
+inline std::string file_bytes(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), {}};
+}
+inline void write_bytes(const std::filesystem::path& path, const std::string& bytes) {
+  std::ofstream(path, std::ios::binary | std::ios::trunc).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+// The process's resident memory now (VmRSS), in MB.
+inline double resident_mb() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  }
+  return 0.0;
+}
+inline double reset_peak_resident_mb() {  // Linux: writing 5 to clear_refs sets the peak to what is resident now
+  std::ofstream("/proc/self/clear_refs") << "5";
+  return peak_resident_mb();
+}
+
 
 // y = x . w + noise, 8 features: enough for a loss that moves, small enough to run in milliseconds.
 inline std::pair<torch::Tensor, torch::Tensor> regression_data(std::int64_t n, std::uint64_t seed = 1) {

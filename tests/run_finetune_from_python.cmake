@@ -1,6 +1,7 @@
-# Python pre-trains a backbone (examples/pretrain_backbone.py, torch.save of its state_dict), the C++ example
-# fine-tunes it and saves the result with save_state_dict, and Python loads that strictly. Skipped (printed reason)
-# without a python3 that has torch.
+# Python pre-trains a backbone (examples/pretrain_backbone.py: a safetensors file, written from the published format),
+# the C++ example fine-tunes it and saves the result with save_state_dict as safetensors, and Python loads that
+# strictly. (The torch.save format both ways is the [state_dict][python] tests'.) Skipped (printed reason) without a
+# python3 that has torch.
 # Usage: cmake -DPROGRAM=... -DSCRIPT=... -DWORK=... -DMIN_ACCURACY=... -P run_finetune_from_python.cmake
 set(python "")
 foreach(candidate /usr/bin/python3 python3)
@@ -25,11 +26,11 @@ function(run)
   message(STATUS "${out}")
   set(output "${out}" PARENT_SCOPE)
 endfunction()
-run(${python} ${SCRIPT} ${WORK}/backbone.pt)
-run(${PROGRAM} ${WORK}/backbone.pt ${WORK}/finetuned.pt)
+run(${python} ${SCRIPT} ${WORK}/backbone.safetensors)
+run(${PROGRAM} ${WORK}/backbone.safetensors ${WORK}/finetuned.safetensors)
 string(REGEX MATCH "[^\n]*$" last "${output}")
 string(JSON accuracy GET "${last}" eval_accuracy)
 if(accuracy LESS MIN_ACCURACY)
   message(FATAL_ERROR "eval_accuracy ${accuracy} < ${MIN_ACCURACY}")
 endif()
-run(${python} ${SCRIPT} --check-finetuned ${WORK}/finetuned.pt)
+run(${python} ${SCRIPT} --check-finetuned ${WORK}/finetuned.safetensors)

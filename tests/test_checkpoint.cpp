@@ -25,13 +25,6 @@ struct Fixture {
 }  // namespace
 
 namespace {
-std::string file_bytes(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), {}};
-}
-void write_bytes(const fs::path& path, const std::string& bytes) {
-  std::ofstream(path, std::ios::binary | std::ios::trunc).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
 // The offset of the central directory entry of the record whose name ends with `suffix`.
 std::size_t directory_entry(const std::string& zip, const std::string& suffix) {
   for (auto at = zip.find("PK\x01\x02"); at != std::string::npos; at = zip.find("PK\x01\x02", at + 1)) {
@@ -50,20 +43,6 @@ void train_and_save_both(Fixture& f, const fs::path& dir, const std::map<std::st
   f.trainer.train(test::regression_data(32), {.num_epochs = 1, .per_device_batch_size = 8});
   f.trainer.save_checkpoint(dir / "ckpt.pt", values);
   f.trainer.save_training_state(dir / "state.pt");
-}
-// The message of what `load` throws ("" when it loads), checked to name `file` and to hold no LibTorch backtrace.
-template <class Load>
-std::string load_error(const fs::path& file, Load&& load) {
-  try {
-    load();
-  } catch (const std::exception& error) {
-    const std::string what = error.what();
-    INFO(what);
-    CHECK_THAT(what, Catch::Contains(file.string()));
-    CHECK_THAT(what, !Catch::Contains("Exception raised from"));
-    return what;
-  }
-  return "";
 }
 }  // namespace
 
@@ -261,44 +240,21 @@ TEST_CASE("metrics go to CSV and JSON lines and the curves to an SVG after every
   fs::remove_all(dir);
 }
 
-namespace {
-// Bytes the process's heap holds in live allocations now, in MB. Not the resident memory: with the trainer's
-// allocator tuning (detail/allocator_tuning.hpp) glibc keeps freed blocks for reuse instead of unmapping them.
-double live_heap_mb() {
-  const auto info = ::mallinfo2();
-  return static_cast<double>(info.uordblks + info.hblkhd) / (1024.0 * 1024.0);
-}
-// The process's peak resident memory since the last reset_peak_resident() (VmHWM); ru_maxrss would count a peak of
-// an earlier test in the same process, and make a growth measured after it 0.
-double peak_resident_mb() {
-  std::ifstream status("/proc/self/status");
-  for (std::string line; std::getline(status, line);) {
-    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
-  }
-  rusage usage{};
-  ::getrusage(RUSAGE_SELF, &usage);
-  return static_cast<double>(usage.ru_maxrss) / 1024.0;
-}
-double reset_peak_resident_mb() {  // Linux: writing 5 to clear_refs sets the peak to what is resident now
-  std::ofstream("/proc/self/clear_refs") << "5";
-  return peak_resident_mb();
-}
-}  // namespace
 
 TEST_CASE("saving streams the archive to disk instead of holding copies of it in memory", "[checkpoint]") {
   const auto dir = test::fresh_dir("checkpoint_memory");
   torch::nn::Linear big(4096, 16384);  // 64 M floats: 256 MB of weights
   torch::NoGradGuard no_grad;
   big->weight.fill_(1.0);  // touch every page, so the weights count in the peak before the save
-  const double before = reset_peak_resident_mb();
+  const double before = test::reset_peak_resident_mb();
   acc::save_checkpoint(dir / "big.pt", *big);
-  const double growth = peak_resident_mb() - before;
+  const double growth = test::peak_resident_mb() - before;
   INFO("peak resident memory grew by " << growth << " MB while saving 256 MB");
   CHECK(growth < 96.0);  // holding the archive in memory (once or twice) grows it by 256-512 MB
   // A state dict for Python too (it held the whole file in a string: +256 MB).
-  const double before_state_dict = reset_peak_resident_mb();
+  const double before_state_dict = test::reset_peak_resident_mb();
   acc::save_state_dict(*big, dir / "big_state_dict.pt");
-  const double state_dict_growth = peak_resident_mb() - before_state_dict;
+  const double state_dict_growth = test::peak_resident_mb() - before_state_dict;
   INFO("peak resident memory grew by " << state_dict_growth << " MB while saving a 256 MB state dict");
   CHECK(state_dict_growth < 96.0);
   CHECK(acc::read_state_dict(dir / "big_state_dict.pt").size() == 2);
@@ -310,7 +266,7 @@ namespace {
 struct MeasureHeld {
   double* held;
   const double* before;
-  void operator()(acc::on_train_epoch_start, auto&) { *held = std::max(*held, live_heap_mb() - *before); }
+  void operator()(acc::on_train_epoch_start, auto&) { *held = std::max(*held, test::live_heap_mb() - *before); }
 };
 }  // namespace
 
@@ -330,10 +286,10 @@ TEST_CASE("resuming holds two copies of the model at the peak (the file's and th
   trainer.set_output(test::quiet());
   trainer.save_training_state(dir / "state.pt");
   const double model_mb = 4096.0 * 16384.0 * 4.0 / (1024.0 * 1024.0);
-  heap_before = live_heap_mb();
-  const double peak_before = reset_peak_resident_mb();
+  heap_before = test::live_heap_mb();
+  const double peak_before = test::reset_peak_resident_mb();
   trainer.load_training_state(dir / "state.pt");
-  const double peak_growth = peak_resident_mb() - peak_before;
+  const double peak_growth = test::peak_resident_mb() - peak_before;
   const auto x = torch::zeros({4, 4096});
   const auto y = torch::zeros({4, 16384});
   trainer.train(std::pair{x, y}, {.num_epochs = 1, .per_device_batch_size = 2});
@@ -401,7 +357,7 @@ TEST_CASE("a checkpoint and a training state saved on a GPU load onto this train
     ACCELERATED_SKIP("python3 is needed to write a GPU-saved file on a machine without a GPU");
   }
   // The rewritten file does say CUDA: Python's torch.load (without map_location) could not open it here.
-  CHECK(file_bytes(dir / "ckpt_gpu.pt").find("cuda:0") != std::string::npos);
+  CHECK(test::file_bytes(dir / "ckpt_gpu.pt").find("cuda:0") != std::string::npos);
   Fixture b;
   b.trainer.load_checkpoint(dir / "ckpt_gpu.pt");
   CHECK(torch::equal(test::flat_parameters(*a.model), test::flat_parameters(*b.model)));
@@ -453,17 +409,10 @@ InteropNet trained_interop_net(std::uint64_t seed) {
   return net;
 }
 
-// The Python interpreter that has torch (Debian's python3-torch installs for /usr/bin/python3), or "".
-std::string python_with_torch() {
-  for (const char* candidate : {"/usr/bin/python3", "python3"}) {
-    if (std::system((std::string(candidate) + " -c 'import torch' >/dev/null 2>&1").c_str()) == 0) return candidate;
-  }
-  return "";
-}
+std::string python_with_torch() { return test::python_with("torch"); }
 
 int run_interop_script(const std::string& python, const std::string& mode, const fs::path& weights, const fs::path& io) {
-  const auto script = std::string(ACCELERATED_TEST_SOURCE_DIR) + "/python/state_dict_interop.py";
-  return std::system((python + " '" + script + "' " + mode + " '" + weights.string() + "' '" + io.string() + "'").c_str());
+  return test::run_python(python, "state_dict_interop.py", {mode, weights.string(), io.string()});
 }
 }  // namespace
 
@@ -657,7 +606,7 @@ TEST_CASE("checkpoints and training states are torch.save files that a TorchScri
   train_and_save_both(f, dir);
   // The records torch.save writes (a pickle and raw storages), and none of a TorchScript archive's.
   for (const auto* name : {"ckpt.pt", "state.pt"}) {
-    const auto bytes = file_bytes(dir / name);
+    const auto bytes = test::file_bytes(dir / name);
     CHECK(bytes.find("/data.pkl") != std::string::npos);
     CHECK(bytes.find("/data/0") != std::string::npos);
     CHECK(bytes.find("constants.pkl") == std::string::npos);
@@ -849,7 +798,7 @@ TEST_CASE("a damaged checkpoint or training state is an exception naming the fil
   std::mt19937 random(2026);
   int refused = 0, cases = 0;
   for (const auto* name : {"ckpt.pt", "state.pt"}) {
-    const auto good = file_bytes(dir / name);
+    const auto good = test::file_bytes(dir / name);
     for (int i = 0; i < 250; ++i, ++cases) {
       auto bytes = good;
       switch (i % 4) {
@@ -872,12 +821,12 @@ TEST_CASE("a damaged checkpoint or training state is an exception naming the fil
         }
       }
       const auto mutated = dir / ("mutated_" + std::to_string(cases) + ".pt");
-      write_bytes(mutated, bytes);
+      test::write_bytes(mutated, bytes);
       Fixture target;
       const auto before = test::flat_parameters(*target.model);
       const auto error = name == std::string("ckpt.pt")
-                             ? load_error(mutated, [&] { target.trainer.load_checkpoint(mutated); })
-                             : load_error(mutated, [&] { target.trainer.load_training_state(mutated); });
+                             ? test::load_error(mutated, [&] { target.trainer.load_checkpoint(mutated); })
+                             : test::load_error(mutated, [&] { target.trainer.load_training_state(mutated); });
       refused += error.empty() ? 0 : 1;
       if (!error.empty()) CHECK(torch::equal(before, test::flat_parameters(*target.model)));  // left as it was
       fs::remove(mutated);
@@ -895,23 +844,23 @@ TEST_CASE("the zip layer refuses records that claim more than the file holds, co
   const auto data = test::regression_data(32);
   f.trainer.train(data, {.num_epochs = 1, .per_device_batch_size = 8});
   f.trainer.save_training_state(dir / "a.pt");
-  const auto good = file_bytes(dir / "a.pt");
+  const auto good = test::file_bytes(dir / "a.pt");
   {  // A record whose sizes claim 2 GB in a file of a few KB: refused before anything is allocated.
     auto bytes = good;
     const auto entry = directory_entry(bytes, "/data/0");
     put_u32(bytes, entry + 20, 0x7fffffff);
     put_u32(bytes, entry + 24, 0x7fffffff);
-    write_bytes(dir / "huge.pt", bytes);
+    test::write_bytes(dir / "huge.pt", bytes);
     Fixture target;
-    CHECK_THAT(load_error(dir / "huge.pt", [&] { target.trainer.load_training_state(dir / "huge.pt"); }),
+    CHECK_THAT(test::load_error(dir / "huge.pt", [&] { target.trainer.load_training_state(dir / "huge.pt"); }),
                Catch::Contains("record 'archive/data/0' of 2147483647 bytes reaching past its data"));
   }
   {  // A compressed record: torch.save never writes one.
     auto bytes = good;
     bytes[directory_entry(bytes, "/data.pkl") + 10] = 8;
-    write_bytes(dir / "deflated.pt", bytes);
+    test::write_bytes(dir / "deflated.pt", bytes);
     Fixture target;
-    CHECK_THAT(load_error(dir / "deflated.pt", [&] { target.trainer.load_training_state(dir / "deflated.pt"); }),
+    CHECK_THAT(test::load_error(dir / "deflated.pt", [&] { target.trainer.load_training_state(dir / "deflated.pt"); }),
                Catch::Contains("has a compressed record 'archive/data.pkl' (method 8)"));
   }
   {  // Two directory entries pointing at one record: each would be read, and allocated, in full.
@@ -919,9 +868,9 @@ TEST_CASE("the zip layer refuses records that claim more than the file holds, co
     const auto first = directory_entry(bytes, "/data/0"), second = directory_entry(bytes, "/data/1");
     bytes.replace(second + 42, 4, bytes.substr(first + 42, 4));  // data/1's local header offset := data/0's
     bytes.replace(second + 16, 12, bytes.substr(first + 16, 12));  // and its CRC and sizes
-    write_bytes(dir / "shared.pt", bytes);
+    test::write_bytes(dir / "shared.pt", bytes);
     Fixture target;
-    CHECK_THAT(load_error(dir / "shared.pt", [&] { target.trainer.load_training_state(dir / "shared.pt"); }),
+    CHECK_THAT(test::load_error(dir / "shared.pt", [&] { target.trainer.load_training_state(dir / "shared.pt"); }),
                Catch::Contains("that share bytes"));
     fs::remove(dir / "shared.pt");
   }
@@ -929,13 +878,13 @@ TEST_CASE("the zip layer refuses records that claim more than the file holds, co
   // records says so, and resuming from the folder passes over it to the state before.
   f.trainer.train(data, {.num_epochs = 2, .per_device_batch_size = 8});
   f.trainer.save_training_state(dir / "b.pt");
-  auto torn = file_bytes(dir / "b.pt");
+  auto torn = test::file_bytes(dir / "b.pt");
   REQUIRE(torn.size() == good.size());
   torn.replace(torn.size() / 2, torn.size() - torn.size() / 2, good.substr(good.size() / 2));
-  write_bytes(dir / "torn.pt", torn);
+  test::write_bytes(dir / "torn.pt", torn);
   {
     Fixture target;
-    CHECK_THAT(load_error(dir / "torn.pt", [&] { target.trainer.load_training_state(dir / "torn.pt"); }),
+    CHECK_THAT(test::load_error(dir / "torn.pt", [&] { target.trainer.load_training_state(dir / "torn.pt"); }),
                Catch::Contains("CRC-32 does not match"));
   }
   fs::remove(dir / "huge.pt");
@@ -959,10 +908,8 @@ TEST_CASE("every file the library writes opens in Python with torch.load(weights
   const auto dir = test::fresh_dir("python_opens");
   Fixture f;
   train_and_save_both(f, dir, {{"best", 0.25}});
-  const auto script = std::string(ACCELERATED_TEST_SOURCE_DIR) + "/python/open_library_files.py";
-  REQUIRE(std::system((python + " '" + script + "' '" + (dir / "ckpt.pt").string() + "' '" +
-                       (dir / "state.pt").string() + "' '" + (dir / "back.pt").string() + "'")
-                          .c_str()) == 0);
+  REQUIRE(test::run_python(python, "open_library_files.py",
+                           {(dir / "ckpt.pt").string(), (dir / "state.pt").string(), (dir / "back.pt").string()}) == 0);
   std::map<std::string, torch::Tensor> back;
   for (auto& [name, tensor] : acc::read_state_dict(dir / "back.pt")) back[name] = tensor;
   CHECK(torch::equal(back.at("weight"), f.model->weight.detach()));
@@ -1009,7 +956,7 @@ TEST_CASE("every input of the fuzz corpus ends in a value or an exception naming
   std::map<std::string, int> replayed;
   for (const auto& target : acc::fuzz::target_names()) {
     for (const auto& entry : fs::directory_iterator(corpus / target)) {
-      acc::fuzz::run(target, file_bytes(entry.path()));
+      acc::fuzz::run(target, test::file_bytes(entry.path()));
       ++replayed[target];
     }
   }
@@ -1034,10 +981,10 @@ TEST_CASE("fuzz seeds", "[.fuzz_seeds]") {
   t.trainer.save_training_state(out / "training_state" / "seed_trainer.pt");
   acc::save_state_dict(*t.model, out / "state_dict" / "seed_cpp.pt");
   std::string idx = std::string("\0\0\x08\x03\0\0\0\x02\0\0\0\x1c\0\0\0\x1c", 16) + std::string(2 * 28 * 28, '\x7f');
-  write_bytes(out / "idx" / "seed_images.idx", idx);
-  write_bytes(out / "idx" / "seed_labels.idx", std::string("\0\0\x08\x01\0\0\0\x03\x01\x02\x03", 11));
-  write_bytes(out / "latest" / "seed_name", "step_1.pt\n");
-  write_bytes(out / "latest" / "seed_outside", "../step_1.pt\n");
-  write_bytes(out / "env" / "seed_torchrun", "1\n2\n1\n2\n127.0.0.1\n29500\n");
-  write_bytes(out / "env" / "seed_options", "\n\n\n\n\n\n\n\n\n\n\n\n2.5\n30\nyes\ngloo\n4\n8\n");
+  test::write_bytes(out / "idx" / "seed_images.idx", idx);
+  test::write_bytes(out / "idx" / "seed_labels.idx", std::string("\0\0\x08\x01\0\0\0\x03\x01\x02\x03", 11));
+  test::write_bytes(out / "latest" / "seed_name", "step_1.pt\n");
+  test::write_bytes(out / "latest" / "seed_outside", "../step_1.pt\n");
+  test::write_bytes(out / "env" / "seed_torchrun", "1\n2\n1\n2\n127.0.0.1\n29500\n");
+  test::write_bytes(out / "env" / "seed_options", "\n\n\n\n\n\n\n\n\n\n\n\n2.5\n30\nyes\ngloo\n4\n8\n");
 }

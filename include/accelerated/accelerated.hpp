@@ -28,6 +28,8 @@
 #include "run_config.hpp"
 #include "run_history.hpp"
 #include "train_options.hpp"
+#include "safetensors.hpp"
+#include "script_module.hpp"
 #include "state_dict.hpp"
 #include "training_state.hpp"
 

@@ -1,7 +1,8 @@
 #pragma once
 // Weights that Python reads, and Python weights that C++ reads. LibTorch's torch::save of a module writes a
 // TorchScript archive, which Python's torch.load does not read as a state dict; these write and read the file
-// `torch.save(model.state_dict(), path)` writes: a zip with a pickled {name: tensor} dict.
+// `torch.save(model.state_dict(), path)` writes: a zip with a pickled {name: tensor} dict. They also read and write
+// safetensors files (safetensors.hpp), the model hubs' format.
 //
 //   accelerated::save_state_dict(model, "weights.pt");    # Python: model.load_state_dict(torch.load("weights.pt"))
 //   accelerated::load_state_dict(model, "from_python.pt"); # Python: torch.save(model.state_dict(), "from_python.pt")
@@ -22,6 +23,7 @@
 #include "detail/archive_file.hpp"
 #include "detail/torch_pickle.hpp"
 #include "detail/zip_reader.hpp"
+#include "safetensors.hpp"
 
 namespace accelerated {
 
@@ -46,8 +48,10 @@ inline std::vector<std::pair<std::string, torch::Tensor>> state_dict_of(const to
 
 // Writes named tensors as Python's torch.save of a state dict does (an OrderedDict, on the CPU), atomically; Python
 // reads it with torch.load(path), weights_only=True included.
+// A path ending in ".safetensors" gets a safetensors file instead (save_safetensors), which is what that name promises.
 inline void save_state_dict(std::vector<std::pair<std::string, torch::Tensor>> entries,
                             const std::filesystem::path& path) {
+  if (path.extension() == ".safetensors") return save_safetensors(entries, path, {{"format", "pt"}});
   std::vector<torch::Tensor> tensors;
   for (const auto& entry : entries) tensors.push_back(entry.second);
   // Streamed into the temporary file as the zip is written: no copy of the file is held in memory.
@@ -55,7 +59,7 @@ inline void save_state_dict(std::vector<std::pair<std::string, torch::Tensor>> e
 }
 
 // Writes `module`'s parameters and buffers (state_dict_of) as torch.save(model.state_dict(), path) does; Python
-// loads it with model.load_state_dict(torch.load(path), strict=True).
+// loads it with model.load_state_dict(torch.load(path), strict=True). (".safetensors": as safetensors' save_file.)
 inline void save_state_dict(const torch::nn::Module& module, const std::filesystem::path& path) {
   save_state_dict(state_dict_of(module), path);
 }
@@ -63,6 +67,20 @@ inline void save_state_dict(const torch::nn::Module& module, const std::filesyst
 template <class Impl>
 void save_state_dict(const torch::nn::ModuleHolder<Impl>& module, const std::filesystem::path& path) {
   save_state_dict(*module, path);
+}
+
+// Writes `module`'s parameters and buffers (state_dict_of: Python's names) as a safetensors file, which Python's
+// safetensors.torch.load_file reads into model.load_state_dict. The metadata's "format": "pt" is what the hubs'
+// loaders (transformers) look for in a PyTorch model's file.
+inline void save_safetensors(const torch::nn::Module& module, const std::filesystem::path& path,
+                             const std::map<std::string, std::string>& metadata = {{"format", "pt"}}) {
+  save_safetensors(state_dict_of(module), path, metadata);
+}
+
+template <class Impl>
+void save_safetensors(const torch::nn::ModuleHolder<Impl>& module, const std::filesystem::path& path,
+                      const std::map<std::string, std::string>& metadata = {{"format", "pt"}}) {
+  save_safetensors(*module, path, metadata);
 }
 
 namespace detail {
@@ -95,11 +113,19 @@ inline std::vector<std::pair<std::string, torch::Tensor>> read_state_dict_entrie
 }  // namespace detail
 
 // Reads a state dict written by Python's torch.save(model.state_dict(), path) (PyTorch 1.6 or later: the zip
-// format) or by save_state_dict: {name: tensor} in the file's order, on the CPU.
+// format) or by save_state_dict, or a safetensors file's tensors: {name: tensor} in the file's order, on the CPU.
 inline std::vector<std::pair<std::string, torch::Tensor>> read_state_dict(const std::filesystem::path& path) {
   const auto file = path.string();
   if (!std::filesystem::is_regular_file(path)) {
     throw std::invalid_argument("accelerated::read_state_dict: path = '" + file + "' is not a file");
+  }
+  if (detail::safetensors::looks_like_safetensors(path)) {
+    return detail::without_backtrace("accelerated::read_state_dict: '" + file + "'", [&] {
+      const detail::safetensors::Reader reader(path, "read_state_dict");
+      std::vector<std::pair<std::string, torch::Tensor>> entries;
+      for (const auto& e : reader.header().entries) entries.emplace_back(e.name, reader.read(e));
+      return entries;
+    });
   }
   return detail::without_backtrace("accelerated::read_state_dict: '" + file + "'", [&] {
     return detail::read_state_dict_entries(path);
@@ -121,18 +147,25 @@ struct LoadStateDictResult {
   std::vector<std::string> unexpected_keys;  // in the file, not in the model
 };
 
-// Loads a state dict file into `module`. Every name and shape is checked before anything changes; a mismatch
-// names every missing, unexpected and mismatched entry at once. Values are converted to each entry's dtype and
-// device (as Python's load_state_dict does).
-inline LoadStateDictResult load_state_dict(torch::nn::Module& module, const std::filesystem::path& path,
-                                           const LoadStateDictOptions& options = {}) {
-  const auto file = path.string();
-  std::map<std::string, torch::Tensor> loaded;
+namespace detail {
+// One entry of a weights file: its name, its shape, and how to write its values into a tensor of that shape (a
+// torch.save file's are read already; a safetensors file's are read as they are copied, so that the file is never
+// held whole).
+struct StoredTensor {
+  std::string name;
+  std::vector<std::int64_t> shape;
+  std::function<void(const torch::Tensor&)> copy_into;
+};
+
+// load_state_dict's checks and copy, for either format.
+inline LoadStateDictResult load_stored(torch::nn::Module& module, const std::string& file,
+                                       std::vector<StoredTensor> stored, const LoadStateDictOptions& options) {
+  std::map<std::string, StoredTensor> loaded;
   std::vector<std::string> file_order;
-  for (auto& [name, tensor] : read_state_dict(path)) {
-    auto target = options.rename ? options.rename(name) : name;
+  for (auto& entry : stored) {
+    auto target = options.rename ? options.rename(entry.name) : entry.name;
     if (target.empty()) continue;
-    if (!loaded.emplace(target, std::move(tensor)).second) {
+    if (!loaded.emplace(target, std::move(entry)).second) {
       throw std::invalid_argument("accelerated::load_state_dict: rename maps two entries of '" + file + "' to '" +
                                   target + "'");
     }
@@ -147,9 +180,9 @@ inline LoadStateDictResult load_state_dict(torch::nn::Module& module, const std:
     const auto found = loaded.find(name);
     if (found == loaded.end()) {
       result.missing_keys.push_back(name);
-    } else if (found->second.sizes() != tensor.sizes()) {
-      mismatched.push_back(name + ": " + c10::str(found->second.sizes()) + " in the file, " + c10::str(tensor.sizes()) +
-                           " in the model");
+    } else if (c10::IntArrayRef(found->second.shape) != tensor.sizes()) {
+      mismatched.push_back(name + ": " + c10::str(c10::IntArrayRef(found->second.shape)) + " in the file, " +
+                           c10::str(tensor.sizes()) + " in the model");
     }
   }
   for (const auto& name : file_order) {
@@ -169,11 +202,43 @@ inline LoadStateDictResult load_state_dict(torch::nn::Module& module, const std:
                                 " (nothing was changed)");
   }
   torch::NoGradGuard no_grad;
+  std::size_t copied = 0;
   for (const auto& [name, tensor] : entries) {
     const auto found = loaded.find(name);
-    if (found != loaded.end()) tensor.copy_(found->second);
+    if (found == loaded.end()) continue;
+    try {
+      found->second.copy_into(tensor);
+    } catch (const std::exception& error) {
+      throw std::runtime_error("accelerated::load_state_dict: '" + file + "': entry '" + name +
+                               "' could not be read (" + std::to_string(copied) + " entries were loaded before it): " +
+                               message_of(error));
+    }
+    ++copied;
   }
   return result;
+}
+}  // namespace detail
+
+// Loads a weights file into `module`: a torch.save state dict (Python's torch.save(model.state_dict()), or
+// save_state_dict's) or a safetensors file (safetensors.hpp), told apart by their first bytes. Every name and shape
+// is checked before anything changes; a mismatch names every missing, unexpected and mismatched entry at once.
+// Values are converted to each entry's dtype and device (as Python's load_state_dict does). A safetensors file is
+// read one tensor at a time, straight from the file.
+inline LoadStateDictResult load_state_dict(torch::nn::Module& module, const std::filesystem::path& path,
+                                           const LoadStateDictOptions& options = {}) {
+  const auto file = path.string();
+  std::vector<detail::StoredTensor> stored;
+  if (std::filesystem::is_regular_file(path) && detail::safetensors::looks_like_safetensors(path)) {
+    const detail::safetensors::Reader reader(path, "load_state_dict");
+    for (const auto& e : reader.header().entries) {
+      stored.push_back({e.name, e.shape, [&reader, &e](const torch::Tensor& target) { reader.read_into(e, target); }});
+    }
+    return detail::load_stored(module, file, std::move(stored), options);
+  }
+  for (auto& [name, tensor] : read_state_dict(path)) {
+    stored.push_back({name, tensor.sizes().vec(), [tensor = tensor](const torch::Tensor& target) { target.copy_(tensor); }});
+  }
+  return detail::load_stored(module, file, std::move(stored), options);
 }
 
 template <class Impl>

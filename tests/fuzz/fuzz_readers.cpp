@@ -17,7 +17,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const char* name = std::getenv("ACCELERATED_FUZZ_TARGET");
     if (name == nullptr) {
       std::fprintf(stderr, "set ACCELERATED_FUZZ_TARGET to one of state_dict, checkpoint, training_state, idx, "
-                           "latest, env\n");
+                           "latest, env, safetensors\n");
       std::abort();
     }
     return std::string(name);

@@ -25,7 +25,8 @@
 namespace accelerated::fuzz {
 
 inline const std::vector<std::string>& target_names() {
-  static const std::vector<std::string> names{"state_dict", "checkpoint", "training_state", "idx", "latest", "env"};
+  static const std::vector<std::string> names{"state_dict", "checkpoint", "training_state", "idx", "latest", "env",
+                                                   "safetensors"};
   return names;
 }
 
@@ -132,6 +133,19 @@ inline void run(const std::string& target, std::string_view input) {
     const auto path = as_file("input.pt", bytes);
     try {
       (void)targets().trainer.load_training_state(path);
+    } catch (const std::exception& error) {
+      expect_named(error, path.string());
+    }
+  } else if (target == "safetensors") {
+    // The reader, then a load into the model (not strict: a file with other names still reaches the copy).
+    const auto path = as_file("input.safetensors", bytes);
+    try {
+      (void)read_safetensors(path);
+    } catch (const std::exception& error) {
+      expect_named(error, path.string());
+    }
+    try {
+      (void)load_state_dict(*targets().model, path, {.strict = false});
     } catch (const std::exception& error) {
       expect_named(error, path.string());
     }

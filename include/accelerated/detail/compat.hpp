@@ -50,6 +50,22 @@ void zero_grad(Optimizer& optimizer) {
   }
 }
 
+// The dtypes LibTorch 2.x added that safetensors names (safetensors.hpp): 8-bit floats (2.1) and unsigned 16-, 32- and
+// 64-bit integers (2.3). LibTorch 1.13 has none of them.
+inline std::vector<std::pair<const char*, c10::ScalarType>> newer_safetensors_dtypes() {
+  std::vector<std::pair<const char*, c10::ScalarType>> dtypes;
+#if ACCELERATED_TORCH_AT_LEAST(2, 1)
+  dtypes.emplace_back("F8_E4M3", c10::ScalarType::Float8_e4m3fn);
+  dtypes.emplace_back("F8_E5M2", c10::ScalarType::Float8_e5m2);
+#endif
+#if ACCELERATED_TORCH_AT_LEAST(2, 3)
+  dtypes.emplace_back("U16", c10::ScalarType::UInt16);
+  dtypes.emplace_back("U32", c10::ScalarType::UInt32);
+  dtypes.emplace_back("U64", c10::ScalarType::UInt64);
+#endif
+  return dtypes;
+}
+
 }  // namespace accelerated::compat
 
 // ---- autocast ---------------------------------------------------------------------------------------------------

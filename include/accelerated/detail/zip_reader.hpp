@@ -8,7 +8,9 @@
 // the file is never mapped, so it shrinking under us cannot raise SIGBUS.
 //
 // torch.save (Python and LibTorch) stores records uncompressed under one folder ("archive/data.pkl",
-// "archive/data/0", ...); names here are given without that folder, as PyTorchStreamReader gives them.
+// "archive/data/0", ...); names here are given without that folder, as PyTorchStreamReader gives them. torch.jit.save
+// deflates some records (its code): a reader made with `Deflated::allowed` accepts those, and check() inflates them
+// (no further than the size the directory gives) to check their CRC-32.
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -34,10 +36,14 @@ class ZipReader {
     std::uint64_t offset = 0;  // of the record's bytes in the file
     std::uint64_t size = 0;
     std::uint32_t crc = 0;
+    std::uint64_t packed = 0;  // the bytes it takes in the file (size, unless deflated)
+    bool deflated = false;
   };
+  enum class Deflated { refused, allowed };
 
   // Opens `path` and reads its central directory; `caller` names the public function in errors.
-  ZipReader(const std::filesystem::path& path, std::string caller) : file_(path.string()), caller_(std::move(caller)) {
+  ZipReader(const std::filesystem::path& path, std::string caller, Deflated deflated = Deflated::refused)
+      : file_(path.string()), caller_(std::move(caller)), deflated_allowed_(deflated == Deflated::allowed) {
     fd_ = ::open(file_.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd_ < 0) fail(std::string("cannot be opened (") + std::strerror(errno) + ")");
     struct stat st {};
@@ -68,6 +74,7 @@ class ZipReader {
   // Reads the whole record into `out` (size_of(name) bytes) and checks its CRC-32.
   void read(const std::string& name, void* out) const {
     const auto& record = find(name);
+    if (record.deflated) fail("has a compressed record '" + name + "', which this reader cannot read");
     auto* bytes = static_cast<unsigned char*>(out);
     read_at(record.offset, bytes, record.size, "record '" + name + "'");
     std::uint32_t crc = 0;
@@ -80,6 +87,47 @@ class ZipReader {
       fail("has a damaged record '" + name + "' (its CRC-32 does not match: changed while it was read, or corrupt)");
     }
   }
+  // Checks the record's CRC-32 (inflating a deflated one, in pieces, never past its declared size), holding at most
+  // its bytes in the file.
+  void check(const std::string& name) const {
+    const auto& record = find(name);
+    if (!record.deflated) {
+      std::vector<unsigned char> bytes(static_cast<std::size_t>(record.size));
+      read(name, bytes.data());
+      return;
+    }
+    const auto packed = bytes_at(record.offset, record.packed, "record '" + name + "'");
+    z_stream stream{};
+    if (::inflateInit2(&stream, -MAX_WBITS) != Z_OK) fail("could not start zlib for record '" + name + "'");
+    struct End {
+      z_stream* s;
+      ~End() { ::inflateEnd(s); }
+    } end{&stream};
+    stream.next_in = const_cast<unsigned char*>(packed.data());
+    stream.avail_in = static_cast<uInt>(std::min<std::uint64_t>(packed.size(), UINT32_MAX));
+    std::vector<unsigned char> out(1 << 16);
+    std::uint64_t total = 0;
+    std::uint32_t crc = 0;
+    int status = Z_OK;
+    while (status != Z_STREAM_END) {
+      stream.next_out = out.data();
+      stream.avail_out = static_cast<uInt>(out.size());
+      status = ::inflate(&stream, Z_NO_FLUSH);
+      if (status != Z_OK && status != Z_STREAM_END) fail("has a damaged compressed record '" + name + "'");
+      const auto produced = out.size() - stream.avail_out;
+      total += produced;
+      if (total > record.size) fail("has a compressed record '" + name + "' that inflates past its declared size");
+      crc = static_cast<std::uint32_t>(::crc32(crc, out.data(), static_cast<uInt>(produced)));
+      if (produced == 0 && stream.avail_in == 0 && status != Z_STREAM_END) {
+        fail("has a compressed record '" + name + "' that ends early");
+      }
+    }
+    if (total != record.size || crc != record.crc) {
+      fail("has a damaged record '" + name + "' (its CRC-32 or size does not match: changed while it was read, or "
+           "corrupt)");
+    }
+  }
+
   std::string read_string(const std::string& name) const {
     std::string out(static_cast<std::size_t>(size_of(name)), '\0');
     read(name, out.data());
@@ -203,7 +251,8 @@ class ZipReader {
       if (name.compare(0, folder.size(), folder) != 0) {
         fail("has records in two folders ('" + folder + "' and '" + name + "')");
       }
-      if (method != 0 || packed != size) {
+      const bool deflated = deflated_allowed_ && method == 8;
+      if (!deflated && (method != 0 || packed != size)) {
         fail("has a compressed record '" + name + "' (method " + std::to_string(method) +
              "); torch.save stores records uncompressed");
       }
@@ -212,14 +261,14 @@ class ZipReader {
       const auto header = bytes_at(local, 30, "the local header of '" + name + "'");
       if (little(header.data(), 4) != 0x04034b50) fail("has a damaged local header for record '" + name + "'");
       const auto start = local + 30 + little(&header[26], 2) + little(&header[28], 2);
-      if (start > directory || size > directory - start) {
-        fail("has record '" + name + "' of " + std::to_string(size) + " bytes reaching past its data (a file of " +
+      if (start > directory || packed > directory - start) {
+        fail("has record '" + name + "' of " + std::to_string(packed) + " bytes reaching past its data (a file of " +
              std::to_string(size_) + " bytes: truncated or damaged)");
       }
-      if (!records_.emplace(name.substr(folder.size()), Record{start, size, crc}).second) {
+      if (!records_.emplace(name.substr(folder.size()), Record{start, size, crc, packed, deflated}).second) {
         fail("has record '" + name + "' twice");
       }
-      spans.push_back({local, start + size, name});
+      spans.push_back({local, start + packed, name});
     }
     // Records may not share bytes: entries pointing at one record would each be read (and allocated) in full, a file
     // asking for many times its size.
@@ -234,6 +283,7 @@ class ZipReader {
 
   std::string file_;
   std::string caller_;
+  bool deflated_allowed_ = false;
   int fd_ = -1;
   std::uint64_t size_ = 0;
   std::map<std::string, Record> records_;
