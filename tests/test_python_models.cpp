@@ -538,6 +538,14 @@ TEST_CASE("a TorchScript module: train and eval reach the script, a state resume
   CHECK_FALSE(batch_norm.attr("training").toBool());
   CHECK(model->script().attr("training").toBool());
   acc::unpin_eval_mode(pinned);
+  // The mirror carries the script's class names (ModelFreezer tells batch norms by them), and each module's mode as
+  // the script holds it: a batch norm Python left in eval mode stays there after the load.
+  CHECK(pinned->name() == "BatchNorm1d");
+  auto mixed = acc::load_script_module(dir / "mixed_modes.pt");
+  CHECK(mixed->is_training());
+  CHECK(mixed->named_modules()["features.0"]->is_training());
+  CHECK_FALSE(mixed->named_modules()["features.1"]->is_training());
+  CHECK_FALSE(mixed->script().attr("features").toModule().attr("1").toModule().attr("training").toBool());
 
   // A training state saved after one epoch resumes into a freshly loaded script module exactly.
   auto whole = acc::load_script_module(dir / "scripted.pt");

@@ -32,12 +32,22 @@
 namespace accelerated {
 
 namespace detail {
+// The script module's class name ("BatchNorm1d"), as a torch::nn::Module's name: ModelFreezer tells batch norms by it.
+inline std::string script_class_name(const torch::jit::Module& script) {
+  const auto qualified = script.type()->name();
+  return qualified ? qualified->name() : std::string("ScriptModule");
+}
+
 // One module of the mirror: the script (sub)module it stands for, its parameters and buffers registered as this
 // module's own, its children mirrored under their names.
 class ScriptMirror : public torch::nn::Module {
  public:
-  explicit ScriptMirror(torch::jit::Module script, const std::string& name = "ScriptModule")
-      : torch::nn::Module(name), script_(std::move(script)) {
+  explicit ScriptMirror(torch::jit::Module script)
+      : torch::nn::Module(script_class_name(script)), script_(std::move(script)) {
+    // This module's own mode first, before it has children: nn::Module::train would set theirs too, and a submodule
+    // the script holds in eval mode (a frozen backbone) must stay there.
+    training_flag_ = script_.hasattr("training");
+    if (training_flag_) torch::nn::Module::train(script_.attr("training").toBool());
     for (const auto& p : script_.named_parameters(/*recurse=*/false)) {
       if (p.value.defined()) register_parameter(p.name, p.value, p.value.requires_grad());
     }
@@ -45,10 +55,8 @@ class ScriptMirror : public torch::nn::Module {
       if (b.value.defined()) register_buffer(b.name, b.value);
     }
     for (const auto& child : script_.named_children()) {
-      register_module(child.name, std::make_shared<ScriptMirror>(child.value, child.name));
+      register_module(child.name, std::make_shared<ScriptMirror>(child.value));
     }
-    training_flag_ = script_.hasattr("training");
-    if (training_flag_) torch::nn::Module::train(script_.attr("training").toBool());
   }
 
   // This module's flag and the script's (recursive through the mirrors, as nn::Module::train is).
@@ -113,6 +121,8 @@ inline ScriptModule load_script_module(const std::filesystem::path& path,
     return ScriptModule(device ? torch::jit::load(path.string(), *device) : torch::jit::load(path.string()));
   } catch (const c10::Error& error) {
     throw std::runtime_error(where + " could not be loaded: " + error.what_without_backtrace());
+  } catch (const std::exception& error) {  // torch::jit::ErrorReport: code this LibTorch cannot compile
+    throw std::runtime_error(where + " could not be loaded: " + error.what());
   }
 }
 

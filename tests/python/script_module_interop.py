@@ -42,6 +42,8 @@ def main():
         torch.jit.script(net).save(f"{folder}/scripted.pt")
         torch.save(net.state_dict(), f"{folder}/initial.pt")
         torch.jit.script(TupleOut()).save(f"{folder}/tuple_out.pt")
+        net.features[1].eval()  # a submodule held in eval mode while the rest trains
+        torch.jit.script(net).save(f"{folder}/mixed_modes.pt")
         print(f"python: scripted Net with torch {torch.__version__}")
         return 0
     trained = torch.jit.load(f"{folder}/trained.pt")

@@ -96,6 +96,12 @@ class ZipReader {
       read(name, bytes.data());
       return;
     }
+    // A deflated record may not claim to expand beyond 16 times its bytes plus 64 MB (code compresses 3-10 times):
+    // its declared size is what the loader that reads it next allocates.
+    if (record.size > 16 * record.packed + (std::uint64_t{64} << 20)) {
+      fail("has a compressed record '" + name + "' that claims " + std::to_string(record.size) + " bytes from " +
+           std::to_string(record.packed) + " (a damaged or hostile file)");
+    }
     const auto packed = bytes_at(record.offset, record.packed, "record '" + name + "'");
     z_stream stream{};
     if (::inflateInit2(&stream, -MAX_WBITS) != Z_OK) fail("could not start zlib for record '" + name + "'");
