@@ -367,7 +367,7 @@ class HeaderParser {
 class Reader {
  public:
   Reader(const std::filesystem::path& path, const std::string& caller)
-      : path_(path), where_("accelerated::" + caller + ": '" + path.string() + "'") {
+      : where_("accelerated::" + caller + ": '" + path.string() + "'") {
     fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd_ < 0) throw std::runtime_error(where_ + " cannot be opened (" + std::strerror(errno) + ")");
     struct stat status {};
@@ -470,7 +470,6 @@ class Reader {
     }
   }
 
-  std::filesystem::path path_;
   std::string where_;
   int fd_ = -1;
   Header header_;
