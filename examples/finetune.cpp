@@ -1,6 +1,8 @@
 // Fine-tuning with ModelFreezer: a CNN backbone learns Fashion-MNIST classes 0-4 ("pre-training"); then a new head
 // learns classes 5-9 with the backbone frozen, and finally the backbone is unfrozen and trained on at a lower rate.
-// Usage: finetune [fashion-mnist folder]. Last line: JSON with the accuracy on classes 5-9 after each stage.
+// Usage: finetune [fashion-mnist folder]. Writes the fine-tuning's learning curves (finetune_curves.svg: open it in a
+// browser) and its metrics (finetune_metrics.csv) in the current folder. Last line: JSON with the accuracy on
+// classes 5-9 after each stage.
 #include <accelerated/accelerated.hpp>
 
 namespace acc = accelerated;
@@ -51,7 +53,11 @@ int main(int argc, char** argv) try {
   acc::ModelFreezer freezer(model);
   freezer.freeze(0, 0);
   torch::optim::Adam optimizer(freezer.trainable_parameters(), torch::optim::AdamOptions(1e-3));
-  acc::Trainer trainer(model, nn::CrossEntropyLoss(), optimizer, acc::callbacks::Defaults{}, acc::callbacks::Accuracy{});
+  // Both stages keep one run history (reset_run_history = false), so the curves and the file show them one after
+  // the other: the frozen head's epoch, then the whole model's.
+  acc::Trainer trainer(model, nn::CrossEntropyLoss(), optimizer, acc::callbacks::Defaults{}, acc::callbacks::Accuracy{},
+                       acc::callbacks::LearningCurves("finetune_curves.svg", 10),
+                       acc::callbacks::MetricsLogger("finetune_metrics.csv"));
   const auto target_train = classes(train, 5), target_test = classes(test, 5);
   trainer.train(target_train, options, target_test);
   const double frozen_accuracy = trainer.run_history().get_latest_metric("eval_accuracy");
@@ -62,6 +68,7 @@ int main(int argc, char** argv) try {
         parameters, std::make_unique<torch::optim::AdamOptions>(torch::optim::AdamOptions(1e-4))));
   }
   trainer.train(target_train, options, target_test);
+  trainer.print("Learning curves: finetune_curves.svg; metrics: finetune_metrics.csv");
   trainer.print(R"({"eval_accuracy_frozen_backbone":)", frozen_accuracy, R"(,"eval_accuracy":)",
                 trainer.run_history().get_latest_metric("eval_accuracy"), "}");  // once, on process zero
 } catch (const std::exception& error) {

@@ -28,7 +28,10 @@ fi
 binary=$work/fuzz_readers
 if [[ ! -x $binary ]] || [[ -n $(find include tests/fuzz -newer "$binary" \( -name '*.hpp' -o -name '*.cpp' \) | head -1) ]]; then
   echo "building $binary"
-  g++ -std=c++20 -O1 -g -DUSE_C10D_GLOO -DUSE_DISTRIBUTED -fsanitize=address,undefined -fno-sanitize=vptr \
+  # ccache, where installed, keeps a rebuild with unchanged sources nearly free.
+  compiler=(g++)
+  command -v ccache >/dev/null && compiler=(ccache g++)
+  "${compiler[@]}" -std=c++20 -O1 -g -DUSE_C10D_GLOO -DUSE_DISTRIBUTED -fsanitize=address,undefined -fno-sanitize=vptr \
     -fno-sanitize-recover=undefined -fsanitize-coverage=trace-pc,trace-cmp -Iinclude -Itests \
     -isystem include/accelerated/detail/shim -isystem "$headers" -c tests/fuzz/fuzz_readers.cpp -o "$work/readers.o"
   objcopy --redefine-sym __sanitizer_cov_trace_pc=accelerated_fuzz_edge "$work/readers.o"

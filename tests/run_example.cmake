@@ -2,6 +2,9 @@
 # CHECK_RUN_LINE, also the model summary's line that names the precision the run trains in.
 # With COMPARE_BF16, runs it again under ACCELERATED_MIXED_PRECISION=bf16 (same binary, no code change) and checks
 # that bf16 lands within MAX_BF16_GAP_E4 (in units of 1e-4) of float32.
+# With CURVES and METRICS (file names), the program must write them in the current folder: an SVG that draws
+# eval_accuracy, and a CSV with a header naming eval_accuracy and METRIC_ROWS rows (removed before the run, so an old
+# file cannot pass).
 function(run_program result)
   execute_process(COMMAND ${CMAKE_COMMAND} -E env ${ARGN} ${PROGRAM} RESULT_VARIABLE code OUTPUT_VARIABLE out
                   ERROR_VARIABLE err)
@@ -25,7 +28,24 @@ function(run_program result)
   set(${result} ${accuracy} PARENT_SCOPE)
 endfunction()
 
+if(CURVES)
+  file(REMOVE ${CURVES} ${METRICS})
+endif()
 run_program(fp32 ACCELERATED_MIXED_PRECISION=no)
+if(CURVES)
+  file(READ ${CURVES} svg)
+  if(NOT svg MATCHES "^<svg " OR NOT svg MATCHES "eval_accuracy" OR NOT svg MATCHES "</svg>\n?$")
+    message(FATAL_ERROR "${CURVES} is not a whole SVG drawing eval_accuracy")
+  endif()
+  file(STRINGS ${METRICS} rows)
+  list(LENGTH rows count)
+  list(GET rows 0 header)
+  math(EXPR expected "${METRIC_ROWS} + 1")
+  if(NOT header MATCHES "(^|,)eval_accuracy(,|$)" OR NOT count EQUAL expected)
+    message(FATAL_ERROR "${METRICS}: expected a header naming eval_accuracy and ${METRIC_ROWS} rows, read:\n${rows}")
+  endif()
+  message(STATUS "${CURVES} and ${METRICS} (${METRIC_ROWS} rows) written")
+endif()
 if(fp32 LESS MIN_ACCURACY)
   message(FATAL_ERROR "eval_accuracy ${fp32} < ${MIN_ACCURACY}")
 endif()

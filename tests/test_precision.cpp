@@ -306,6 +306,51 @@ TEST_CASE("a user-defined precision policy plugs in", "[precision][custom]") {
   CHECK_FALSE(torch::equal(plain, with_inf));
 }
 
+TEST_CASE("anomaly mode, from TrainOptions or ACCELERATED_DETECT_ANOMALY, names the backward function that returns "
+          "NaN",
+          "[precision][anomaly]") {
+  // A finite loss whose gradient is not: sqrt's derivative at 0 is infinite, and 0 * inf is NaN.
+  auto loss = [](const torch::Tensor& out, const torch::Tensor& target) {
+    return torch::mse_loss(out, target) + 0.0 * torch::sqrt(out - out.detach()).sum();
+  };
+  auto train = [&](acc::TrainOptions options) {
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1));
+    acc::Trainer<> trainer(model, loss, optimizer);
+    trainer.set_output(test::quiet());
+    options.per_device_batch_size = 4;
+    try {
+      trainer.train(test::regression_data(16), options);
+    } catch (const std::exception& error) {
+      return std::string(error.what());
+    }
+    return std::string("no error");
+  };
+  auto check_named = [](const std::string& message) {
+    CHECK_THAT(message, Catch::Contains("SqrtBackward0"));
+    CHECK_THAT(message, Catch::Contains("returned nan values"));
+    CHECK_THAT(message, Catch::Contains("epoch 1, step 1 of 4"));
+  };
+  {
+    ScopedEnv env("ACCELERATED_DETECT_ANOMALY", nullptr);
+    // Off: the NaN gradient goes into the weights, and only the next step's loss shows it (TerminateOnNan).
+    const auto off = train({});
+    CHECK_THAT(off, Catch::Contains("non-finite train loss") && Catch::Contains("step 2"));
+    CHECK_THAT(off, !Catch::Contains("SqrtBackward0"));
+    check_named(train({.detect_anomaly = true}));
+    CHECK_FALSE(torch::autograd::AnomalyMode::is_enabled());  // for the call only
+  }
+  {
+    ScopedEnv env("ACCELERATED_DETECT_ANOMALY", "1");
+    check_named(train({}));
+    CHECK_FALSE(torch::autograd::AnomalyMode::is_enabled());
+  }
+  {
+    ScopedEnv env("ACCELERATED_DETECT_ANOMALY", "sometimes");
+    CHECK_THAT(train({}), Catch::Contains("ACCELERATED_DETECT_ANOMALY = 'sometimes' is not one of"));
+  }
+}
+
 TEST_CASE("every device and precision policy compiles with the default loop", "[precision][matrix]") {
   using Data = std::pair<torch::Tensor, torch::Tensor>;
   auto devices = hana::tuple_t<acc::Cpu, acc::Cuda, acc::AutoDevice>;

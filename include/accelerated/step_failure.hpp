@@ -7,6 +7,7 @@
 #include <exception>
 #include <stdexcept>
 #include <string>
+#include <typeinfo>
 
 #include "errors.hpp"
 
@@ -33,6 +34,23 @@ struct StepPlace {
 // A LibTorch error raised by the model or the loss: a StepError that says where, with the original nested.
 [[noreturn]] inline void throw_step_error(const StepPlace& place, const c10::Error& error) {
   std::throw_with_nested(StepError(place.where() + ": " + error.what_without_backtrace()));
+}
+
+// Called from a catch (...) around an epoch of a one-process run: a LibTorch error outside the loss step (backward,
+// the optimizer step) is worded with the place, as one inside it is. Anomaly mode's "Function 'SqrtBackward0'
+// returned nan values" is a plain std::runtime_error from autograd's engine: that exact type is worded too, while a
+// type of the user's own (derived from it) passes unchanged, so that a catch of that type still works.
+[[noreturn]] inline void rethrow_with_place(const StepPlace& place) {
+  try {
+    throw;
+  } catch (const StepError&) {
+    throw;
+  } catch (const c10::Error& error) {
+    throw_step_error(place, error);
+  } catch (const std::runtime_error& error) {
+    if (typeid(error) != typeid(std::runtime_error)) throw;
+    std::throw_with_nested(StepError(place.where() + ": " + error.what()));
+  }
 }
 
 // Called from a catch (...) around an epoch of a multi-process run: the error in flight is thrown again, worded with

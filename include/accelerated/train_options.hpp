@@ -60,6 +60,10 @@ struct TrainOptions {
   // their activations and run again during backward. Each must be an element of a torch::nn::Sequential ("blocks.2";
   // "2" when the model is itself one); "blocks.*" names every element of the Sequential "blocks", "*" of the model's.
   std::vector<std::string> activation_checkpointing{};
+  // LibTorch's anomaly mode for the run (slower; for debugging): a backward function that returns NaN fails the
+  // step with a StepError naming the function ("Function 'SqrtBackward0' returned nan values in its 0th output") and
+  // the epoch and step. ACCELERATED_DETECT_ANOMALY=1 turns it on from outside an unchanged program.
+  bool detect_anomaly = false;
 
   void validate() const {
     auto fail = [](const std::string& option, const std::string& value, const std::string& rule) {

@@ -2,6 +2,7 @@
 // accelerated::Trainer: the training loop, and nothing else. It asks the loop policy for each step, runs the
 // forward pass under the precision policy, places data with the device policy, synchronises through the
 // distributed policy, and emits the events to the callbacks. The order of steps and events is docs/loop.md.
+#include <torch/csrc/autograd/anomaly_mode.h>
 #include <torch/optim/optimizer.h>
 #include <torch/optim/schedulers/lr_scheduler.h>
 #include <torch/types.h>
@@ -117,6 +118,9 @@ class Trainer {
       const CheckpointedElements checkpointing(model_.module(), options.activation_checkpointing,  // until we return
                                                detail::finds_unused_parameters(distributed_));
       options_ = with_environment(options);  // ACCELERATED_RUN_DIR
+      // Anomaly mode (TrainOptions::detect_anomaly, ACCELERATED_DETECT_ANOMALY) for this call only: it is global.
+      std::optional<torch::autograd::DetectAnomalyGuard> anomaly;
+      if (options_.detect_anomaly || distributed::flag_from_env("ACCELERATED_DETECT_ANOMALY")) anomaly.emplace();
       if (options_.resume_from) {
         load_training_state(*options_.resume_from);
       } else if (options_.resume_from_newest_in) {
@@ -443,7 +447,7 @@ class Trainer {
           emit<events::on_stop_training_error>(error);
           break;
         } catch (...) {
-          if (!run_config_.is_distributed) throw;
+          if (!run_config_.is_distributed) detail::rethrow_with_place(place("train"));
           detail::rethrow_from_epoch(place("train"),
                                      [this](const auto& what) { return detail::silent_peers(distributed_, what); });
         }

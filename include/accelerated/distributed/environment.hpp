@@ -96,7 +96,7 @@ inline bool flag_from_env(const char* name) {
   for (const char* no : {"0", "false", "no", "off", ""}) {
     if (*value == no) return false;
   }
-  throw std::invalid_argument("accelerated::distributed: " + std::string(name) + " = '" + *value +
+  throw std::invalid_argument("accelerated: " + std::string(name) + " = '" + *value +
                               "' is not one of 1, true, yes, on, 0, false, no, off");
 }
 
