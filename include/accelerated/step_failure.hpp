@@ -2,11 +2,14 @@
 // What a failure inside the loop says: where it happened (train or eval, epoch, step, rank) and, in a multi-process
 // run, which peers went silent. The trainer catches; this header words the error that is thrown again.
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/anomaly_mode.h>
 
 #include <cstdint>
 #include <exception>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <typeinfo>
 
 #include "errors.hpp"
@@ -36,20 +39,31 @@ struct StepPlace {
   std::throw_with_nested(StepError(place.where() + ": " + error.what_without_backtrace()));
 }
 
-// Called from a catch (...) around an epoch of a one-process run: a LibTorch error outside the loss step (backward,
-// the optimizer step) is worded with the place, as one inside it is. Anomaly mode's "Function 'SqrtBackward0'
-// returned nan values" is a plain std::runtime_error from autograd's engine: that exact type is worded too, while a
-// type of the user's own (derived from it) passes unchanged, so that a catch of that type still works.
-[[noreturn]] inline void rethrow_with_place(const StepPlace& place) {
+// LibTorch's anomaly mode for one train() call (TrainOptions::detect_anomaly). The switch is global: a mode the
+// program switched on itself is left on (a guard of ours would switch it off when it ends).
+class AnomalyModeForRun {
+ public:
+  explicit AnomalyModeForRun(bool on) {
+    if (on && !torch::autograd::AnomalyMode::is_enabled()) guard_.emplace();
+  }
+
+ private:
+  std::optional<torch::autograd::DetectAnomalyGuard> guard_;
+};
+
+// Runs backward. Anomaly mode's "Function 'SqrtBackward0' returned nan values in its 0th output." is a plain
+// std::runtime_error of autograd's engine that says neither where nor that it is the run's anomaly check: under
+// anomaly mode it is thrown again as a StepError saying where (`place()`), the original nested. Anything else, a
+// LibTorch error from a collective inside backward included, passes unchanged, to be worded as before.
+template <class Backward, class Place>
+void naming_anomalies(Backward&& backward, Place&& place) {
   try {
-    throw;
-  } catch (const StepError&) {
-    throw;
-  } catch (const c10::Error& error) {
-    throw_step_error(place, error);
+    backward();
   } catch (const std::runtime_error& error) {
-    if (typeid(error) != typeid(std::runtime_error)) throw;
-    std::throw_with_nested(StepError(place.where() + ": " + error.what()));
+    const bool anomaly = typeid(error) == typeid(std::runtime_error) && torch::autograd::AnomalyMode::is_enabled() &&
+                         std::string_view(error.what()).starts_with("Function '");
+    if (!anomaly) throw;
+    std::throw_with_nested(StepError(place().where() + ": " + error.what()));
   }
 }
 

@@ -2,7 +2,6 @@
 // accelerated::Trainer: the training loop, and nothing else. It asks the loop policy for each step, runs the
 // forward pass under the precision policy, places data with the device policy, synchronises through the
 // distributed policy, and emits the events to the callbacks. The order of steps and events is docs/loop.md.
-#include <torch/csrc/autograd/anomaly_mode.h>
 #include <torch/optim/optimizer.h>
 #include <torch/optim/schedulers/lr_scheduler.h>
 #include <torch/types.h>
@@ -118,9 +117,9 @@ class Trainer {
       const CheckpointedElements checkpointing(model_.module(), options.activation_checkpointing,  // until we return
                                                detail::finds_unused_parameters(distributed_));
       options_ = with_environment(options);  // ACCELERATED_RUN_DIR
-      // Anomaly mode (TrainOptions::detect_anomaly, ACCELERATED_DETECT_ANOMALY) for this call only: it is global.
-      std::optional<torch::autograd::DetectAnomalyGuard> anomaly;
-      if (options_.detect_anomaly || distributed::flag_from_env("ACCELERATED_DETECT_ANOMALY")) anomaly.emplace();
+      // Anomaly mode (TrainOptions::detect_anomaly, ACCELERATED_DETECT_ANOMALY) for this call only.
+      options_.detect_anomaly = options_.detect_anomaly || distributed::flag_from_env("ACCELERATED_DETECT_ANOMALY");
+      const detail::AnomalyModeForRun anomaly(options_.detect_anomaly);
       if (options_.resume_from) {
         load_training_state(*options_.resume_from);
       } else if (options_.resume_from_newest_in) {
@@ -259,10 +258,7 @@ class Trainer {
   torch::Tensor gather(const torch::Tensor& tensor) { return distributed_.gather(tensor); }
   // Element-wise sums over every process, in place.
   void all_reduce_sum(std::span<double> values) { distributed_.all_reduce_sum(values); }
-  double all_reduce_sum(double value) {
-    distributed_.all_reduce_sum(std::span<double>(&value, 1));
-    return value;
-  }
+  double all_reduce_sum(double value) { all_reduce_sum(std::span<double>(&value, 1)); return value; }
   // Waits until every process arrives (bounded by the distributed policy's timeout).
   void barrier() { distributed_.barrier(); }
   // Registers a module (a metric, a teacher model, ...) that the trainer keeps on its device with the model.
@@ -447,7 +443,7 @@ class Trainer {
           emit<events::on_stop_training_error>(error);
           break;
         } catch (...) {
-          if (!run_config_.is_distributed) detail::rethrow_with_place(place("train"));
+          if (!run_config_.is_distributed) throw;
           detail::rethrow_from_epoch(place("train"),
                                      [this](const auto& what) { return detail::silent_peers(distributed_, what); });
         }
@@ -506,7 +502,8 @@ class Trainer {
         // The policy's guard arms gradient averaging here, once the loss exists (DataParallel's does).
         sync.arm(output.loss);
         beat(distributed::Phase::backward);
-        steps::backward_step::call(loop_, *this, output.loss);
+        detail::naming_anomalies([&] { steps::backward_step::call(loop_, *this, output.loss); },
+                                 [&] { return place("train"); });
       }
       // A stop agreed here ends every rank before this update is stepped; its averaged gradients are dropped.
       if (update && run_config_.is_distributed && stop_finished()) throw StopTrainingError(stop_.reason);
@@ -671,10 +668,7 @@ class Trainer {
   bool epoch_starting_ = false;             // inside on_train_epoch_start / on_eval_epoch_start
   bool evaluation_requested_ = false;
   // eval_loss_pass's loader (this train() call's eval loader) and a plain function that knows its type.
-  struct EvalPass {
-    void* loader = nullptr;
-    double (*run)(Trainer&, void*) = nullptr;
-  } eval_pass_;
+  struct EvalPass { void* loader = nullptr; double (*run)(Trainer&, void*) = nullptr; } eval_pass_;
   // After the other members, so that the callbacks' state never moves them: the step loop's machine code is the same
   // with or without callbacks that do not handle its events (tests/zero_cost).
   callback_tuple callbacks_;
