@@ -249,6 +249,23 @@ std::size_t data_threads() {
   }
   return n;
 }
+
+// Seconds the data workers (threads named acc-data-*) have spent runnable but waiting for a core, summed (the
+// kernel's schedstat); -1 where the kernel keeps no scheduler statistics.
+double data_workers_waited_for_core() {
+  double waited = 0.0;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(task.path() / "comm");
+    std::string name;
+    std::getline(comm, name);
+    if (name.rfind("acc-data-", 0) != 0) continue;
+    std::ifstream stat(task.path() / "schedstat");
+    unsigned long long on_cpu = 0, waiting = 0;
+    if (!(stat >> on_cpu >> waiting) || on_cpu == 0) return -1.0;
+    waited += 1e-9 * static_cast<double>(waiting);
+  }
+  return waited;
+}
 }  // namespace
 
 TEST_CASE("crop, flip and normalise equal the same steps written with torch ops, bit for bit", "[data][transforms]") {
@@ -645,10 +662,22 @@ TEST_CASE("a worker that waits on I/O keeps its batch; the training thread does 
       data::augment(raw, tf::lambda([](tf::ExampleView) { std::this_thread::sleep_for(std::chrono::milliseconds(2)); }));
   data::Loader loader(augmented, data::EpochSampler(96, {.batch_size = 4}));
   data::Prefetcher<decltype(loader)> ahead(loader, 0, loader.size(), {.workers = 2, .depth = 4});
+  const auto started = std::chrono::steady_clock::now();
   for (std::int64_t b = 0; b < loader.size(); ++b) CHECK(ahead.next().target[0].template item<std::int64_t>() == 4 * b);
-  // Before, every wait longer than a look (1-20 ms) took the batch over; now only a worker starved of a core loses it.
-  INFO("built by the training thread: " << ahead.built_here() << " of " << loader.size());
-  CHECK(ahead.built_here() <= loader.size() / 4);
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  const double waited = data_workers_waited_for_core();
+  if (waited < 0.0) ACCELERATED_SKIP("the kernel keeps no scheduler statistics: a worker's wait for a core is unknown");
+  // Before, every wait longer than a look (1-20 ms) took the batch over; now only a worker starved of a core loses
+  // it. The workers run at idle priority: where other processes kept the cores busy (CI compiling beside this test),
+  // a worker woken from its read waits for a core, and the training thread rightly builds its batch. So the count is
+  // checked where the workers waited for a core less than 5% of the run: the machine had cores for them.
+  INFO("built by the training thread: " << ahead.built_here() << " of " << loader.size() << "; the workers waited "
+                                        << 1e3 * waited << " ms for a core in a run of " << 1e3 * wall << " ms");
+  if (waited < 0.05 * wall) {
+    CHECK(ahead.built_here() <= loader.size() / 4);
+  } else {
+    WARN("the workers were starved of cores by other processes: the count of batches built here is not checked");
+  }
 }
 
 TEST_CASE("on CUDA, batches are built in pinned memory, and a GPU run equals itself with workers", "[data][cuda]") {
