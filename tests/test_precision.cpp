@@ -5,9 +5,14 @@
 #include <boost/hana/tuple.hpp>
 
 #include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <set>
+#include <tuple>
 #include <sstream>
 
 #include "helpers.hpp"
+#include "ranks_as_threads.hpp"
 
 namespace acc = accelerated;
 namespace hana = boost::hana;
@@ -416,4 +421,249 @@ TEST_CASE("the device follows the distributed policy's local rank, in one place"
   acc::FullPrecision precision;
   acc::bind_policies(automatic, precision, single);
   if (!torch::cuda::is_available()) CHECK(automatic.device() == torch::Device(torch::kCPU));
+}
+
+namespace {
+namespace cb = acc::callbacks;
+using namespace std::chrono_literals;
+
+// A finite loss whose gradient is NaN on the chosen micro-batches (1-based, counted by this loss): sqrt's derivative
+// at 0 is infinite, and 0 * inf is NaN, in every parameter's gradient.
+struct NanGradientAt {
+  std::set<int> calls;
+  std::shared_ptr<int> count = std::make_shared<int>(0);
+  torch::Tensor operator()(const torch::Tensor& out, const torch::Tensor& target) const {
+    auto loss = torch::mse_loss(out, target);
+    if (calls.count(++*count)) loss = loss + 0.0 * torch::sqrt(out - out.detach()).sum();
+    return loss;
+  }
+};
+
+// Drops the listed updates (1-based) without a NaN in sight: the reference for the runs that meet one.
+struct SkipUpdates {
+  std::set<std::int64_t> updates;
+  void operator()(acc::on_before_optimizer_step, auto& trainer) {
+    if (updates.count(trainer.state().update_step + 1)) trainer.skip_update();
+  }
+};
+
+struct SaveAt {
+  std::int64_t update;
+  std::filesystem::path path;
+  void operator()(acc::on_update_step_end, auto& trainer) {
+    if (trainer.state().update_step == update) trainer.save_training_state(path);
+  }
+};
+
+struct LoggingScaledFloat32WithDrop : LoggingScaledFloat32 {
+  void drop_step(torch::optim::Optimizer&) {
+    skipped = true;
+    const double before = scaler.get_scale();
+    scaler.drop_step();
+    if (scaler.get_scale() != before) scales.push_back(scaler.get_scale());
+  }
+};
+}  // namespace
+
+TEST_CASE("TerminateOnNan(skip_update): an update with a non-finite gradient is dropped, as a hand-written loop drops "
+          "it, and named",
+          "[precision][nan]") {
+  const auto data = test::regression_data(32);
+  const std::set<int> poisoned{3, 4, 11};  // updates, 1-based: 8 per epoch, two epochs
+  auto sgd = [](torch::nn::Linear& model) {
+    return torch::optim::SGD(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+  };
+  auto step_lr = [](torch::optim::Optimizer& o, const acc::RunConfig&) {
+    return std::make_unique<torch::optim::StepLR>(o, 1, 0.9);
+  };
+  auto model = test::linear_model();
+  auto optimizer = sgd(model);
+  std::ostringstream out;
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, cb::TerminateOnNan> trainer(
+      model, NanGradientAt{poisoned}, optimizer, cb::TerminateOnNan({.skip_update = true}));
+  trainer.set_output(out);
+  acc::TrainOptions options{.num_epochs = 2, .per_device_batch_size = 4, .shuffle = false};
+  options.create_scheduler_fn = step_lr;
+  trainer.train(data, options);
+  CHECK(trainer.state().update_step == 16);  // a dropped update still counts
+  CHECK(trainer.run_history().get_metric_values("skipped_updates") == std::vector<double>{2, 1});
+  CHECK_THAT(out.str(), Catch::Contains("accelerated: skipped update 3 (epoch 1, step 3 of 8): the gradient of "
+                                        "'weight' holds 8 non-finite values of 8"));
+  CHECK_THAT(out.str(), Catch::Contains("skipped update 11 (epoch 2, step 3 of 8)"));
+
+  // By hand: no optimizer step, no scheduler step, the gradients zeroed.
+  auto by_hand = test::linear_model();
+  auto by_hand_optimizer = sgd(by_hand);
+  torch::optim::StepLR scheduler(by_hand_optimizer, 1, 0.9);
+  for (int update = 1; update <= 16; ++update) {
+    const auto first = 4 * ((update - 1) % 8);
+    auto loss = torch::mse_loss(by_hand(data.first.slice(0, first, first + 4)), data.second.slice(0, first, first + 4));
+    loss.backward();
+    if (!poisoned.count(update)) {
+      by_hand_optimizer.step();
+      scheduler.step();
+    }
+    by_hand_optimizer.zero_grad();
+  }
+  CHECK(torch::equal(test::flat_parameters(*model), test::flat_parameters(*by_hand)));
+
+  // Too many in a row: the run stops as for a non-finite loss, naming the parameter.
+  auto stopped = test::linear_model();
+  auto stopped_optimizer = sgd(stopped);
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, cb::TerminateOnNan> stopping(
+      stopped, NanGradientAt{{5, 6, 7}}, stopped_optimizer, cb::TerminateOnNan({.skip_update = true, .max_skipped_in_a_row = 3}));
+  stopping.set_output(test::quiet());
+  CHECK_THROWS_MATCHES(stopping.train(data, options), acc::NonFiniteLossError,
+                       Catch::Matchers::Message("accelerated: 3 updates in a row had non-finite gradients, the last at "
+                                                "update 7 (epoch 1, step 7 of 8): the gradient of 'weight' holds 8 "
+                                                "non-finite values of 8; training stopped"));
+  CHECK_THROWS_WITH(cb::TerminateOnNan({.skip_update = true, .max_skipped_in_a_row = 0}),
+                    Catch::Contains("max_skipped_in_a_row = 0 must be >= 1"));
+
+  // skip_update() belongs to on_before_optimizer_step.
+  auto early = [](acc::on_train_step_end, auto& t) { t.skip_update(); };
+  auto misplaced_model = test::linear_model();
+  auto misplaced_optimizer = sgd(misplaced_model);
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, decltype(early)> misplaced(
+      misplaced_model, torch::nn::MSELoss(), misplaced_optimizer, early);
+  misplaced.set_output(test::quiet());
+  CHECK_THROWS_WITH(misplaced.train(data, options),
+                    "accelerated::Trainer::skip_update: call it from on_before_optimizer_step");
+}
+
+TEST_CASE("TerminateOnNan(skip_update) under a loss scaler: the scaler backs off as when it skips the update itself",
+          "[precision][nan]") {
+  // An infinite gradient on update 3: LoggingScaledFloat32 skips it on its own; with skip_update the callback drops
+  // it first (after unscaling), and the scale, the weights and the scheduler steps must come out the same.
+  const auto data = test::regression_data(16);
+  auto train = [&](bool skip_update, int* scheduler_steps) {
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+    auto trainer = acc::make_trainer<acc::Cpu, LoggingScaledFloat32WithDrop, acc::SingleProcess, InfAtBackward>(
+        model, torch::nn::MSELoss(), optimizer, cb::TerminateOnNan({.skip_update = skip_update}));
+    trainer.set_output(test::quiet());
+    trainer.loop().k = 3;
+    acc::TrainOptions options{.num_epochs = 2, .per_device_batch_size = 4, .shuffle = false};
+    options.create_scheduler_fn = [scheduler_steps](torch::optim::Optimizer& o, const acc::RunConfig&) {
+      return std::make_unique<CountingScheduler>(o, scheduler_steps);
+    };
+    trainer.train(data, options);
+    return std::pair{test::flat_parameters(*model), trainer.precision().scales};
+  };
+  int by_scaler = 0, by_callback = 0;
+  const auto [scaler_weights, scaler_scales] = train(false, &by_scaler);
+  const auto [callback_weights, callback_scales] = train(true, &by_callback);
+  CHECK(by_scaler == 7);
+  CHECK(by_callback == 7);
+  CHECK(scaler_scales == callback_scales);
+  CHECK(callback_scales.at(1) == 1024.0);  // 1024 -> 2048 -> (overflow) 1024
+  CHECK(torch::equal(scaler_weights, callback_weights));
+}
+
+TEST_CASE("TerminateOnNan(skip_update) in two processes: a NaN on one rank drops that update on both, sharded or not",
+          "[precision][nan][distributed]") {
+  const auto data = test::regression_data(64);
+  struct Case {
+    bool shard;
+    std::int64_t accumulation;
+  };
+  for (const auto c : {Case{false, 1}, Case{true, 2}}) {
+    DYNAMIC_SECTION("shard_optimizer_state = " << c.shard << ", gradient_accumulation_steps = " << c.accumulation) {
+      // A NaN gradient in update 3 on rank 1 (its micro-batch 3, or 5 of micro-batches 5 and 6 with accumulation),
+      // and nowhere on rank 0.
+      const std::set<int> poisoned_calls = c.accumulation == 1 ? std::set<int>{3} : std::set<int>{5};
+      auto run = [&](bool poison, std::set<std::int64_t> skips) {
+        std::vector<torch::nn::Linear> models{test::linear_model(7), test::linear_model(8)};
+        return test::run_ranks(2, [&](int rank, auto store) {
+          auto model = models[static_cast<std::size_t>(rank)];
+          torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(1e-2));
+          acc::LossFunction loss = NanGradientAt{poison && rank == 1 ? poisoned_calls : std::set<int>{}};
+          std::ostringstream out;
+          acc::Trainer<acc::Cpu, acc::FullPrecision, acc::DataParallel, acc::DefaultLoop, cb::TerminateOnNan, SkipUpdates>
+              trainer(model, loss, optimizer, cb::TerminateOnNan({.skip_update = true}), SkipUpdates{skips});
+          acc::DataParallelOptions options;
+          options.timeout = 30s;
+          options.shard_optimizer_state = c.shard;
+          trainer.distributed() = acc::DataParallel(store, rank, 2, options);
+          trainer.set_output(out);
+          trainer.train(data, {.num_epochs = 2, .per_device_batch_size = 4, .gradient_accumulation_steps = c.accumulation,
+                               .shuffle = false});
+          return std::tuple{test::flat_parameters(*model), trainer.run_history().get_metric_values("skipped_updates"),
+                            out.str()};
+        });
+      };
+      const auto poisoned = run(true, {});
+      const auto reference = run(false, {3});  // update 3 dropped by hand, on both ranks
+      const auto plain = run(false, {});
+      CHECK(torch::equal(std::get<0>(poisoned[0]), std::get<0>(poisoned[1])));
+      CHECK(torch::equal(std::get<0>(poisoned[0]), std::get<0>(reference[0])));
+      CHECK_FALSE(torch::equal(std::get<0>(poisoned[0]), std::get<0>(plain[0])));
+      for (const auto& rank : poisoned) CHECK(std::get<1>(rank) == std::vector<double>{1, 0});
+      CHECK_THAT(std::get<2>(poisoned[0]), Catch::Contains("skipped update 3 (epoch 1") &&
+                                               Catch::Contains("the gradient of 'weight' holds 8 non-finite values"));
+    }
+  }
+  // Two in a row on rank 1 with a limit of 2: every rank stops, each with the same NonFiniteLossError.
+  const auto errors = test::run_ranks(2, [&](int rank, auto store) {
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+    acc::LossFunction loss = NanGradientAt{rank == 1 ? std::set<int>{2, 3} : std::set<int>{}};
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::DataParallel, acc::DefaultLoop, cb::TerminateOnNan> trainer(
+        model, loss, optimizer, cb::TerminateOnNan({.skip_update = true, .max_skipped_in_a_row = 2}));
+    acc::DataParallelOptions options;
+    options.timeout = 30s;
+    trainer.distributed() = acc::DataParallel(store, rank, 2, options);
+    trainer.set_output(test::quiet());
+    try {
+      trainer.train(data, {.per_device_batch_size = 4, .shuffle = false});
+    } catch (const acc::NonFiniteLossError& error) {
+      return std::string(error.what());
+    }
+    return std::string("no error");
+  });
+  CHECK_THAT(errors[0], Catch::Contains("2 updates in a row had non-finite gradients, the last at update 3"));
+  CHECK(errors[0] == errors[1]);
+}
+
+TEST_CASE("TerminateOnNan(skip_update) keeps its count across a resume, and reads states saved before it kept one",
+          "[precision][nan][resume]") {
+  const auto data = test::regression_data(32);
+  const auto dir = test::fresh_dir("skip_update_resume");
+  const acc::TrainOptions options{.num_epochs = 2, .per_device_batch_size = 4, .shuffle = false};
+  auto train = [&](NanGradientAt loss, auto... callbacks) {
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, decltype(callbacks)...> trainer(
+        model, loss, optimizer, callbacks...);
+    trainer.set_output(test::quiet());
+    return test::error_or_none([&] { trainer.train(data, options); });
+  };
+  auto on_nan = cb::TerminateOnNan({.skip_update = true, .max_skipped_in_a_row = 3});
+  // Uninterrupted: updates 4, 5 and 6 dropped, and the run stops at 6. Saved after update 5, two in a row so far.
+  const auto uninterrupted = train(NanGradientAt{{4, 5, 6}}, on_nan, SaveAt{5, dir / "at5.pt"});
+  CHECK_THAT(uninterrupted, Catch::Contains("3 updates in a row had non-finite gradients, the last at update 6"));
+  // Resumed after update 5: the loss counts its calls afresh, so update 6 is its first.
+  auto resumed_options = options;
+  const auto resumed = [&] {
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, cb::TerminateOnNan> trainer(
+        model, NanGradientAt{{1}}, optimizer, on_nan);
+    trainer.set_output(test::quiet());
+    resumed_options.resume_from = dir / "at5.pt";
+    return test::error_or_none([&] { trainer.train(data, resumed_options); });
+  }();
+  CHECK(resumed == uninterrupted);
+  // A state saved by a list whose first callback keeps no state (as TerminateOnNan kept none before) resumes.
+  auto stateless = [](acc::on_train_epoch_end, auto&) {};
+  CHECK(train(NanGradientAt{}, stateless, SaveAt{5, dir / "old.pt"}) == "none");
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, cb::TerminateOnNan> trainer(
+      model, torch::nn::MSELoss(), optimizer, on_nan);
+  trainer.set_output(test::quiet());
+  auto from_old = options;
+  from_old.resume_from = dir / "old.pt";
+  CHECK_NOTHROW(trainer.train(data, from_old));
+  CHECK(trainer.state().update_step == 16);
 }

@@ -27,6 +27,8 @@ struct RecordEvents {
   void operator()(acc::on_evaluation_run_start, auto&) { log->push_back("on_evaluation_run_start"); }
   void operator()(acc::on_evaluation_run_end, auto&) { log->push_back("on_evaluation_run_end"); }
   void operator()(acc::on_stop_training_error, auto&, const acc::StopTrainingError& e) { log->push_back(std::string("on_stop_training_error ") + e.what()); }
+  void operator()(acc::on_before_optimizer_step, auto&) { log->push_back("on_before_optimizer_step"); }
+  void operator()(acc::on_update_step_end, auto&) { log->push_back("on_update_step_end"); }
 };
 
 // Records the loop steps into the same log, so the test sees steps and events interleaved.
@@ -66,8 +68,10 @@ TEST_CASE("every event and step fires in the reference order", "[trainer][events
       // epoch 1
       "train_epoch_start", "on_train_epoch_start 1",
       "on_train_step_start", "on_train_step_end 0", "backward_step",
-      "on_train_step_start", "on_train_step_end 1", "backward_step", "optimizer_step", "scheduler_step", "optimizer_zero_grad",
-      "on_train_step_start", "on_train_step_end 2", "backward_step", "optimizer_step", "scheduler_step", "optimizer_zero_grad",
+      "on_train_step_start", "on_train_step_end 1", "backward_step", "on_before_optimizer_step", "optimizer_step",
+      "scheduler_step", "optimizer_zero_grad", "on_update_step_end",
+      "on_train_step_start", "on_train_step_end 2", "backward_step", "on_before_optimizer_step", "optimizer_step",
+      "scheduler_step", "optimizer_zero_grad", "on_update_step_end",
       "train_epoch_end", "on_train_epoch_end",
       "eval_epoch_start", "on_eval_epoch_start 0", "on_eval_step_start", "on_eval_step_end", "on_eval_step_start",
       "on_eval_step_end", "eval_epoch_end", "on_eval_epoch_end",

@@ -25,6 +25,7 @@
 
 #include "detail/archive_file.hpp"
 #include "detail/atomic_file.hpp"
+#include "detail/non_finite.hpp"
 #include "errors.hpp"
 #include "optimizer_shards.hpp"
 
@@ -50,32 +51,14 @@ inline void write_module(torch::serialize::OutputArchive& archive, const torch::
   }
 }
 
-// A 0-dim tensor that is finite exactly when `t` holds no NaN and no infinity: its sum, accumulated in at least single
-// precision (a half-precision sum would overflow on finite values). No copy of `t` is made; a float32 sum beyond
-// 3.4e38 counts as non-finite, as such weights have diverged anyway.
-inline torch::Tensor finiteness_probe(const torch::Tensor& t) {
-  const auto type = t.scalar_type();
-  const bool narrow = type == torch::kHalf || type == torch::kBFloat16;
-  return narrow ? t.detach().sum(torch::kFloat) : t.detach().sum().to(torch::kDouble);
-}
-
 // The first of the module's parameters that holds a NaN or an infinity, as "model/<name>", or "" when every value is
-// finite. Buffers are not checked: a mask of -inf is a legitimate buffer. One read from the device for the module.
+// finite. Buffers are not checked: a mask of -inf is a legitimate buffer.
 inline std::string first_non_finite(const torch::nn::Module& module) {
-  std::vector<std::pair<std::string, torch::Tensor>> floating;
-  for (const auto& item : module.named_parameters()) floating.emplace_back(item.key(), item.value());
-  std::erase_if(floating, [](const auto& entry) {
-    return !entry.second.defined() || !at::isFloatingType(entry.second.scalar_type()) || entry.second.numel() == 0;
-  });
-  if (floating.empty()) return "";
-  torch::NoGradGuard no_grad;
-  std::vector<torch::Tensor> sums;
-  sums.reserve(floating.size());
-  for (const auto& entry : floating) sums.push_back(finiteness_probe(entry.second).to(floating[0].second.device()));
-  const auto finite = torch::stack(sums).isfinite();
-  if (finite.all().item<bool>()) return "";
-  const auto first = finite.logical_not().nonzero()[0][0].item<std::int64_t>();
-  return "model/" + floating[static_cast<std::size_t>(first)].first;
+  const auto named = module.named_parameters();
+  std::vector<torch::Tensor> values;
+  for (const auto& item : named) values.push_back(item.value());
+  const auto first = first_non_finite_of(values);
+  return first < 0 ? "" : "model/" + named[static_cast<std::size_t>(first)].key();
 }
 
 inline bool has_non_finite(const torch::Tensor& value) {

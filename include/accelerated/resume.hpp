@@ -25,6 +25,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "checkpoint.hpp"
@@ -50,6 +51,11 @@ void for_each_stateful_callback(CallbackTuple& callbacks, Fn&& fn) {
     ++index;
   });
 }
+
+// A callback that began keeping state after files were saved without it (TerminateOnNan) declares
+// `static constexpr bool state_may_be_missing = true`: a file without its entry leaves it as a run's start does.
+template <class Callback>
+constexpr bool state_may_be_missing = requires { requires Callback::state_may_be_missing; };
 
 // What a training state is made of, by reference into the trainer.
 template <class Precision, class CallbackTuple>
@@ -152,7 +158,9 @@ StagedTrainingState stage_training_state_unguarded(const std::filesystem::path& 
                              std::to_string(position.loss_total) +
                              ", saved after the loss diverged?); it is not a state to resume from");
   }
-  for_each_stateful_callback(parts.callbacks, [&](auto&, const std::string& key) { read_section(*archive, key, file); });
+  for_each_stateful_callback(parts.callbacks, [&](auto& callback, const std::string& key) {
+    if (!state_may_be_missing<std::remove_cvref_t<decltype(callback)>>) read_section(*archive, key, file);
+  });
   // One random generator state per saving process. A process the saved run did not have draws from a fresh seed
   // (apply_callbacks_and_generators).
   for (const char* key : {"rng_cpu", "rng_cuda"}) {
@@ -437,7 +445,12 @@ void apply_callbacks_and_generators(const PendingResume& resume, CallbackTuple& 
                                     torch::Device device) {
   auto& archive = *resume.archive;
   for_each_stateful_callback(callbacks, [&](auto& callback, const std::string& key) {
-    auto section = read_section(archive, key, resume.file);
+    torch::serialize::InputArchive section;
+    if (!state_may_be_missing<std::remove_cvref_t<decltype(callback)>>) {
+      section = read_section(archive, key, resume.file);
+    } else if (!archive.try_read(key, section)) {
+      return;
+    }
     load_section("accelerated::Trainer::train: resuming '" + resume.file + "'", key,
                  [&] { callback.load_state(section); });
   });

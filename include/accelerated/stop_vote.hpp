@@ -85,10 +85,14 @@ struct StopVote {
     const auto decided = "rank " + std::to_string(decider) + " of " + std::to_string(world);
     const auto seen = std::find(votes.begin(), votes.end(), 2.0);
     if (seen != votes.end()) {
-      // The same error on every rank, naming the rank that saw the loss.
-      reason = "accelerated: non-finite " + std::string(where.phase) + " loss on rank " +
-               std::to_string(seen - votes.begin()) + " of " + std::to_string(world) + " at epoch " +
-               std::to_string(where.epoch) + ", step " + std::to_string(where.step) + "; training stopped";
+      // The same error on every rank, naming the rank that saw the loss; where every rank saw it (TerminateOnNan's
+      // check of averaged gradients decides alike everywhere), each keeps its own words, which are the same.
+      const bool everywhere = std::all_of(votes.begin(), votes.end(), [](double v) { return v == 2.0; });
+      if (!everywhere || !non_finite) {
+        reason = "accelerated: non-finite " + std::string(where.phase) + " loss on rank " +
+                 std::to_string(seen - votes.begin()) + " of " + std::to_string(world) + " at epoch " +
+                 std::to_string(where.epoch) + ", step " + std::to_string(where.step) + "; training stopped";
+      }
       pending_error = std::make_exception_ptr(NonFiniteLossError(reason));
     } else {
       reason = decider == rank ? reason + " (decided on " + decided + ")" : "training stopped: decided on " + decided;

@@ -41,6 +41,7 @@
 #include "detail/scoped_value.hpp"
 #include "detail/thread_default.hpp"
 #include "errors.hpp"
+#include "eval_pass.hpp"
 #include "loader_options.hpp"
 #include "loss_meter.hpp"
 #include "model.hpp"
@@ -245,12 +246,17 @@ class Trainer {
   // Runs the eval set of this train() call through the model once more, without callbacks (e.g. with other weights
   // swapped in), and records the global mean loss under `metric`; returns it.
   double eval_loss_pass(const std::string& metric) {
-    if (!eval_pass_.run) {
-      throw std::logic_error("accelerated::Trainer::eval_loss_pass: only available inside train() with an eval_dataset");
-    }
-    const auto value = eval_pass_.run(*this, eval_pass_.loader);
+    const auto value = eval_pass_.run(*this);
     history_.update_metric(metric, value);
     return value;
+  }
+  // From on_before_optimizer_step: drops this update as a loss scaler drops an overflowing one (no optimizer or scheduler
+  // step, gradients zeroed; update_step counts it). Every rank must decide alike, e.g. from the averaged gradients.
+  void skip_update() {
+    if (!before_optimizer_step_) {
+      throw std::logic_error("accelerated::Trainer::skip_update: call it from on_before_optimizer_step");
+    }
+    skip_update_ = true;
   }
 
   // ---- across processes (no-ops in a single process) -------------------------------------------------------------
@@ -402,12 +408,8 @@ class Trainer {
       sampling_ = {detail::train_dataset_size(train_loader)};  // the epoch's skip and batches come at its start
       auto first = resume ? continue_saved_run(*resume) : detail::EpochStart{};
       run_started_ = true;
-      if constexpr (!std::is_same_v<EvalLoader, NoEvalSet>) {
-        eval_pass_ = {eval_loader, [](Trainer& trainer, void* loader) {
-                        return trainer.eval_loss_pass_over(*static_cast<EvalLoader*>(loader));
-                      }};
-      }
-      detail::OnScopeExit end_of_run([this] { eval_pass_ = {}; });  // the eval pass refers to this call's loader
+      if constexpr (!std::is_same_v<EvalLoader, NoEvalSet>) eval_pass_.bind(eval_loader);
+      detail::OnScopeExit end_of_run([this] { eval_pass_.clear(); });  // the eval pass refers to this call's loader
 
       grad_norm_every_ = {};
       steps::training_run_start::call(loop_, *this);
@@ -510,8 +512,17 @@ class Trainer {
       if (update) {
         beat(distributed::Phase::optimizer);
         clip_gradients();
-        detail::step_optimizer(distributed_, precision_, *optimizer_, [&] { steps::optimizer_step::call(loop_, *this); });
-        if (!precision_.step_was_skipped()) steps::scheduler_step::call(loop_, *this);
+        skip_update_ = false;
+        {
+          detail::ScopedValue point(before_optimizer_step_, true);
+          emit_in_epoch<events::on_before_optimizer_step>();
+        }
+        if (skip_update_) {
+          detail::drop_step(precision_, *optimizer_);  // a loss scaler that unscaled for this step hears of it
+        } else {
+          detail::step_optimizer(distributed_, precision_, *optimizer_, [&] { steps::optimizer_step::call(loop_, *this); });
+          if (!precision_.step_was_skipped()) steps::scheduler_step::call(loop_, *this);
+        }
         steps::optimizer_zero_grad::call(loop_, *this);
         reached_max_steps = ++state_.update_step >= run_config_.max_num_train_steps;
       }
@@ -575,17 +586,7 @@ class Trainer {
     state_ = saved;
   }
 
-  // The eval set once more, with no events: eval_loss_pass.
-  template <class Loader>
-  double eval_loss_pass_over(Loader& loader) {
-    const bool was_training = model_->is_training();
-    model_->eval();
-    LossMeter tracker;
-    eval_batches<false>(loader, static_cast<std::int64_t>(loader.size()), tracker);
-    set_training(model_.module(), was_training);
-    return detail::global_mean(distributed_, tracker);
-  }
-
+  friend class detail::EvalPass<Trainer>;  // runs eval_batches<false>
   // The eval loop: batches [0, last) through the model without gradients, their losses into `tracker`; with the
   // step events (an eval epoch) or without (eval_loss_pass, which also leaves state().last_loss alone).
   template <bool WithEvents, class Loader>
@@ -667,8 +668,9 @@ class Trainer {
   // what callbacks may ask for during a run
   bool epoch_starting_ = false;             // inside on_train_epoch_start / on_eval_epoch_start
   bool evaluation_requested_ = false;
-  // eval_loss_pass's loader (this train() call's eval loader) and a plain function that knows its type.
-  struct EvalPass { void* loader = nullptr; double (*run)(Trainer&, void*) = nullptr; } eval_pass_;
+  bool before_optimizer_step_ = false;      // inside on_before_optimizer_step
+  bool skip_update_ = false;                // skip_update() was called for this update
+  detail::EvalPass<Trainer> eval_pass_;     // eval_loss_pass: this train() call's eval loader
   // After the other members, so that the callbacks' state never moves them: the step loop's machine code is the same
   // with or without callbacks that do not handle its events (tests/zero_cost).
   callback_tuple callbacks_;

@@ -1,5 +1,5 @@
 #pragma once
-// The 16 events of a run and their compile-time dispatch. A callback is any class (a lambda too); it handles an event
+// The 17 events of a run and their compile-time dispatch. A callback is any class (a lambda too); it handles an event
 // with a call operator whose first parameter is the event's tag, then the trainer alone or the trainer and the
 // event's arguments:
 //
@@ -13,6 +13,9 @@
 //   on_eval_epoch_end(trainer, is_intermediate)                              on_training_run_epoch_end(trainer)
 //   on_training_run_end(trainer)         on_evaluation_run_start(trainer)    on_evaluation_run_end(trainer)
 //   on_stop_training_error(trainer, const StopTrainingError& error)
+//   on_before_optimizer_step(trainer)    on an update step, after backward (gradients averaged over the processes,
+//                                        unscaled when clipping) and clipping, before the optimizer step: the place
+//                                        to read or check gradients, and to call trainer.skip_update(reason)
 //   on_update_step_end(trainer)          after each optimizer update (and its scheduler step and zero_grad): the
 //                                        place for per-update work such as an EMA, or saving the training state
 //                                        (not in the Python original, whose only step events are per micro-batch)
@@ -74,6 +77,7 @@ constexpr bool returns_bool = std::is_same_v<R, bool>;
   X(on_evaluation_run_start, ())                                                                    \
   X(on_evaluation_run_end, ())                                                                      \
   X(on_stop_training_error, (StopTrainingError))                                                    \
+  X(on_before_optimizer_step, ())                                                                   \
   X(on_update_step_end, ())
 
 // One tag type per event: `handled_by` tells whether a callback handles it with these arguments, `call` invokes it

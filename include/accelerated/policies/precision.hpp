@@ -13,7 +13,9 @@
 //   void step(torch::optim::Optimizer&);         bool step_was_skipped() const;
 // and may provide `void check_device(torch::Device) const`, called before a run, to reject a device it cannot use,
 // and `save_state(torch::serialize::OutputArchive&) const` / `load_state(torch::serialize::InputArchive&)` for
-// state that must survive a resume (Float16: the loss scale and its growth counter).
+// state that must survive a resume (Float16: the loss scale and its growth counter), and
+// `void drop_step(torch::optim::Optimizer&)`, called instead of step() for an update the trainer dropped
+// (Trainer::skip_update), where the policy keeps state between unscaling and stepping (Float16).
 #include <torch/optim/optimizer.h>
 #include <torch/types.h>
 
@@ -72,6 +74,11 @@ class Float16 {
     scaler_.update();
   }
   bool step_was_skipped() const { return skipped_; }
+  // The trainer dropped this update (Trainer::skip_update): the scaler backs off if it found an overflow.
+  void drop_step(torch::optim::Optimizer&) {
+    skipped_ = true;
+    scaler_.drop_step();
+  }
 
   // The loss scaler's state travels with the training state.
   void save_state(torch::serialize::OutputArchive& archive) const { scaler_.save(archive); }
@@ -125,6 +132,9 @@ class AutoPrecision {
     }
   }
   bool step_was_skipped() const { return mode_ == Mode::fp16 && fp16_.step_was_skipped(); }
+  void drop_step(torch::optim::Optimizer& optimizer) {
+    if (mode_ == Mode::fp16) fp16_.drop_step(optimizer);
+  }
 
   void save_state(torch::serialize::OutputArchive& archive) const {
     if (mode_ == Mode::fp16) fp16_.save_state(archive);
@@ -152,5 +162,14 @@ class AutoPrecision {
   BFloat16 bf16_;
   Float16 fp16_;
 };
+
+namespace detail {
+// An update the trainer dropped (Trainer::skip_update): a precision policy with a loss scaler hears of it (drop_step),
+// so that its next step unscales afresh; one without has nothing to do.
+template <class Precision>
+void drop_step(Precision& precision, torch::optim::Optimizer& optimizer) {
+  if constexpr (requires { precision.drop_step(optimizer); }) precision.drop_step(optimizer);
+}
+}  // namespace detail
 
 }  // namespace accelerated

@@ -119,6 +119,14 @@ class GradScaler {
     unscaled_ = false;
   }
 
+  // The step was dropped by the trainer (Trainer::skip_update) after unscale_: an overflow it found backs the scale
+  // off as a skipped step does; either way the next step unscales its own gradients.
+  void drop_step() {
+    if (!unscaled_) return;
+    if (found_inf_.item<double>() > 0.0) return update();
+    unscaled_ = false;
+  }
+
   double get_scale() const { return scale_.item<double>(); }
   std::int64_t growth_tracker() const { return growth_tracker_.item<std::int64_t>(); }
   bool last_step_skipped() const { return last_skipped_; }
