@@ -1,8 +1,8 @@
 // Fine-tuning with ModelFreezer: a CNN backbone learns Fashion-MNIST classes 0-4 ("pre-training"); then a new head
 // learns classes 5-9 with the backbone frozen, and finally the backbone is unfrozen and trained on at a lower rate.
 // Usage: finetune [fashion-mnist folder]. Writes the fine-tuning's learning curves (finetune_curves.svg: open it in a
-// browser) and its metrics (finetune_metrics.csv) in the current folder. Last line: JSON with the accuracy on
-// classes 5-9 after each stage.
+// browser), its metrics (finetune_metrics.csv) and the head's learning-rate range test (finetune_lr_find.svg) in the
+// current folder. Last line: JSON with the accuracy on classes 5-9 after each stage.
 #include <accelerated/accelerated.hpp>
 
 namespace acc = accelerated;
@@ -59,6 +59,11 @@ int main(int argc, char** argv) try {
                        acc::callbacks::LearningCurves("finetune_curves.svg", 10),
                        acc::callbacks::MetricsLogger("finetune_metrics.csv"));
   const auto target_train = classes(train, 5), target_test = classes(test, 5);
+  // Which rate suits the new head? A short sweep from 1e-5 to 1 says; the model and optimizer are left as they were.
+  const auto found = acc::find_learning_rate(trainer, target_train,
+                                             {.train = options, .start_lr = 1e-5, .end_lr = 1.0, .num_steps = 60,
+                                              .svg = "finetune_lr_find.svg"});
+  if (found.suggestion) trainer.print("The range test suggests ", *found.suggestion, "; this example keeps 1e-3");
   trainer.train(target_train, options, target_test);
   const double frozen_accuracy = trainer.run_history().get_latest_metric("eval_accuracy");
 
@@ -68,7 +73,7 @@ int main(int argc, char** argv) try {
         parameters, std::make_unique<torch::optim::AdamOptions>(torch::optim::AdamOptions(1e-4))));
   }
   trainer.train(target_train, options, target_test);
-  trainer.print("Learning curves: finetune_curves.svg; metrics: finetune_metrics.csv");
+  trainer.print("Learning curves: finetune_curves.svg; metrics: finetune_metrics.csv; range test: finetune_lr_find.svg");
   trainer.print(R"({"eval_accuracy_frozen_backbone":)", frozen_accuracy, R"(,"eval_accuracy":)",
                 trainer.run_history().get_latest_metric("eval_accuracy"), "}");  // once, on process zero
 } catch (const std::exception& error) {

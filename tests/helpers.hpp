@@ -13,6 +13,8 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -97,6 +99,27 @@ inline double reset_peak_resident_mb() {  // Linux: writing 5 to clear_refs sets
 
 
 // y = x . w + noise, 8 features: enough for a loss that moves, small enough to run in milliseconds.
+// Sets an environment variable for one scope.
+struct ScopedEnv {
+  std::string name;
+  std::optional<std::string> old;
+  ScopedEnv(std::string n, const char* value) : name(std::move(n)) {
+    if (const char* v = std::getenv(name.c_str())) old = v;
+    if (value) {
+      ::setenv(name.c_str(), value, 1);
+    } else {
+      ::unsetenv(name.c_str());
+    }
+  }
+  ~ScopedEnv() {
+    if (old) {
+      ::setenv(name.c_str(), old->c_str(), 1);
+    } else {
+      ::unsetenv(name.c_str());
+    }
+  }
+};
+
 inline std::pair<torch::Tensor, torch::Tensor> regression_data(std::int64_t n, std::uint64_t seed = 1) {
   torch::manual_seed(seed);
   const auto x = torch::randn({n, 8});

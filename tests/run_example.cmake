@@ -4,7 +4,7 @@
 # that bf16 lands within MAX_BF16_GAP_E4 (in units of 1e-4) of float32.
 # With CURVES and METRICS (file names), the program must write them in the current folder: an SVG that draws
 # eval_accuracy, and a CSV with a header naming eval_accuracy and METRIC_ROWS rows (removed before the run, so an old
-# file cannot pass).
+# file cannot pass). With LR_FIND, also that SVG file: the learning-rate range test's curve with its suggestion.
 function(run_program result)
   execute_process(COMMAND ${CMAKE_COMMAND} -E env ${ARGN} ${PROGRAM} RESULT_VARIABLE code OUTPUT_VARIABLE out
                   ERROR_VARIABLE err)
@@ -29,7 +29,7 @@ function(run_program result)
 endfunction()
 
 if(CURVES)
-  file(REMOVE ${CURVES} ${METRICS})
+  file(REMOVE ${CURVES} ${METRICS} ${LR_FIND})
 endif()
 run_program(fp32 ACCELERATED_MIXED_PRECISION=no)
 if(CURVES)
@@ -45,6 +45,13 @@ if(CURVES)
     message(FATAL_ERROR "${METRICS}: expected a header naming eval_accuracy and ${METRIC_ROWS} rows, read:\n${rows}")
   endif()
   message(STATUS "${CURVES} and ${METRICS} (${METRIC_ROWS} rows) written")
+endif()
+if(LR_FIND)
+  file(READ ${LR_FIND} svg)
+  if(NOT svg MATCHES "^<svg " OR NOT svg MATCHES "Learning-rate range test: suggested" OR NOT svg MATCHES "</svg>\n?$")
+    message(FATAL_ERROR "${LR_FIND} is not a whole SVG of a range test with a suggestion")
+  endif()
+  message(STATUS "${LR_FIND} written")
 endif()
 if(fp32 LESS MIN_ACCURACY)
   message(FATAL_ERROR "eval_accuracy ${fp32} < ${MIN_ACCURACY}")

@@ -288,3 +288,41 @@ TEST_CASE("NCCL carries CUDA tensors in a one-process group", "[cuda][nccl]") {
   group->allreduce(host)->wait();
   CHECK(host[0].sum().item<double>() == 8.0);
 }
+
+TEST_CASE("on the GPU in fp16, TerminateOnNan(skip_update) drops a NaN update and the loss scaler backs off; "
+          "find_learning_rate leaves the scale and the CUDA generator as they were",
+          "[cuda][nan][lr_finder]") {
+  REQUIRE_GPU();
+  namespace cb = acc::callbacks;
+  const auto data = test::regression_data(64);
+  // A finite loss whose gradient is NaN on the 3rd call: sqrt's derivative at 0 is infinite, and 0 * inf is NaN.
+  auto count = std::make_shared<int>(0);
+  auto loss = [count](const torch::Tensor& out, const torch::Tensor& target) {
+    auto value = torch::mse_loss(out.to(torch::kFloat), target);
+    if (++*count == 3) value = value + 0.0 * torch::sqrt(out - out.detach()).to(torch::kFloat).sum();
+    return value;
+  };
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+  std::ostringstream out;
+  // A scale of 1024: no overflow of its own in this small regression, so the one back-off is the NaN's.
+  acc::Trainer trainer(model, loss, optimizer,
+                       acc::policies(acc::Cuda{}, acc::Float16({.init_scale = 1024.0}), acc::SingleProcess{}),
+                       cb::TerminateOnNan({.skip_update = true}));
+  trainer.set_output(out);
+  const double initial_scale = trainer.precision().scaler().get_scale();
+  trainer.train(data, {.per_device_batch_size = 8, .shuffle = false});
+  CHECK(trainer.run_history().get_metric_values("skipped_updates") == std::vector<double>{1});
+  CHECK_THAT(out.str(), Catch::Contains("skipped update 3 (epoch 1, step 3 of 8): the gradient of 'weight'"));
+  CHECK(trainer.precision().scaler().get_scale() == initial_scale * 0.5);  // one back-off, no growth in 8 updates
+  CHECK(torch::isfinite(model->weight).all().item<bool>());
+
+  const double scale = trainer.precision().scaler().get_scale();
+  const auto weights = test::flat_parameters(*model).cpu();
+  const auto generator = acc::detail::generator_state(torch::Device(torch::kCUDA, 0));
+  const auto found = acc::find_learning_rate(trainer, data, {.train = {.per_device_batch_size = 8}, .num_steps = 30});
+  CHECK(found.losses.size() > 0);
+  CHECK(trainer.precision().scaler().get_scale() == scale);
+  CHECK(torch::equal(test::flat_parameters(*model).cpu(), weights));
+  CHECK(torch::equal(acc::detail::generator_state(torch::Device(torch::kCUDA, 0)), generator));
+}

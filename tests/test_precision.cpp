@@ -20,26 +20,7 @@ using acc::precision::AutocastGuard;
 using acc::precision::GradScaler;
 
 namespace {
-// Sets an environment variable for one scope.
-struct ScopedEnv {
-  std::string name;
-  std::optional<std::string> old;
-  ScopedEnv(std::string n, const char* value) : name(std::move(n)) {
-    if (const char* v = std::getenv(name.c_str())) old = v;
-    if (value) {
-      ::setenv(name.c_str(), value, 1);
-    } else {
-      ::unsetenv(name.c_str());
-    }
-  }
-  ~ScopedEnv() {
-    if (old) {
-      ::setenv(name.c_str(), old->c_str(), 1);
-    } else {
-      ::unsetenv(name.c_str());
-    }
-  }
-};
+using test::ScopedEnv;
 }  // namespace
 
 TEST_CASE("the autocast guard enables bf16 on the CPU and nests and restores", "[precision][autocast]") {
@@ -456,6 +437,8 @@ struct SaveAt {
 };
 
 struct LoggingScaledFloat32WithDrop : LoggingScaledFloat32 {
+  void save_state(torch::serialize::OutputArchive& archive) const { scaler.save(archive); }
+  void load_state(torch::serialize::InputArchive& archive) { scaler.load(archive); }
   void drop_step(torch::optim::Optimizer&) {
     skipped = true;
     const double before = scaler.get_scale();
@@ -520,6 +503,31 @@ TEST_CASE("TerminateOnNan(skip_update): an update with a non-finite gradient is 
   CHECK_THROWS_WITH(cb::TerminateOnNan({.skip_update = true, .max_skipped_in_a_row = 0}),
                     Catch::Contains("max_skipped_in_a_row = 0 must be >= 1"));
 
+  // Evaluation losses still stop the run; a training loss that is itself NaN drops its update, and the epoch's mean
+  // loss is NaN.
+  auto nan_targets = test::regression_data(8, 2);
+  nan_targets.second[3][0] = std::numeric_limits<float>::quiet_NaN();
+  auto eval_model = test::linear_model();
+  auto eval_optimizer = sgd(eval_model);
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, cb::TerminateOnNan> evaluating(
+      eval_model, torch::nn::MSELoss(), eval_optimizer, cb::TerminateOnNan({.skip_update = true}));
+  evaluating.set_output(test::quiet());
+  CHECK_THROWS_MATCHES(evaluating.train(data, options, nan_targets), acc::NonFiniteLossError,
+                       Catch::Matchers::Message("accelerated: non-finite eval loss (nan) at epoch 1, step 1 of 2; "
+                                                "training stopped"));
+  auto nan_train = data;
+  nan_train.second = nan_train.second.clone();
+  nan_train.second[5][0] = std::numeric_limits<float>::quiet_NaN();  // in batch 2
+  auto nan_model = test::linear_model();
+  auto nan_optimizer = sgd(nan_model);
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, cb::TerminateOnNan> nan_loss(
+      nan_model, torch::nn::MSELoss(), nan_optimizer, cb::TerminateOnNan({.skip_update = true}));
+  nan_loss.set_output(test::quiet());
+  nan_loss.train(nan_train, {.per_device_batch_size = 4, .shuffle = false});
+  CHECK(nan_loss.run_history().get_metric_values("skipped_updates") == std::vector<double>{1});
+  CHECK(std::isnan(nan_loss.run_history().get_latest_metric("train_loss_epoch")));
+  CHECK(torch::isfinite(test::flat_parameters(*nan_model)).all().item<bool>());
+
   // skip_update() belongs to on_before_optimizer_step.
   auto early = [](acc::on_train_step_end, auto& t) { t.skip_update(); };
   auto misplaced_model = test::linear_model();
@@ -553,11 +561,41 @@ TEST_CASE("TerminateOnNan(skip_update) under a loss scaler: the scaler backs off
   int by_scaler = 0, by_callback = 0;
   const auto [scaler_weights, scaler_scales] = train(false, &by_scaler);
   const auto [callback_weights, callback_scales] = train(true, &by_callback);
+  // Clipping by value would clamp the infinity to a finite value: the check comes before it, and the update is
+  // dropped all the same; and an overflow the loss scaler would have skipped counts as a dropped update.
+  for (const bool scaled : {false, true}) {
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+    auto run = [&](auto precision_tag) {
+      using Precision = typename decltype(precision_tag)::type;
+      auto trainer = acc::make_trainer<acc::Cpu, Precision, acc::SingleProcess, InfAtBackward>(
+          model, torch::nn::MSELoss(), optimizer, cb::TerminateOnNan({.skip_update = true}));
+      trainer.set_output(test::quiet());
+      trainer.loop().k = 3;
+      trainer.train(data, {.num_epochs = 2, .per_device_batch_size = 4, .gradient_clip_value = 0.5, .shuffle = false});
+      return trainer.run_history().get_metric_values("skipped_updates");
+    };
+    const auto skipped = scaled ? run(hana::type_c<LoggingScaledFloat32WithDrop>) : run(hana::type_c<acc::FullPrecision>);
+    CHECK(skipped == std::vector<double>{1, 0});
+  }
   CHECK(by_scaler == 7);
   CHECK(by_callback == 7);
   CHECK(scaler_scales == callback_scales);
   CHECK(callback_scales.at(1) == 1024.0);  // 1024 -> 2048 -> (overflow) 1024
   CHECK(torch::equal(scaler_weights, callback_weights));
+
+  // find_learning_rate puts the loss scale back: the sweep's copy of the policy shares the scale's tensor, which
+  // grows every 2 clean updates during the sweep.
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+  auto trainer = acc::make_trainer<acc::Cpu, LoggingScaledFloat32WithDrop, acc::SingleProcess>(model, torch::nn::MSELoss(),
+                                                                                               optimizer, cb::None{});
+  trainer.set_output(test::quiet());
+  trainer.train(data, {.per_device_batch_size = 4});
+  const double scale = trainer.precision().scaler.get_scale();
+  const auto found = acc::find_learning_rate(trainer, data, {.train = {.per_device_batch_size = 2}, .num_steps = 20});
+  CHECK(found.losses.size() >= 8);
+  CHECK(trainer.precision().scaler.get_scale() == scale);
 }
 
 TEST_CASE("TerminateOnNan(skip_update) in two processes: a NaN on one rank drops that update on both, sharded or not",
@@ -654,6 +692,21 @@ TEST_CASE("TerminateOnNan(skip_update) keeps its count across a resume, and read
     return test::error_or_none([&] { trainer.train(data, resumed_options); });
   }();
   CHECK(resumed == uninterrupted);
+  // The epoch's count of dropped updates goes on across the resume: 2 in epoch 1 (updates 4 and 5), whether the run
+  // was interrupted after update 5 or not.
+  auto counts = [&](NanGradientAt loss, std::optional<std::filesystem::path> from, auto... callbacks) {
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, cb::TerminateOnNan,
+                 decltype(callbacks)...> trainer(model, loss, optimizer, on_nan, callbacks...);
+    trainer.set_output(test::quiet());
+    auto run_options = options;
+    run_options.resume_from = from;
+    trainer.train(data, run_options);
+    return trainer.run_history().get_metric_values("skipped_updates");
+  };
+  CHECK(counts(NanGradientAt{{4, 5}}, std::nullopt, SaveAt{5, dir / "two.pt"}) == std::vector<double>{2, 0});
+  CHECK(counts(NanGradientAt{}, dir / "two.pt") == std::vector<double>{2, 0});
   // A state saved by a list whose first callback keeps no state (as TerminateOnNan kept none before) resumes.
   auto stateless = [](acc::on_train_epoch_end, auto&) {};
   CHECK(train(NanGradientAt{}, stateless, SaveAt{5, dir / "old.pt"}) == "none");

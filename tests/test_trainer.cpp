@@ -1,4 +1,5 @@
 #include "helpers.hpp"
+#include "ranks_as_threads.hpp"
 
 namespace acc = accelerated;
 
@@ -668,4 +669,62 @@ TEST_CASE("a stateful loss callable is called, not copied, at each batch", "[tra
   CHECK_FALSE(acc::LossFunction(nullptr));
   CHECK_THROWS_WITH(acc::LossFunction(nullptr)(torch::zeros({1}), torch::zeros({1})),
                     Catch::Contains("null loss"));
+}
+
+TEST_CASE("the profiler writes a Chrome trace of its window: the trainer's phases around the model's operators",
+          "[trainer][profiler]") {
+  const auto python = test::python_with("json");
+  if (python.empty()) ACCELERATED_SKIP("no python3 to read the trace with");
+  const auto dir = test::fresh_dir("profiler");
+  namespace cb = acc::callbacks;
+  auto model = torch::nn::Sequential(torch::nn::Linear(8, 16), torch::nn::ReLU(), torch::nn::Linear(16, 1));
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.01));
+  std::ostringstream out;
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, cb::Profiler> trainer(
+      model, torch::nn::MSELoss(), optimizer, cb::Profiler({.wait = 2, .warmup = 1, .active = 3, .path = dir / "trace.json"}));
+  trainer.set_output(out);
+  // 10 updates an epoch: updates 4-6 are recorded, with the eval epoch's range outside the window.
+  trainer.train(test::regression_data(40), {.num_epochs = 2, .per_device_batch_size = 4}, test::regression_data(8, 2));
+  CHECK(trainer.callback<cb::Profiler>().written() == dir / "trace.json");
+  CHECK_THAT(out.str(), Catch::Contains("Profiler: updates 4-6 of this run's epoch 1 written to"));
+  CHECK(test::run_python(python, "check_trace.py",
+                         {(dir / "trace.json").string(), "3", "accelerated::data", "accelerated::forward",
+                          "accelerated::backward", "accelerated::optimizer", "aten::addmm", "aten::mse_loss"}) == 0);
+  // An epoch shorter than the window: the trace holds what there was, written at the epoch's end.
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, cb::Profiler> short_run(
+      model, torch::nn::MSELoss(), optimizer,
+      cb::Profiler({.wait = 0, .warmup = 0, .active = 50, .path = dir / "short.json", .record_shapes = true}));
+  std::ostringstream short_out;
+  short_run.set_output(short_out);
+  short_run.train(test::regression_data(16), {.per_device_batch_size = 4});
+  CHECK(test::run_python(python, "check_trace.py",
+                         {(dir / "short.json").string(), "4", "accelerated::forward", "--shapes"}) == 0);
+  // A run too short for its window (wait 10, four updates): it says so, and writes nothing.
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, cb::Profiler> too_short(
+      model, torch::nn::MSELoss(), optimizer, cb::Profiler({.wait = 10, .path = dir / "never.json"}));
+  std::ostringstream too_short_out;
+  too_short.set_output(too_short_out);
+  too_short.train(test::regression_data(16), {.per_device_batch_size = 4});
+  CHECK_THAT(too_short_out.str(), Catch::Contains("Profiler: the run ended after 4 updates, before its window (wait + "
+                                                  "warmup = 11); no trace written"));
+  CHECK_FALSE(std::filesystem::exists(dir / "never.json"));
+  CHECK_THROWS_WITH(cb::Profiler({.active = 0}), "accelerated::callbacks::Profiler: active = 0 must be >= 1");
+  // Ranks as threads: each rank writes its own trace, with the trainer's collectives (the stop vote) in it.
+  test::run_ranks(2, [&](int rank, auto store) {
+    auto m = test::linear_model();
+    torch::optim::SGD o(m->parameters(), torch::optim::SGDOptions(0.01));
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::DataParallel, acc::DefaultLoop, cb::Profiler> t(
+        m, torch::nn::MSELoss(), o, cb::Profiler({.wait = 1, .warmup = 0, .active = 2, .path = dir / "ranks.json"}));
+    acc::DataParallelOptions options;
+    options.timeout = std::chrono::seconds(30);
+    options.shard_optimizer_state = true;  // the exchange of the updated parameters
+    t.distributed() = acc::DataParallel(store, rank, 2, options);
+    t.set_output(test::quiet());
+    t.train(test::regression_data(64), {.per_device_batch_size = 4});
+    return 0;
+  });
+  for (const char* file : {"ranks.rank0.json", "ranks.rank1.json"}) {
+    CHECK(test::run_python(python, "check_trace.py", {(dir / file).string(), "2", "accelerated::all_reduce",
+                                                      "accelerated::broadcast", "accelerated::exchange"}) == 0);
+  }
 }

@@ -68,6 +68,7 @@
 #include "callbacks/model_ema.hpp"
 #include "callbacks/move_modules_to_device.hpp"
 #include "callbacks/print_progress.hpp"
+#include "callbacks/profiler.hpp"
 #include "callbacks/progress_bar.hpp"
 #include "callbacks/save_best_model.hpp"
 #include "callbacks/save_training_state.hpp"
@@ -76,3 +77,4 @@
 #include "callbacks/terminate_on_nan.hpp"
 
 #include "trainer.hpp"
+#include "lr_finder.hpp"

@@ -26,12 +26,14 @@ namespace accelerated::detail {
 struct StopVote {
   bool requested = false;
   bool non_finite = false;            // the stop is for a non-finite loss (multi-process TerminateOnNan)
+  bool decided_alike = false;         // and every rank asks at the same step in the same words (skip_update's limit)
   std::string reason;
   std::exception_ptr pending_error;   // thrown once the run has ended cleanly
   bool preempt_agreed = false;        // the ranks agreed to save and end at this update step
   std::int64_t preempted_by = 0;      // the first rank that voted for it
 
-  void ask(std::string why, bool non_finite_loss) {
+  void ask(std::string why, bool non_finite_loss, bool alike = false) {
+    decided_alike = decided_alike || alike;
     requested = true;
     reason = std::move(why);
     non_finite = non_finite || non_finite_loss;
@@ -39,6 +41,7 @@ struct StopVote {
   void reset() {
     requested = false;
     non_finite = false;
+    decided_alike = false;
     reason.clear();
     pending_error = nullptr;
   }
@@ -85,10 +88,10 @@ struct StopVote {
     const auto decided = "rank " + std::to_string(decider) + " of " + std::to_string(world);
     const auto seen = std::find(votes.begin(), votes.end(), 2.0);
     if (seen != votes.end()) {
-      // The same error on every rank, naming the rank that saw the loss; where every rank saw it (TerminateOnNan's
-      // check of averaged gradients decides alike everywhere), each keeps its own words, which are the same.
+      // The same error on every rank, naming the rank that saw the loss; where every rank asked in the same words
+      // (TerminateOnNan's check of averaged gradients decides alike everywhere), each keeps them.
       const bool everywhere = std::all_of(votes.begin(), votes.end(), [](double v) { return v == 2.0; });
-      if (!everywhere || !non_finite) {
+      if (!everywhere || !decided_alike) {
         reason = "accelerated: non-finite " + std::string(where.phase) + " loss on rank " +
                  std::to_string(seen - votes.begin()) + " of " + std::to_string(world) + " at epoch " +
                  std::to_string(where.epoch) + ", step " + std::to_string(where.step) + "; training stopped";

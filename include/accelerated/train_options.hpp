@@ -64,6 +64,9 @@ struct TrainOptions {
   // step with a StepError naming the function ("Function 'SqrtBackward0' returned nan values in its 0th output") and
   // the epoch and step. ACCELERATED_DETECT_ANOMALY=1 turns it on from outside an unchanged program.
   bool detect_anomaly = false;
+  // false: ACCELERATED_RUN_DIR is not read (find_learning_rate's sweep must neither resume from the run's states nor
+  // save one into its folder on a preemption signal).
+  bool run_dir_from_environment = true;
 
   void validate() const {
     auto fail = [](const std::string& option, const std::string& value, const std::string& rule) {
@@ -107,7 +110,7 @@ struct TrainOptions {
 // (and resume_from, which wins, is unset). An empty value is ignored.
 inline TrainOptions with_environment(TrainOptions options) {
   const char* run_dir = std::getenv("ACCELERATED_RUN_DIR");
-  if (run_dir == nullptr || *run_dir == '\0') return options;
+  if (run_dir == nullptr || *run_dir == '\0' || !options.run_dir_from_environment) return options;
   if (!options.preemption_dir) options.preemption_dir = run_dir;
   if (!options.resume_from_newest_in && !options.resume_from) options.resume_from_newest_in = run_dir;
   return options;

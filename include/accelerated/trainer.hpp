@@ -38,6 +38,7 @@
 #include "detail/checks.hpp"
 #include "detail/clip_gradients.hpp"
 #include "detail/preemption.hpp"
+#include "detail/profiler_range.hpp"
 #include "detail/scoped_value.hpp"
 #include "detail/thread_default.hpp"
 #include "errors.hpp"
@@ -193,9 +194,11 @@ class Trainer {
 
   // Asks the run to stop once the current step has finished (a callback may also return true from an event, or
   // throw StopTrainingError to abandon the current step at once). `non_finite_loss` (TerminateOnNan in a
-  // multi-process run): every rank then throws NonFiniteLossError once the run has ended.
-  void stop_training(std::string reason = "training stopped on request", bool non_finite_loss = false) {
-    stop_.ask(std::move(reason), non_finite_loss);
+  // multi-process run): every rank then throws NonFiniteLossError once the run has ended, naming the first rank that
+  // asked, or, with `decided_alike` (every rank asks at the same step in the same words), with this rank's words.
+  void stop_training(std::string reason = "training stopped on request", bool non_finite_loss = false,
+                     bool decided_alike = false) {
+    stop_.ask(std::move(reason), non_finite_loss, decided_alike);
   }
 
   // ---- checkpoints and training states (trainer_saves.hpp) ---------------------------------------------------
@@ -230,10 +233,7 @@ class Trainer {
   // epoch the last batch kept ends with an update, as an epoch's last batch always does.
   void limit_epoch_batches(std::int64_t n) {
     detail::require_positive("Trainer::limit_epoch_batches", "n", n);
-    if (!epoch_starting_) {
-      throw std::logic_error("accelerated::Trainer::limit_epoch_batches: call it from on_train_epoch_start or "
-                             "on_eval_epoch_start");
-    }
+    detail::require_called_from(epoch_starting_, "limit_epoch_batches", "on_train_epoch_start or on_eval_epoch_start");
     state_.num_batches = std::min(state_.num_batches, n);
   }
   // Asks for an evaluation epoch (is_intermediate = true, metric "intermediate_eval_loss") once the current update
@@ -253,9 +253,7 @@ class Trainer {
   // From on_before_optimizer_step: drops this update as a loss scaler drops an overflowing one (no optimizer or scheduler
   // step, gradients zeroed; update_step counts it). Every rank must decide alike, e.g. from the averaged gradients.
   void skip_update() {
-    if (!before_optimizer_step_) {
-      throw std::logic_error("accelerated::Trainer::skip_update: call it from on_before_optimizer_step");
-    }
+    detail::require_called_from(before_optimizer_step_, "skip_update", "on_before_optimizer_step");
     skip_update_ = true;
   }
 
@@ -511,7 +509,6 @@ class Trainer {
       if (update && run_config_.is_distributed && stop_finished()) throw StopTrainingError(stop_.reason);
       if (update) {
         beat(distributed::Phase::optimizer);
-        clip_gradients();
         skip_update_ = false;
         {
           detail::ScopedValue point(before_optimizer_step_, true);
@@ -520,6 +517,12 @@ class Trainer {
         if (skip_update_) {
           detail::drop_step(precision_, *optimizer_);  // a loss scaler that unscaled for this step hears of it
         } else {
+          // The norm before clipping goes to state().grad_norm when clipping by norm, and where a callback asked.
+          if (auto norm = detail::clip_gradients(parameters_, run_config_.gradient_clip_value, run_config_.gradient_clip_norm,
+                                                 !run_config_.gradient_clip_norm && grad_norm_every_.at(state_.update_step + 1),
+                                                 [this] { precision_.unscale_gradients(*optimizer_); })) {
+            state_.grad_norm = std::move(*norm);
+          }
           detail::step_optimizer(distributed_, precision_, *optimizer_, [&] { steps::optimizer_step::call(loop_, *this); });
           if (!precision_.step_was_skipped()) steps::scheduler_step::call(loop_, *this);
         }
@@ -624,19 +627,13 @@ class Trainer {
     }
   }
 
-  void beat(distributed::Phase phase) { detail::beat(distributed_, phase, state_.update_step); }  // the watchdog's
+  void beat(distributed::Phase phase) {  // the watchdog's heartbeat; profiler ranges if a callback asks (Profiler)
+    detail::beat(distributed_, phase, state_.update_step);
+    if constexpr (detail::records_phases_v<callback_tuple>) phase_range_.open(distributed::phase_range_name(phase));
+  }
   detail::StepPlace place(const char* phase) const {
     return {phase, history_.current_epoch(), state_.step + 1, state_.num_batches, distributed_.rank(),
             distributed_.num_processes()};
-  }
-
-  // Clipping runs on update steps only (detail/clip_gradients.hpp). The norm before clipping is kept in
-  // state().grad_norm when clipping by norm, and on the updates a callback asked for it.
-  void clip_gradients() {
-    const bool measure = !run_config_.gradient_clip_norm && grad_norm_every_.at(state_.update_step + 1);
-    auto norm = detail::clip_gradients(parameters_, run_config_.gradient_clip_value, run_config_.gradient_clip_norm,
-                                       measure, [this] { precision_.unscale_gradients(*optimizer_); });
-    if (norm) state_.grad_norm = std::move(*norm);
   }
 
   detail::GradNormSchedule grad_norm_every_;  // measure_grad_norm's intervals, asked again at each run start
@@ -668,6 +665,7 @@ class Trainer {
   // what callbacks may ask for during a run
   bool epoch_starting_ = false;             // inside on_train_epoch_start / on_eval_epoch_start
   bool evaluation_requested_ = false;
+  detail::ProfilerRange phase_range_;        // the current phase, where a callback asked for them (beat)
   bool before_optimizer_step_ = false;      // inside on_before_optimizer_step
   bool skip_update_ = false;                // skip_update() was called for this update
   detail::EvalPass<Trainer> eval_pass_;     // eval_loss_pass: this train() call's eval loader

@@ -5,7 +5,8 @@
 #     for the epoch (run_train_epoch), and
 #   - the same functions called by the batch iterator (for_each_batch, which involves no callback; GCC's unit-wide inlining
 #     budget may allocate its registers differently when the file holds more code elsewhere),
-# as with no callbacks at all; and no call of the callbacks' code appears in any of them. The control, one callback
+# as with no callbacks at all; and no call of the callbacks' code, nor of LibTorch's profiler ranges, appears in any
+# of them. The control, one callback
 # on on_train_step_end, must change the step's code, or the comparison would prove nothing.
 # Usage: check.sh NO_CALLBACKS.o FIVE_RUN_END_CALLBACKS.o ONE_STEP_CALLBACK.o
 set -euo pipefail
@@ -53,6 +54,11 @@ if [[ -f $dir/none.iterator && -f $dir/five.iterator && $(calls "$dir/none.itera
 fi
 if cat "$dir"/five.* | grep -q note_run_end; then
   echo "FAIL: the step loop calls the on_training_run_end callbacks"
+  exit 1
+fi
+# The profiler's phase ranges (callbacks::Profiler) are compiled in only for a list that asks for them.
+if cat "$dir"/none.* "$dir"/five.* | grep -q 'at::hasCallbacks'; then
+  echo "FAIL: the step loop opens profiler ranges though no callback asks for them"
   exit 1
 fi
 if [[ ! -f $dir/control.step ]] || diff -q "$dir/none.step" "$dir/control.step" >/dev/null; then

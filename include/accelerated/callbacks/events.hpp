@@ -14,8 +14,9 @@
 //   on_training_run_end(trainer)         on_evaluation_run_start(trainer)    on_evaluation_run_end(trainer)
 //   on_stop_training_error(trainer, const StopTrainingError& error)
 //   on_before_optimizer_step(trainer)    on an update step, after backward (gradients averaged over the processes,
-//                                        unscaled when clipping) and clipping, before the optimizer step: the place
-//                                        to read or check gradients, and to call trainer.skip_update(reason)
+//                                        still scaled under fp16 unless a callback unscaled them), before clipping
+//                                        and the optimizer step (as Lightning's): the place to read or check the
+//                                        gradients, and to call trainer.skip_update()
 //   on_update_step_end(trainer)          after each optimizer update (and its scheduler step and zero_grad): the
 //                                        place for per-update work such as an EMA, or saving the training state
 //                                        (not in the Python original, whose only step events are per micro-batch)

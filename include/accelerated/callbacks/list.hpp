@@ -79,4 +79,13 @@ inline constexpr bool every_callback_handles_v<boost::hana::tuple<Cbs...>, Train
                                                EvalOutput> =
     (events::check_callback<Cbs, Trainer, events::RunTypes<TrainBatch, TrainOutput, EvalBatch, EvalOutput>>() && ...);
 
+// Whether a callback of the list asks for the trainer's phases as ranges in LibTorch's profiler, by declaring
+// `static constexpr bool records_phases = true;` (callbacks::Profiler). Without one the trainer makes no range.
+template <class C>
+inline constexpr bool records_phases_of = requires { requires C::records_phases; };
+template <class Tuple>
+inline constexpr bool records_phases_v = false;
+template <class... C>
+inline constexpr bool records_phases_v<boost::hana::tuple<C...>> = (false || ... || records_phases_of<C>);
+
 }  // namespace accelerated::detail

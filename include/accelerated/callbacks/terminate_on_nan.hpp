@@ -10,7 +10,8 @@
 // stops at the same step, before the diverged loss is averaged, and throws NonFiniteLossError naming that rank.
 //
 // With `skip_update = true` a non-finite gradient drops its update instead of stopping: before each optimizer step
-// (after clipping; gradients unscaled) every gradient is checked in one read from the device, and an update with a
+// (before clipping, which would hide an infinity; gradients unscaled) every gradient the update would apply (the
+// model's and any other parameter of the optimizer) is checked in one read from the device, and an update with a
 // NaN or an infinity in it is dropped as a loss scaler drops an overflowing one (Trainer::skip_update: no optimizer
 // or scheduler step). A line names the first such parameter. The gradients are averaged over the processes before
 // the check, and a NaN or an infinity survives the average, so every rank drops the same updates without a vote.
@@ -25,6 +26,7 @@
 #include <cstdint>
 #include <exception>
 #include <stdexcept>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -62,9 +64,9 @@ class TerminateOnNan {
   }
 
   template <class Trainer>
-  void operator()(accelerated::on_train_epoch_start, Trainer&) {
+  void operator()(accelerated::on_train_epoch_start, Trainer& trainer) {
     clear();
-    skipped_in_epoch_ = 0;
+    if (trainer.state().step == 0) skipped_in_epoch_ = 0;  // a resumed epoch goes on with its saved count
   }
   template <class Trainer>
   void operator()(accelerated::on_train_epoch_end, Trainer& trainer) {
@@ -94,15 +96,30 @@ class TerminateOnNan {
     if (!state.last_loss.pending() || state.step + 1 >= state.num_batches) decide(trainer, "eval");
   }
 
-  // skip_update: the update's gradients, after clipping and unscaling (Float16's scaler then sees the same overflow).
+  // skip_update: the update's gradients, unscaled (Float16's scaler then sees the same overflow), before clipping.
   template <class Trainer>
   void operator()(accelerated::on_before_optimizer_step, Trainer& trainer) {
     if (!options_.skip_update) return;
     trainer.precision().unscale_gradients(trainer.optimizer());
-    const auto named = trainer.model()->named_parameters();
+    // Every rank checks the same list: the model's parameters (whatever share of them a sharded optimizer steps here),
+    // then the optimizer's others (a loss module's, say), named by their place.
+    std::vector<std::string> names;
     std::vector<torch::Tensor> gradients;
-    gradients.reserve(named.size());
-    for (const auto& item : named) gradients.push_back(item.value().grad());
+    std::set<const void*> seen;
+    for (const auto& item : trainer.model()->named_parameters()) {
+      names.push_back("'" + item.key() + "'");
+      gradients.push_back(item.value().grad());
+      seen.insert(item.value().unsafeGetTensorImpl());
+    }
+    const auto& groups = trainer.optimizer().param_groups();
+    for (std::size_t g = 0; g < groups.size(); ++g) {
+      for (std::size_t i = 0; i < groups[g].params().size(); ++i) {
+        const auto& p = groups[g].params()[i];
+        if (!seen.insert(p.unsafeGetTensorImpl()).second) continue;
+        names.push_back("parameter " + std::to_string(i) + " of the optimizer's group " + std::to_string(g));
+        gradients.push_back(p.grad());
+      }
+    }
     const auto first = detail::first_non_finite_of(gradients);
     if (first < 0) {
       skipped_in_a_row_ = 0;
@@ -113,7 +130,7 @@ class TerminateOnNan {
     const auto& state = trainer.state();
     const auto& bad = gradients[static_cast<std::size_t>(first)];
     const auto count = bad.isfinite().logical_not().sum().template item<std::int64_t>();
-    const std::string what = "the gradient of '" + named[static_cast<std::size_t>(first)].key() + "' holds " +
+    const std::string what = "the gradient of " + names[static_cast<std::size_t>(first)] + " holds " +
                              std::to_string(count) + " non-finite values of " + std::to_string(bad.numel());
     const std::string where = "update " + std::to_string(state.update_step + 1) + " (epoch " +
                               std::to_string(trainer.run_history().current_epoch()) + ", step " +
@@ -124,12 +141,9 @@ class TerminateOnNan {
                                 " updates in a row had non-finite gradients, the last at " + where + ": " + what +
                                 "; training stopped";
     skipped_in_a_row_ = 0;
-    if (trainer.run_config().is_distributed) {
-      trainer.stop_training(message, /*non_finite_loss=*/true);  // every rank decides alike; agreed at the next update
-      return;
-    }
-    trainer.raise_after_run(std::make_exception_ptr(NonFiniteLossError(message)));
-    throw StopTrainingError(message);
+    // The run stops after this (dropped) update: every rank decides alike, and agrees at the next update's vote.
+    if (!trainer.run_config().is_distributed) trainer.raise_after_run(std::make_exception_ptr(NonFiniteLossError(message)));
+    trainer.stop_training(message, /*non_finite_loss=*/true, /*decided_alike=*/true);
   }
 
   // Resumable: a run resumed in the middle of a streak of dropped updates stops where the uninterrupted one would.

@@ -1,5 +1,6 @@
 #pragma once
-// The argument checks the callbacks share, so every message reads "<where>: <name> = <value> must be >= 1".
+// The argument checks the callbacks share, so every message reads "<where>: <name> = <value> must be >= 1"; and the
+// check that a trainer member is called from the events it belongs to.
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -12,6 +13,10 @@ inline std::int64_t require_positive(const char* where, const char* name, std::i
                                 " must be >= 1");
   }
   return value;
+}
+
+inline void require_called_from(bool inside, const char* member, const char* events) {
+  if (!inside) throw std::logic_error(std::string("accelerated::Trainer::") + member + ": call it from " + events);
 }
 
 }  // namespace accelerated::detail

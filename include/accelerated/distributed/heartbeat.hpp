@@ -14,6 +14,8 @@
 #include <optional>
 #include <string>
 
+#include "../detail/profiler_range.hpp"
+
 namespace accelerated::distributed {
 
 enum class Phase : int { idle, data, forward, backward, optimizer, eval, checkpoint, all_reduce, gather, barrier, broadcast,
@@ -22,6 +24,15 @@ enum class Phase : int { idle, data, forward, backward, optimizer, eval, checkpo
 inline const char* phase_name(Phase phase) {
   static const char* names[] = {"idle",       "data",       "forward", "backward", "optimizer", "eval",
                                 "checkpoint", "all_reduce", "gather",  "barrier",  "broadcast", "exchange"};
+  return names[static_cast<int>(phase)];
+}
+
+// The phase's range in a profiler's trace (callbacks::Profiler): "accelerated::forward", ...
+inline const char* phase_range_name(Phase phase) {
+  static const char* names[] = {"accelerated::idle",       "accelerated::data",      "accelerated::forward",
+                                "accelerated::backward",   "accelerated::optimizer", "accelerated::eval",
+                                "accelerated::checkpoint", "accelerated::all_reduce", "accelerated::gather",
+                                "accelerated::barrier",    "accelerated::broadcast", "accelerated::exchange"};
   return names[static_cast<int>(phase)];
 }
 
@@ -131,10 +142,11 @@ inline std::optional<HeartbeatReading> read_local_heartbeat(std::int64_t pid, st
   return reading;
 }
 
-// Sets a phase for a scope and puts the previous one back.
+// Sets a phase for a scope and puts the previous one back; a profiler that listens sees it as a range.
 class PhaseScope {
  public:
   PhaseScope(Heartbeat* heartbeat, Phase phase) : heartbeat_(heartbeat) {
+    range_.open(phase_range_name(phase));
     if (heartbeat_) {
       previous_ = heartbeat_->phase();
       heartbeat_->set(phase);
@@ -149,6 +161,7 @@ class PhaseScope {
  private:
   Heartbeat* heartbeat_;
   Phase previous_ = Phase::idle;
+  accelerated::detail::ProfilerRange range_;
 };
 
 }  // namespace accelerated::distributed
