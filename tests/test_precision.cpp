@@ -661,6 +661,24 @@ TEST_CASE("TerminateOnNan(skip_update) in two processes: a NaN on one rank drops
   });
   CHECK_THAT(errors[0], Catch::Contains("2 updates in a row had non-finite gradients, the last at update 3"));
   CHECK(errors[0] == errors[1]);
+  // The default mode, where every rank sees a non-finite loss at once: the one error names the first rank, as before
+  // (the own-words rule is skip_update's alone).
+  const auto both = test::run_ranks(2, [&](int rank, auto store) {
+    auto model = test::linear_model();
+    torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05));
+    auto nan_loss = [](const torch::Tensor& out, const torch::Tensor& target) {
+      return torch::mse_loss(out, target) * std::numeric_limits<float>::quiet_NaN();
+    };
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::DataParallel, acc::DefaultLoop, cb::TerminateOnNan> trainer(
+        model, nan_loss, optimizer, cb::TerminateOnNan());
+    acc::DataParallelOptions options;
+    options.timeout = 30s;
+    trainer.distributed() = acc::DataParallel(store, rank, 2, options);
+    trainer.set_output(test::quiet());
+    return test::error_or_none([&] { trainer.train(data, {.per_device_batch_size = 4, .shuffle = false}); });
+  });
+  CHECK(both[0] == "accelerated: non-finite train loss on rank 0 of 2 at epoch 1, step 1; training stopped");
+  CHECK(both[0] == both[1]);
 }
 
 TEST_CASE("TerminateOnNan(skip_update) keeps its count across a resume, and reads states saved before it kept one",

@@ -266,14 +266,21 @@ TEST_CASE("bad training states and changed runs are refused by name", "[resume][
   }
   CHECK_THROWS_WITH(trainer.load_training_state(dir / "truncated.pt"), Catch::Contains("truncated.pt' is not a zip-format torch.save file, or only part of one"));
 
-  // A trainer whose callbacks keep state the file lacks is refused at the load, before its model changes.
+  // A trainer whose callbacks keep state the file lacks is refused at the load, before its model changes (a file
+  // saved by a list with no stateful callback: TerminateOnNan, first of the defaults, keeps one).
   {
+    auto plain_model = test::linear_model();
+    torch::optim::SGD plain_optimizer(plain_model->parameters(), 0.01);
+    acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, acc::callbacks::None> plain(
+        plain_model, torch::nn::MSELoss(), plain_optimizer, acc::callbacks::None{});
+    plain.train(data, {.num_epochs = 1, .per_device_batch_size = 8});
+    plain.save_training_state(dir / "stateless.pt");
     auto other_model = test::linear_model(3);
     torch::optim::SGD other_optimizer(other_model->parameters(), 0.01);
     acc::Trainer<acc::Cpu, acc::FullPrecision, acc::SingleProcess, acc::DefaultLoop, acc::callbacks::EarlyStopping>
         stateful(other_model, torch::nn::MSELoss(), other_optimizer, acc::callbacks::EarlyStopping{});
     const auto before = test::flat_parameters(*other_model);
-    CHECK_THROWS_WITH(stateful.load_training_state(dir / "state.pt"), Catch::Contains("has no entry 'callback_0"));
+    CHECK_THROWS_WITH(stateful.load_training_state(dir / "stateless.pt"), Catch::Contains("has no entry 'callback_0"));
     CHECK(torch::equal(before, test::flat_parameters(*other_model)));
   }
 

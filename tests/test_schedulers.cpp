@@ -290,6 +290,8 @@ TEST_CASE("find_learning_rate in two processes: the same curve and suggestion on
   using namespace std::chrono_literals;
   const auto data = test::regression_data(128);
   std::vector<torch::nn::Linear> models{test::linear_model(7), test::linear_model(8)};  // the sweep broadcasts rank 0's
+  for (const auto transport : {acc::distributed::Transport::shared_memory, acc::distributed::Transport::gloo}) {
+  INFO("transport " << (transport == acc::distributed::Transport::gloo ? "gloo" : "shared memory"));
   const auto results = test::run_ranks(2, [&](int rank, auto store) {
     auto model = models[static_cast<std::size_t>(rank)];
     torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.01).momentum(0.9));
@@ -297,6 +299,7 @@ TEST_CASE("find_learning_rate in two processes: the same curve and suggestion on
     acc::DataParallelOptions options;
     options.timeout = 30s;
     options.shard_optimizer_state = true;  // each rank holds its share of the momentum
+    options.transport = transport;
     trainer.distributed() = acc::DataParallel(store, rank, 2, options);
     trainer.set_output(test::quiet());
     const auto before = test::flat_parameters(*model).clone();
@@ -314,4 +317,5 @@ TEST_CASE("find_learning_rate in two processes: the same curve and suggestion on
   CHECK(std::get<2>(results[0]));
   CHECK(std::get<2>(results[1]));
   CHECK(torch::equal(std::get<3>(results[0]), std::get<3>(results[1])));
+  }
 }
