@@ -4,6 +4,10 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
 
 #include <atomic>
 #include <fstream>
@@ -145,6 +149,49 @@ TEST_CASE("a broken environment is a clear error", "[distributed][environment][b
              Catch::Contains("LOCAL_RANK = 2 is not below LOCAL_WORLD_SIZE = 2"));
   CHECK_THAT(error({{"OMPI_COMM_WORLD_RANK", "1"}, {"OMPI_COMM_WORLD_SIZE", "2"}, {"OMPI_COMM_WORLD_LOCAL_SIZE", "1"}}),
              Catch::Contains("OMPI_COMM_WORLD_RANK = 1 is not below OMPI_COMM_WORLD_LOCAL_SIZE = 1"));
+}
+
+namespace {
+void own_sigpipe_handler(int) {}
+}  // namespace
+
+TEST_CASE("joining a process group ignores SIGPIPE: a dead peer's socket is an error, not a silent death",
+          "[distributed][faults]") {
+  // Found by the chaos test: a rank whose Gloo peer was SIGKILLed ended by signal 13, with no message.
+  struct sigaction saved {};
+  ::sigaction(SIGPIPE, nullptr, &saved);
+  auto join_two = [](acc::distributed::Transport transport) {
+    run_ranks(2, [&](int rank, auto store) {
+      acc::DataParallelOptions options;
+      options.timeout = 30s;
+      options.transport = transport;
+      acc::DataParallel(store, rank, 2, options).join();
+      return 0;
+    });
+  };
+  auto disposition = [] {
+    struct sigaction now {};
+    ::sigaction(SIGPIPE, nullptr, &now);
+    return now.sa_handler;
+  };
+  for (const auto transport : {acc::distributed::Transport::gloo, acc::distributed::Transport::shared_memory}) {
+    ::signal(SIGPIPE, SIG_DFL);
+    join_two(transport);
+    CHECK(disposition() == SIG_IGN);
+  }
+  // A write to a socket whose other end is gone now fails with EPIPE, and this process goes on.
+  int ends[2];
+  REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM, 0, ends) == 0);
+  ::close(ends[1]);
+  const char byte = 1;
+  CHECK(::write(ends[0], &byte, 1) == -1);
+  CHECK(errno == EPIPE);
+  ::close(ends[0]);
+  // A handler of the program's own is left as it is.
+  ::signal(SIGPIPE, own_sigpipe_handler);
+  join_two(acc::distributed::Transport::gloo);
+  CHECK(disposition() == &own_sigpipe_handler);
+  ::sigaction(SIGPIPE, &saved, nullptr);
 }
 
 TEST_CASE("an unreachable master ends the rank with an error within the timeout", "[distributed][faults]") {

@@ -714,6 +714,7 @@ TEST_CASE("faults together: one seeded fault per run keeps every invariant", "[f
           if (r == faulty) continue;
           const auto status = first.status[static_cast<std::size_t>(r)];
           INFO("rank " << r << " log: " << read_text(dir / ("log_" + std::to_string(r))));
+          INFO("rank " << r << (WIFSIGNALED(status) ? " ended by signal " + std::to_string(WTERMSIG(status)) : ""));
           CHECK(WIFEXITED(status));
           CHECK(WEXITSTATUS(status) != 0);
           if (survivors) CHECK(WEXITSTATUS(status) == *survivors);  // every survivor ends the same way
