@@ -28,6 +28,7 @@
 #include <stdexcept>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../detail/callback_state.hpp"
@@ -103,11 +104,12 @@ class TerminateOnNan {
     trainer.precision().unscale_gradients(trainer.optimizer());
     // Every rank checks the same list: the model's parameters (whatever share of them a sharded optimizer steps here),
     // then the optimizer's others (a loss module's, say), named by their place.
-    std::vector<std::string> names;
+    // Names are made only for the parameter reported, not on every update.
+    const auto named = trainer.model()->named_parameters();
     std::vector<torch::Tensor> gradients;
+    std::vector<std::pair<std::size_t, std::size_t>> others;  // (group, index) of the optimizer's other parameters
     std::set<const void*> seen;
-    for (const auto& item : trainer.model()->named_parameters()) {
-      names.push_back("'" + item.key() + "'");
+    for (const auto& item : named) {
       gradients.push_back(item.value().grad());
       seen.insert(item.value().unsafeGetTensorImpl());
     }
@@ -116,7 +118,7 @@ class TerminateOnNan {
       for (std::size_t i = 0; i < groups[g].params().size(); ++i) {
         const auto& p = groups[g].params()[i];
         if (!seen.insert(p.unsafeGetTensorImpl()).second) continue;
-        names.push_back("parameter " + std::to_string(i) + " of the optimizer's group " + std::to_string(g));
+        others.emplace_back(g, i);
         gradients.push_back(p.grad());
       }
     }
@@ -130,7 +132,11 @@ class TerminateOnNan {
     const auto& state = trainer.state();
     const auto& bad = gradients[static_cast<std::size_t>(first)];
     const auto count = bad.isfinite().logical_not().sum().template item<std::int64_t>();
-    const std::string what = "the gradient of " + names[static_cast<std::size_t>(first)] + " holds " +
+    const auto at = static_cast<std::size_t>(first);
+    const auto name = at < named.size() ? "'" + named[at].key() + "'"
+                                        : "parameter " + std::to_string(others[at - named.size()].second) +
+                                              " of the optimizer's group " + std::to_string(others[at - named.size()].first);
+    const std::string what = "the gradient of " + name + " holds " +
                              std::to_string(count) + " non-finite values of " + std::to_string(bad.numel());
     const std::string where = "update " + std::to_string(state.update_step + 1) + " (epoch " +
                               std::to_string(trainer.run_history().current_epoch()) + ", step " +
