@@ -755,6 +755,53 @@ TEST_CASE("the shared-memory group's collectives on 3 ranks, across chunk bounda
   }
 }
 
+namespace {
+// The seam's state for the test below: rank 1's first look at a late peer waits until rank 0 has done `rank_0_done`.
+std::atomic<bool> rank_0_done{false}, rank_1_at_barrier{false};
+void hold_rank_1_until_rank_0_is_done(int rank, int) {
+  if (rank != 1 || !rank_1_at_barrier.load()) return;  // not while joining
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (!rank_0_done.load() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(1ms);
+}
+}  // namespace
+
+TEST_CASE("a peer that reached the barrier and then left is not a peer gone; one that left before it is named",
+          "[distributed][shared_memory]") {
+  // Rank 1 waits at a barrier for rank 0, which comes late. Between two of rank 1's looks rank 0 arrives, passes
+  // (rank 1 had arrived) and leaves the group, as a rank does after the last barrier of a run. Rank 1 must pass too:
+  // before, it saw "left the group" and failed (the chaos test's preempted runs, 1 in 10).
+  using Group = acc::distributed::SharedMemoryGroup;
+  for (const bool arrives : {true, false}) {
+    INFO((arrives ? "rank 0 arrives, then leaves" : "rank 0 leaves without arriving"));
+    rank_0_done = false;
+    rank_1_at_barrier = false;
+    acc::distributed::shared_memory_look_pause_for_test = &hold_rank_1_until_rank_0_is_done;
+    auto errors = run_ranks(2, [&](int rank, auto store) {
+      auto group = c10::make_intrusive<Group>(store, rank, 2, 10s);
+      return test::error_or_none([&] {
+        if (rank == 0) {
+          std::this_thread::sleep_for(100ms);  // rank 1 is at the barrier, waiting long enough to look at rank 0
+          if (arrives) group->barrier()->wait();
+          group.reset();  // leaves: the destructor says so in the segment
+          rank_0_done = true;
+        } else {
+          rank_1_at_barrier = true;
+          group->barrier()->wait();
+        }
+      });
+    });
+    acc::distributed::shared_memory_look_pause_for_test = nullptr;
+    CHECK(errors[0] == "none");
+    if (arrives) {
+      CHECK(errors[1] == "none");
+    } else {
+      CHECK_THAT(errors[1], Catch::Contains("rank 1 waiting in barrier: rank 0 left the group") &&
+                                Catch::Contains("this rank is in barrier #1 (0 Byte elements); the last rank 0 "
+                                                "reached is joining #0"));
+    }
+  }
+}
+
 TEST_CASE("ranks that call different shared-memory collectives fail at once and name both", "[distributed][shared_memory]") {
   using Group = acc::distributed::SharedMemoryGroup;
   const auto start = std::chrono::steady_clock::now();

@@ -444,7 +444,8 @@ TEST_CASE("the watchdog waits for a peer that is busy saving, three times its th
 // A run is 2 or 3 ranks as processes (shared memory or Gloo), training states every 4 updates keeping 3 (written at
 // once or in the background), preemption and the watchdog on (threshold 2 s), and one fault chosen by the run's seed. ACCELERATED_FAULT_RUNS sets the number
 // of runs (default 6: one of each kind, in the seed's order), ACCELERATED_FAULT_SEED the first seed (default:
-// random, printed), so a failure replays; scripts/soak-faults.sh runs as many as you like.
+// random, printed), so a failure replays; ACCELERATED_FAULT_KEEP=1 keeps the runs' folders (each rank's output and
+// states); scripts/soak-faults.sh runs as many as you like.
 namespace {
 enum class Fault { slow_save, unreadable_newest, non_finite, sigterm, sigstop, sigkill };
 const char* fault_name(Fault f) {
@@ -570,7 +571,7 @@ TEST_CASE("faults together: one seeded fault per run keeps every invariant", "[f
                                    "CHAOS_ATTEMPT=" + std::to_string(number)};
       env.insert(env.end(), fault_env.begin(), fault_env.end());
       env.push_back("CHAOS_ASYNC=" + std::string(asynchronous ? "1" : "0"));
-      pids.push_back(test::spawn_self("[.chaos_worker]", env, (dir / ("log_" + std::to_string(r))).string()));
+      pids.push_back(test::spawn_self("[.chaos_worker]", env, (dir / ("log_" + std::to_string(r) + "_" + std::to_string(number))).string()));
     }
     const auto started = std::chrono::steady_clock::now();
     act(pids);
@@ -713,13 +714,13 @@ TEST_CASE("faults together: one seeded fault per run keeps every invariant", "[f
         for (int r = 0; r < world; ++r) {
           if (r == faulty) continue;
           const auto status = first.status[static_cast<std::size_t>(r)];
-          INFO("rank " << r << " log: " << read_text(dir / ("log_" + std::to_string(r))));
+          INFO("rank " << r << " log: " << read_text(dir / ("log_" + std::to_string(r) + "_1")));
           INFO("rank " << r << (WIFSIGNALED(status) ? " ended by signal " + std::to_string(WTERMSIG(status)) : ""));
           CHECK(WIFEXITED(status));
           CHECK(WEXITSTATUS(status) != 0);
           if (survivors) CHECK(WEXITSTATUS(status) == *survivors);  // every survivor ends the same way
           survivors = WEXITSTATUS(status);
-          CHECK_THAT(read_text(dir / ("log_" + std::to_string(r))) + first.message[static_cast<std::size_t>(r)],
+          CHECK_THAT(read_text(dir / ("log_" + std::to_string(r) + "_1")) + first.message[static_cast<std::size_t>(r)],
                      Catch::Contains("rank " + std::to_string(faulty)));
         }
         CHECK(first.took < std::chrono::seconds(kChaosThresholdSeconds + 20));
@@ -757,5 +758,9 @@ TEST_CASE("faults together: one seeded fault per run keeps every invariant", "[f
       CHECK(torch::equal(final_of(dir), reference[shape]));
     }
   }
-  fs::remove_all(base);
+  if (env_or("ACCELERATED_FAULT_KEEP", "0") == "1") {
+    std::cout << "runs kept in " << base << std::endl;  // each rank's output, messages and states, to read
+  } else {
+    fs::remove_all(base);
+  }
 }

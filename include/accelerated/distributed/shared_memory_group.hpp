@@ -96,6 +96,11 @@ inline const char* operation_name(std::uint64_t code) {
 
 }  // namespace detail
 
+// A test seam: called by a rank waiting at a barrier just before it checks on a late peer (alive, not left, within
+// the timeout); null (the default) in real runs. Set it only while no group waits.
+using SharedMemoryLookPause = void (*)(int rank, int peer);
+inline std::atomic<SharedMemoryLookPause> shared_memory_look_pause_for_test{nullptr};
+
 // Thrown on every rank when rank 0 could not set up the segment (no /dev/shm, no room): the caller may use Gloo.
 struct SharedMemoryUnavailable : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -360,14 +365,19 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
           std::this_thread::sleep_for(std::chrono::microseconds(100));
         }
         if (spins % 64 != 0) continue;
-        if (peer.left.load() != 0) peer_gone(what, r, "left the group");
+        if (const auto pause = shared_memory_look_pause_for_test.load(std::memory_order_relaxed)) pause(getRank(), r);
+        std::string why;
         const auto pid = static_cast<pid_t>(peer.pid.load());
-        if (pid > 0 && pid != ::getpid() && !process_alive(pid)) {
-          peer_gone(what, r, "process " + std::to_string(pid) + " is gone");
+        if (peer.left.load() != 0) {
+          why = "left the group";
+        } else if (pid > 0 && pid != ::getpid() && !process_alive(pid)) {
+          why = "process " + std::to_string(pid) + " is gone";
+        } else if (std::chrono::steady_clock::now() - start > timeout_) {
+          why = "did not arrive within " + std::to_string(timeout_.count()) + " ms";
         }
-        if (std::chrono::steady_clock::now() - start > timeout_) {
-          peer_gone(what, r, "did not arrive within " + std::to_string(timeout_.count()) + " ms");
-        }
+        // Looked at again: the peer may have arrived, passed (every rank had arrived) and ended since the last look,
+        // as a rank does after the last barrier of a run (found by the chaos test: a preempted run's last barrier).
+        if (!why.empty() && peer.generation.load(std::memory_order_acquire) < generation) peer_gone(what, r, why);
       }
       // The peer is at this barrier too (its generation's tag was stored before the generation): same collective?
       const auto& theirs = peer.tags[generation & 1];
@@ -394,10 +404,20 @@ class SharedMemoryGroup : public compat::ProcessGroupBase {
     return state != 'Z' && state != 'X';
   }
 
-  [[noreturn]] void peer_gone(const char* what, int peer, const std::string& why) const {
+  // Names both sides' collectives (sequence numbers and call sites), so that ranks that went different ways say where.
+  [[noreturn]] void peer_gone(const char* what, int peer, const std::string& why) {
+    const auto& theirs = line(peer);
+    const auto generation = theirs.generation.load(std::memory_order_acquire);
+    const auto& tag = theirs.tags[generation & 1];
+    const auto last = generation == 0 ? std::string("none")
+                                      : describe(tag.operation.load(std::memory_order_relaxed),
+                                                 tag.count.load(std::memory_order_relaxed),
+                                                 tag.sequence.load(std::memory_order_relaxed));
     // Not prefixed "accelerated::", so that the trainer adds where the run was (as it does for Gloo's errors).
     throw std::runtime_error("shared-memory process group: rank " + std::to_string(getRank()) + " waiting in " + what +
-                             ": rank " + std::to_string(peer) + " " + why);
+                             ": rank " + std::to_string(peer) + " " + why + " (this rank is in " +
+                             describe(operation_, count_, sequence_) + "; the last rank " + std::to_string(peer) +
+                             " reached is " + last + ")");
   }
 
   std::chrono::milliseconds timeout_;
