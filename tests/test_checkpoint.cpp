@@ -987,4 +987,5 @@ TEST_CASE("fuzz seeds", "[.fuzz_seeds]") {
   test::write_bytes(out / "latest" / "seed_outside", "../step_1.pt\n");
   test::write_bytes(out / "env" / "seed_torchrun", "1\n2\n1\n2\n127.0.0.1\n29500\n");
   test::write_bytes(out / "env" / "seed_options", "\n\n\n\n\n\n\n\n\n\n\n\n2.5\n30\nyes\ngloo\n4\n8\n");
+  test::write_bytes(out / "env" / "seed_run_switches", std::string(22, '\n') + "on\n1\nbf16\n");
 }

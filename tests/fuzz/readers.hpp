@@ -105,7 +105,8 @@ inline const std::vector<const char*>& variables() {
       "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE",
       "TORCHELASTIC_RESTART_COUNT", "ACCELERATED_TIMEOUT_SECONDS", "ACCELERATED_WATCHDOG_SECONDS",
       "ACCELERATED_CHECK_COLLECTIVES", "ACCELERATED_TRANSPORT", "ACCELERATED_NUM_THREADS", "SLURM_CPUS_PER_TASK",
-      "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_LOCALID", "ACCELERATED_CUDA_BACKEND"};
+      "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_LOCALID", "ACCELERATED_CUDA_BACKEND",
+      "ACCELERATED_DETECT_ANOMALY", "ACCELERATED_SHARD_OPTIMIZER", "ACCELERATED_MIXED_PRECISION"};
   return names;
 }
 
@@ -207,6 +208,9 @@ inline void run(const std::string& target, std::string_view input) {
     parse([] { (void)distributed::cuda_backend_from_env(distributed::CudaBackend::automatic); });
     parse([] { (void)detail::parse_positive_env("ACCELERATED_NUM_THREADS", -1); });
     parse([] { (void)detail::parse_positive_env("SLURM_CPUS_PER_TASK", 0); });
+    parse([] { (void)distributed::flag_from_env("ACCELERATED_DETECT_ANOMALY"); });
+    parse([] { (void)distributed::shard_optimizer_state_from_env(); });
+    parse([] { (void)AutoPrecision(); });
     for (std::size_t i = 0; i < variables().size(); ++i) {
       if (before[i]) {
         ::setenv(variables()[i], before[i]->c_str(), 1);
