@@ -1,5 +1,6 @@
 // Data-parallel training with ranks as threads over an in-memory store (no launcher, no ports), plus the
 // environment and fault cases. Every wait is bounded by a short timeout, so a broken test fails instead of hanging.
+#include <torch/csrc/distributed/c10d/FileStore.hpp>
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 
 #include <fcntl.h>
@@ -756,31 +757,69 @@ TEST_CASE("the shared-memory group's collectives on 3 ranks, across chunk bounda
 }
 
 namespace {
-// The seam's state for the test below: rank 1's first look at a late peer waits until rank 0 has done `rank_0_done`.
-std::atomic<bool> rank_0_done{false}, rank_1_at_barrier{false};
+// The seam's state for the tests below: rank 1, waiting at a barrier, says it is looking at its late peer and waits
+// until rank 0 has done what the test makes it do (`rank_0_done`); rank 0 waits for that look before doing it.
+std::atomic<bool> rank_0_done{false}, rank_1_at_barrier{false}, rank_1_looking{false};
 void hold_rank_1_until_rank_0_is_done(int rank, int) {
   if (rank != 1 || !rank_1_at_barrier.load()) return;  // not while joining
-  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  rank_1_looking = true;
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
   while (!rank_0_done.load() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(1ms);
 }
+bool wait_until(const std::atomic<bool>& flag) {
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  while (!flag.load() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(1ms);
+  return flag.load();
+}
+void reset_seam_state() {
+  rank_0_done = false;
+  rank_1_at_barrier = false;
+  rank_1_looking = false;
+}
 }  // namespace
+
+// Hidden: rank 1 of the process case below. Its peer, rank 0, is another process that arrives and exits.
+TEST_CASE("shared-memory late peer worker", "[.shm_late_peer_worker]") {
+  const std::filesystem::path dir = std::getenv("ACCELERATED_TEST_DIR");
+  const int rank = std::stoi(std::getenv("RANK"));
+  auto store = c10::make_intrusive<c10d::FileStore>((dir / "store").string(), 2);
+  auto group = c10::make_intrusive<acc::distributed::SharedMemoryGroup>(store, rank, 2, 20s);
+  if (rank == 0) {
+    // Arrives once rank 1 is looking at it, passes, and ends without leaving the group (as a rank does when it
+    // throws PreemptedError after the last barrier and its program returns).
+    while (!std::filesystem::exists(dir / "rank_1_looking")) std::this_thread::sleep_for(1ms);
+    group->barrier()->wait();
+    std::_Exit(0);
+  }
+  acc::distributed::shared_memory_look_pause_for_test = [](int, int) {
+    const std::filesystem::path here = std::getenv("ACCELERATED_TEST_DIR");
+    std::ofstream(here / "rank_1_looking") << "1\n";
+    const auto deadline = std::chrono::steady_clock::now() + 20s;
+    while (!std::filesystem::exists(here / "rank_0_ended") && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(1ms);
+    }
+  };
+  std::ofstream(dir / "outcome") << test::error_or_none([&] { group->barrier()->wait(); });
+  std::_Exit(0);
+}
 
 TEST_CASE("a peer that reached the barrier and then left is not a peer gone; one that left before it is named",
           "[distributed][shared_memory]") {
   // Rank 1 waits at a barrier for rank 0, which comes late. Between two of rank 1's looks rank 0 arrives, passes
-  // (rank 1 had arrived) and leaves the group, as a rank does after the last barrier of a run. Rank 1 must pass too:
-  // before, it saw "left the group" and failed (the chaos test's preempted runs, 1 in 10).
+  // (rank 1 had arrived) and leaves the group or ends, as a rank does after the last barrier of a run. Rank 1 must
+  // pass too: before, it saw "left the group" or "process ... is gone" and failed (the chaos test's preempted runs,
+  // 1 in 10). The seam holds rank 1 at its look until rank 0 is done.
   using Group = acc::distributed::SharedMemoryGroup;
   for (const bool arrives : {true, false}) {
     INFO((arrives ? "rank 0 arrives, then leaves" : "rank 0 leaves without arriving"));
-    rank_0_done = false;
-    rank_1_at_barrier = false;
+    reset_seam_state();
     acc::distributed::shared_memory_look_pause_for_test = &hold_rank_1_until_rank_0_is_done;
+    acc::detail::OnScopeExit no_seam([] { acc::distributed::shared_memory_look_pause_for_test = nullptr; });
     auto errors = run_ranks(2, [&](int rank, auto store) {
-      auto group = c10::make_intrusive<Group>(store, rank, 2, 10s);
+      auto group = c10::make_intrusive<Group>(store, rank, 2, 20s);
       return test::error_or_none([&] {
         if (rank == 0) {
-          std::this_thread::sleep_for(100ms);  // rank 1 is at the barrier, waiting long enough to look at rank 0
+          if (!wait_until(rank_1_looking)) throw std::runtime_error("rank 1 never looked at rank 0");
           if (arrives) group->barrier()->wait();
           group.reset();  // leaves: the destructor says so in the segment
           rank_0_done = true;
@@ -790,16 +829,30 @@ TEST_CASE("a peer that reached the barrier and then left is not a peer gone; one
         }
       });
     });
-    acc::distributed::shared_memory_look_pause_for_test = nullptr;
     CHECK(errors[0] == "none");
     if (arrives) {
       CHECK(errors[1] == "none");
     } else {
       CHECK_THAT(errors[1], Catch::Contains("rank 1 waiting in barrier: rank 0 left the group") &&
                                 Catch::Contains("this rank is in barrier #1 (0 Byte elements); the last rank 0 "
-                                                "reached is joining #0"));
+                                                "reached is joining #0 (0 Byte elements)"));
     }
   }
+  // Rank 0 a process that arrives and ends (its group never destroyed, as in real runs): the pid's branch.
+  const auto dir = test::fresh_dir("shm_late_peer");
+  std::vector<pid_t> pids;
+  for (int rank = 0; rank < 2; ++rank) {
+    pids.push_back(test::spawn_self("[.shm_late_peer_worker]",
+                                    {"RANK=" + std::to_string(rank), "ACCELERATED_TEST_DIR=" + dir.string()},
+                                    (dir / ("log_" + std::to_string(rank))).string()));
+  }
+  const int zero = test::wait_for(pids[0], 60s);  // reaped: its pid is gone
+  std::ofstream(dir / "rank_0_ended") << "1\n";
+  const int one = test::wait_for(pids[1], 60s);
+  CHECK((WIFEXITED(zero) && WEXITSTATUS(zero) == 0));
+  CHECK((WIFEXITED(one) && WEXITSTATUS(one) == 0));
+  CHECK(test::file_bytes(dir / "outcome") == "none");
+  std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("ranks that call different shared-memory collectives fail at once and name both", "[distributed][shared_memory]") {

@@ -9,9 +9,11 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <future>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <set>
 #include <random>
 #include <thread>
@@ -416,6 +418,72 @@ TEST_CASE("slow save worker", "[.slow_save_worker]") {
   trainer.set_output(test::quiet());
   trainer.train(test::regression_data(80, 5), {.num_epochs = 1, .per_device_batch_size = 8});  // 5 updates a rank
   std::ofstream(dir / ("done_" + std::string(std::getenv("RANK")))) << "done\n";
+}
+
+namespace {
+// A store whose check() first runs `on_check`: the watchdog's read of a peer, with what the test makes happen while
+// it reads.
+class StoreThatRunsOnCheck : public c10d::HashStore {
+ public:
+  explicit StoreThatRunsOnCheck(std::function<void()> on_check) : on_check_(std::move(on_check)) {}
+  bool check(const std::vector<std::string>& keys) override {
+    on_check_();
+    return c10d::HashStore::check(keys);
+  }
+
+ private:
+  std::function<void()> on_check_;
+};
+
+// A pid that no process has: a child that has ended and been reaped.
+pid_t pid_of_an_ended_process() {
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(0);
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  return child;
+}
+}  // namespace
+
+TEST_CASE("the watchdog does not report a wait that ended while it read its peers", "[distributed][faults][watchdog]") {
+  // Rank 0 waits in an all-reduce past the threshold; its peer, rank 1, published its heartbeat once and its
+  // process has ended since (silent). Reading the peer takes time (a store read of up to 2 intervals, per peer):
+  // when the wait ends meanwhile (the collective completed: every rank passed the run's last barrier and the peer
+  // ended), there is no hang to report. Before, the watchdog reported it and ended the healthy rank with 69.
+  namespace dist = acc::distributed;
+  const auto threshold = 300ms;
+  for (const bool wait_ends_while_reading : {false, true}) {
+    INFO((wait_ends_while_reading ? "the wait ends while the peer is read" : "the wait goes on"));
+    dist::Heartbeat heartbeat;
+    heartbeat.set(dist::Phase::all_reduce);
+    auto store = c10::make_intrusive<StoreThatRunsOnCheck>([&, wait_ends_while_reading] {
+      // The read that decides: this rank has waited past the threshold.
+      if (wait_ends_while_reading && heartbeat.phase() == dist::Phase::all_reduce &&
+          dist::steady_ms() - heartbeat.since_steady_ms() > threshold.count()) {
+        heartbeat.set(dist::Phase::data);
+      }
+    });
+    const auto pid_namespace = fs::read_symlink("/proc/self/ns/pid").string();
+    const auto now = std::to_string(dist::wall_ms());
+    const std::string peer = "0 all_reduce " + now + " " + now + " " + std::to_string(pid_of_an_ended_process()) +
+                             " " + acc::detail::host_name() + " -1 " + pid_namespace;
+    store->set("heartbeat/1", std::vector<std::uint8_t>(peer.begin(), peer.end()));
+    std::mutex mutex;
+    std::string report;
+    {
+      dist::Watchdog watchdog(store, 0, 2, heartbeat, threshold, [&](const std::string& r) {
+        const std::lock_guard lock(mutex);
+        report = r;
+      }, 50ms);
+      std::this_thread::sleep_for(4 * threshold);
+    }
+    const std::lock_guard lock(mutex);
+    if (wait_ends_while_reading) {
+      CHECK(report.empty());
+    } else {  // the same setup reports a wait that goes on: what the other case must not do is reachable
+      CHECK_THAT(report, Catch::Contains("rank 0 of 2 has waited in all_reduce") && Catch::Contains("rank 1: "));
+    }
+  }
 }
 
 TEST_CASE("the watchdog waits for a peer that is busy saving, three times its threshold", "[distributed][faults][watchdog]") {

@@ -307,8 +307,11 @@ class Watchdog {
         // A store that does not answer is reported when this rank is found waiting; publishing goes on trying.
       }
       const auto phase = heartbeat_.phase();
-      if (!reported_ && waits_on_peers(phase) && steady_ms() - heartbeat_.since_steady_ms() > threshold_.count() &&
-          !peer_is_busy()) {
+      const auto since = heartbeat_.since_steady_ms();
+      // Reading the peers takes time (a bounded store read each): a wait that ended meanwhile (the collective
+      // completed, and a peer that passed the run's last barrier ended) is no hang, so it is looked at again.
+      if (!reported_ && waits_on_peers(phase) && steady_ms() - since > threshold_.count() && !peer_is_busy() &&
+          heartbeat_.since_steady_ms() == since) {
         reported_ = true;
         on_hang_(describe());
       }
