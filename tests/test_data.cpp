@@ -240,14 +240,20 @@ torch::Tensor reference_example(const torch::Tensor& raw, std::int64_t index, st
   return (x - m) / s;
 }
 
-std::size_t data_threads() {
-  std::size_t n = 0;
+// Calls fn(its /proc/self/task folder) for each thread of this process named acc-data-* (a data worker).
+template <class Fn>
+void for_each_data_thread(Fn&& fn) {
   for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
     std::ifstream comm(task.path() / "comm");
     std::string name;
     std::getline(comm, name);
-    if (name.rfind("acc-data-", 0) == 0) ++n;
+    if (name.rfind("acc-data-", 0) == 0) fn(task.path());
   }
+}
+
+std::size_t data_threads() {
+  std::size_t n = 0;
+  for_each_data_thread([&](const std::filesystem::path&) { ++n; });
   return n;
 }
 
@@ -257,21 +263,17 @@ std::size_t data_threads() {
 class CoreWaitOfDataWorkers {
  public:
   void sample() {
-    for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
-      std::ifstream comm(task.path() / "comm");
-      std::string name;
-      std::getline(comm, name);
-      if (name.rfind("acc-data-", 0) != 0) continue;
-      std::ifstream stat(task.path() / "schedstat");
+    for_each_data_thread([&](const std::filesystem::path& task) {
+      std::ifstream stat(task / "schedstat");
       unsigned long long on_cpu = 0, waiting = 0;
-      if (!(stat >> on_cpu >> waiting)) continue;  // the thread left between the listing and the read
+      if (!(stat >> on_cpu >> waiting)) return;  // the thread left between the listing and the read
       if (on_cpu == 0) {
         unknown_ = true;  // zeros: the kernel keeps no scheduler statistics
-        continue;
+        return;
       }
-      auto& last = waited_[task.path().filename().string()];
+      auto& last = waited_[task.filename().string()];
       last = std::max(last, 1e-9 * static_cast<double>(waiting));
-    }
+    });
   }
   std::size_t workers_seen() const { return waited_.size(); }
   // -1 where the kernel keeps no scheduler statistics.

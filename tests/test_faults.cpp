@@ -625,6 +625,10 @@ TEST_CASE("faults together: one seeded fault per run keeps every invariant", "[f
     std::vector<std::string> message, resumed;
     std::chrono::steady_clock::duration took{};
   };
+  // Each rank's output (stdout and stderr) in each attempt.
+  auto log_of = [](const fs::path& dir, int rank, int attempt) {
+    return dir / ("log_" + std::to_string(rank) + "_" + std::to_string(attempt));
+  };
   // One attempt of a run: every rank started, `act(pids)` does what the test does to them, every rank waited for.
   auto attempt = [&](const fs::path& dir, int world, const std::string& transport, int number,
                      const std::vector<std::string>& fault_env, auto act) {
@@ -639,7 +643,7 @@ TEST_CASE("faults together: one seeded fault per run keeps every invariant", "[f
                                    "CHAOS_ATTEMPT=" + std::to_string(number)};
       env.insert(env.end(), fault_env.begin(), fault_env.end());
       env.push_back("CHAOS_ASYNC=" + std::string(asynchronous ? "1" : "0"));
-      pids.push_back(test::spawn_self("[.chaos_worker]", env, (dir / ("log_" + std::to_string(r) + "_" + std::to_string(number))).string()));
+      pids.push_back(test::spawn_self("[.chaos_worker]", env, log_of(dir, r, number).string()));
     }
     const auto started = std::chrono::steady_clock::now();
     act(pids);
@@ -782,13 +786,13 @@ TEST_CASE("faults together: one seeded fault per run keeps every invariant", "[f
         for (int r = 0; r < world; ++r) {
           if (r == faulty) continue;
           const auto status = first.status[static_cast<std::size_t>(r)];
-          INFO("rank " << r << " log: " << read_text(dir / ("log_" + std::to_string(r) + "_1")));
+          INFO("rank " << r << " log: " << read_text(log_of(dir, r, 1)));
           INFO("rank " << r << (WIFSIGNALED(status) ? " ended by signal " + std::to_string(WTERMSIG(status)) : ""));
           CHECK(WIFEXITED(status));
           CHECK(WEXITSTATUS(status) != 0);
           if (survivors) CHECK(WEXITSTATUS(status) == *survivors);  // every survivor ends the same way
           survivors = WEXITSTATUS(status);
-          CHECK_THAT(read_text(dir / ("log_" + std::to_string(r) + "_1")) + first.message[static_cast<std::size_t>(r)],
+          CHECK_THAT(read_text(log_of(dir, r, 1)) + first.message[static_cast<std::size_t>(r)],
                      Catch::Contains("rank " + std::to_string(faulty)));
         }
         CHECK(first.took < std::chrono::seconds(kChaosThresholdSeconds + 20));
