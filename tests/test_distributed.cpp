@@ -357,12 +357,14 @@ TEST_CASE("a peer that stops mid-run ends the survivor with an error and no hang
     try {
       trainer.train(data, {.num_epochs = rank == 0 ? 3 : 1, .per_device_batch_size = 4});
     } catch (const std::exception& e) {
-      return e.what();
+      // The phase the watchdogs of the others see: failing, so that they wait for the failure to reach them.
+      return e.what() + std::string(" [phase ") + acc::distributed::phase_name(trainer.distributed().phase()) + "]";
     }
     return "finished";
   });
   CHECK(outcomes[1] == "finished");
   CHECK_THAT(outcomes[0], Catch::Contains("rank 0 of 2 failed") && Catch::Contains("a peer may have stopped or died"));
+  CHECK_THAT(outcomes[0], Catch::EndsWith("[phase failing]"));
   CHECK_THAT(outcomes[0], Catch::Contains("epoch 2"));
   CHECK(std::chrono::steady_clock::now() - start < 60s);
 }

@@ -443,6 +443,16 @@ pid_t pid_of_an_ended_process() {
   ::waitpid(child, &status, 0);
   return child;
 }
+
+// A peer's heartbeat as the watchdog publishes it (Watchdog::publish, private): step, phase, since and published
+// (wall-clock ms), pid, host, memory-file descriptor (-1: none), PID namespace; on this machine.
+std::vector<std::uint8_t> published_heartbeat(std::int64_t step, const std::string& phase, pid_t pid, int fd = -1) {
+  const auto now = std::to_string(acc::distributed::wall_ms());
+  const auto text = std::to_string(step) + " " + phase + " " + now + " " + now + " " + std::to_string(pid) + " " +
+                    acc::detail::host_name() + " " + std::to_string(fd) + " " +
+                    fs::read_symlink("/proc/self/ns/pid").string();
+  return {text.begin(), text.end()};
+}
 }  // namespace
 
 TEST_CASE("the watchdog does not report a wait that ended while it read its peers", "[distributed][faults][watchdog]") {
@@ -463,11 +473,7 @@ TEST_CASE("the watchdog does not report a wait that ended while it read its peer
         heartbeat.set(dist::Phase::data);
       }
     });
-    const auto pid_namespace = fs::read_symlink("/proc/self/ns/pid").string();
-    const auto now = std::to_string(dist::wall_ms());
-    const std::string peer = "0 all_reduce " + now + " " + now + " " + std::to_string(pid_of_an_ended_process()) +
-                             " " + acc::detail::host_name() + " -1 " + pid_namespace;
-    store->set("heartbeat/1", std::vector<std::uint8_t>(peer.begin(), peer.end()));
+    store->set("heartbeat/1", published_heartbeat(0, "all_reduce", pid_of_an_ended_process()));
     std::mutex mutex;
     std::string report;
     {
@@ -482,6 +488,62 @@ TEST_CASE("the watchdog does not report a wait that ended while it read its peer
       CHECK(report.empty());
     } else {  // the same setup reports a wait that goes on: what the other case must not do is reachable
       CHECK_THAT(report, Catch::Contains("rank 0 of 2 has waited in all_reduce") && Catch::Contains("rank 1: "));
+    }
+  }
+}
+
+TEST_CASE("the watchdog waits behind a peer whose collective failed, even beside a dead peer, and not forever",
+          "[distributed][faults][watchdog]") {
+  // Rank 2 of 3 was killed. Rank 0 saw its connection close: its collective failed, and it waits a grace for the others
+  // to report the failure before it ends (phase `failing`). Rank 1 waits in backward behind rank 0, and gets the
+  // failure only when rank 0 ends. Its watchdog must not end it first (exit 69) while rank 0 ends with the failure
+  // (exit 1): every survivor ends the same way (chaos seed 61001 did not, in 1 run of 36, threshold 2 s, grace 5 s).
+  namespace dist = acc::distributed;
+  const auto threshold = 300ms, interval = 50ms, grace = 600ms;  // patience: max(5 thresholds, grace + threshold)
+  const auto patience = std::max<std::chrono::milliseconds>(5 * threshold, grace + threshold);
+  enum class Peer0 { waiting, failing_then_ends_and_the_failure_arrives, failing_then_ends_and_nothing_arrives };
+  for (const auto peer0 : {Peer0::waiting, Peer0::failing_then_ends_and_the_failure_arrives,
+                           Peer0::failing_then_ends_and_nothing_arrives}) {
+    INFO("case " << static_cast<int>(peer0));
+    dist::Heartbeat own, rank0;  // rank 0's heartbeat lives in this process: the watchdog reads it from memory
+    own.set_step(16);
+    own.set(dist::Phase::backward);
+    rank0.set_step(16);
+    rank0.set(peer0 == Peer0::waiting ? dist::Phase::all_reduce : dist::Phase::failing);
+    auto store = c10::make_intrusive<c10d::HashStore>();
+    store->set("heartbeat/0", published_heartbeat(16, dist::phase_name(rank0.phase()), ::getpid(), rank0.shared_fd()));
+    store->set("heartbeat/2", published_heartbeat(15, "optimizer", pid_of_an_ended_process()));  // killed
+    std::mutex mutex;
+    std::string report;
+    const auto reported = [&] {
+      const std::lock_guard lock(mutex);
+      return report;
+    };
+    const auto start = std::chrono::steady_clock::now();
+    dist::Watchdog watchdog(store, 1, 3, own, threshold, [&](const std::string& r) {
+      const std::lock_guard lock(mutex);
+      report = r;
+    }, interval, grace);
+    std::this_thread::sleep_for(4 * threshold);
+    if (peer0 == Peer0::waiting) {  // the same setup with no failing peer reports: the waits below are the fix's
+      CHECK_THAT(reported(), Catch::Contains("rank 1 of 3 has waited in backward") &&
+                                 Catch::Contains("rank 2: ") && Catch::Contains("is gone"));
+      continue;
+    }
+    CHECK(reported().empty());
+    // Rank 0 ends after its grace: its process is gone. The failure it was seen in is still on its way here.
+    store->set("heartbeat/0", published_heartbeat(16, "failing", pid_of_an_ended_process()));
+    std::this_thread::sleep_for(3 * interval);
+    CHECK(reported().empty());
+    if (peer0 == Peer0::failing_then_ends_and_the_failure_arrives) {
+      own.set(dist::Phase::failing);  // this rank's collective failed too: it ends with the same error
+      std::this_thread::sleep_for(patience + 4 * threshold);
+      CHECK(reported().empty());
+    } else {  // nothing arrives (this rank's wait is stuck on something else): reported once the patience is over
+      while (reported().empty() && std::chrono::steady_clock::now() - start < 20s) std::this_thread::sleep_for(interval);
+      CHECK_THAT(reported(), Catch::Contains("rank 1 of 3 has waited in backward") &&
+                                 Catch::Contains("rank 0: at update step 16, phase failing"));
+      CHECK(std::chrono::steady_clock::now() - start >= patience);
     }
   }
 }

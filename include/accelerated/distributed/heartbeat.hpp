@@ -18,12 +18,15 @@
 
 namespace accelerated::distributed {
 
+// `failing`: a collective failed on this rank, which now tells the store and ends (distributed/silent_peers.hpp). It
+// is the last phase of a process: once set, it stays.
 enum class Phase : int { idle, data, forward, backward, optimizer, eval, checkpoint, all_reduce, gather, barrier, broadcast,
-                       exchange };
+                       exchange, failing };
 
 inline const char* phase_name(Phase phase) {
   static const char* names[] = {"idle",       "data",       "forward", "backward", "optimizer", "eval",
-                                "checkpoint", "all_reduce", "gather",  "barrier",  "broadcast", "exchange"};
+                                "checkpoint", "all_reduce", "gather",  "barrier",  "broadcast", "exchange",
+                                "failing"};
   return names[static_cast<int>(phase)];
 }
 
@@ -32,13 +35,14 @@ inline const char* phase_range_name(Phase phase) {
   static const char* names[] = {"accelerated::idle",       "accelerated::data",      "accelerated::forward",
                                 "accelerated::backward",   "accelerated::optimizer", "accelerated::eval",
                                 "accelerated::checkpoint", "accelerated::all_reduce", "accelerated::gather",
-                                "accelerated::barrier",    "accelerated::broadcast", "accelerated::exchange"};
+                                "accelerated::barrier",    "accelerated::broadcast", "accelerated::exchange",
+                                "accelerated::failing"};
   return names[static_cast<int>(phase)];
 }
 
 // The phase a published name stands for (a heartbeat read back from the store); idle for a name it does not know.
 inline Phase phase_from_name(const std::string& name) {
-  for (int p = 0; p <= static_cast<int>(Phase::exchange); ++p) {
+  for (int p = 0; p <= static_cast<int>(Phase::failing); ++p) {
     if (name == phase_name(static_cast<Phase>(p))) return static_cast<Phase>(p);
   }
   return Phase::idle;
@@ -95,6 +99,7 @@ class Heartbeat {
   Heartbeat& operator=(const Heartbeat&) = delete;
 
   void set(Phase phase) {
+    if (this->phase() == Phase::failing) return;  // the process is ending: a scope that unwinds does not hide it
     slot_->since.store(steady_ms(), std::memory_order_relaxed);
     slot_->phase.store(static_cast<int>(phase), std::memory_order_relaxed);
   }

@@ -28,6 +28,9 @@ inline bool looks_like_peer_failure(const std::string& what) {
   return false;
 }
 
+// How long a rank that saw a failure waits for the others to report it too (DataParallel bounds it by its timeout).
+inline constexpr std::chrono::milliseconds kFailureReportGrace{5000};
+
 // A sentence that ends an error message: who did not report the failure within `grace`.
 inline std::string describe_silent_peers(const c10::intrusive_ptr<c10d::Store>& store, std::int64_t rank,
                                          std::int64_t world_size, std::chrono::milliseconds grace,

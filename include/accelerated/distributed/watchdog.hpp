@@ -7,11 +7,14 @@
 // on rank 0 is not a hang. Otherwise it reports which ranks are behind, at which step and phase, for how long, and,
 // for a peer on this machine, whether its process is stopped or gone (its step and phase then read from the
 // process's own memory, exact even when it is stopped); a store that does not answer is reported as such. The report
-// then ends the process.
+// then ends the process. A peer whose collective failed (phase `failing`) is not hung either: it ends after a short
+// grace, and its end fails this rank's collective too, so the watchdog waits for that rather than end this rank
+// another way.
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
 #include "../detail/host_name.hpp"
 #include "heartbeat.hpp"
+#include "silent_peers.hpp"
 
 #include <unistd.h>
 
@@ -73,11 +76,13 @@ bool finished_within(std::chrono::milliseconds timeout, Operation operation) {
 class Watchdog {
  public:
   // `on_hang(report)` is called once, from the watchdog's thread, when this rank has waited longer than `threshold`.
+  // `failure_grace`: how long a rank whose collective failed waits for the others to report it before it ends.
   Watchdog(c10::intrusive_ptr<c10d::Store> store, std::int64_t rank, std::int64_t world_size, Heartbeat& heartbeat,
            std::chrono::milliseconds threshold, std::function<void(const std::string&)> on_hang,
-           std::chrono::milliseconds interval = std::chrono::seconds(1))
+           std::chrono::milliseconds interval = std::chrono::seconds(1),
+           std::chrono::milliseconds failure_grace = kFailureReportGrace)
       : store_(std::move(store)), rank_(rank), world_size_(world_size), heartbeat_(heartbeat), threshold_(threshold),
-        interval_(interval), on_hang_(std::move(on_hang)), host_(known_host()), pid_namespace_(own_pid_namespace()), thread_([this] { run(); }) {
+        interval_(interval), failure_grace_(failure_grace), on_hang_(std::move(on_hang)), host_(known_host()), pid_namespace_(own_pid_namespace()), thread_([this] { run(); }) {
   }
   ~Watchdog() {
     {
@@ -204,6 +209,12 @@ class Watchdog {
   // How long a busy peer is waited for in one phase: five thresholds.
   std::int64_t busy_patience_ms() const { return 5 * threshold_.count(); }
 
+  // How long this rank waits once a peer was seen failing: that peer's grace, then a threshold for its end to fail
+  // this rank's collective (and at least as long as a busy peer).
+  std::int64_t failure_patience_ms() const {
+    return std::max(busy_patience_ms(), failure_grace_.count() + threshold_.count());
+  }
+
   // How long a store operation may take before the store counts as out of reach.
   std::chrono::milliseconds store_wait() const { return std::max<std::chrono::milliseconds>(2 * interval_, std::chrono::milliseconds(500)); }
 
@@ -224,8 +235,8 @@ class Watchdog {
         out << "no heartbeat published";
         continue;
       }
-      const bool behind =
-          peer.step < heartbeat_.step() || (peer.step == heartbeat_.step() && !waits_on_peers(peer.phase));
+      const bool behind = peer.phase != Phase::failing &&  // one whose collective failed is where this rank is
+                          (peer.step < heartbeat_.step() || (peer.step == heartbeat_.step() && !waits_on_peers(peer.phase)));
       out << (behind ? "behind, at " : "at ") << "update step " << peer.step << ", phase " << peer.phase_text
           << " for " << peer.phase_ms / 1000.0 << " s";
       if (peer.exact) {
@@ -242,18 +253,29 @@ class Watchdog {
 
   // Whether some peer is busy (a long save on rank 0, say) and none is silent: then this rank waits for it rather
   // than ending a healthy run. The peer found busy last time is looked at first, so a long wait costs one store
-  // read per interval.
+  // read per interval. A peer seen failing, even beside a silent one (the rank that died, which it found first),
+  // means the failure is on its way here: waited for, from then on, for failure_patience_ms() (by then that peer may
+  // be gone, and its end is what fails this rank's wait).
   bool peer_is_busy() {
     store_unreachable_ = false;
+    if (failure_seen_ms_ >= 0) return steady_ms() - failure_seen_ms_ < failure_patience_ms();
     if (busy_peer_ >= 0 && read_peer(busy_peer_).busy(busy_patience_ms())) return true;
     busy_peer_ = -1;
+    bool some_silent = false;
     for (std::int64_t r = 0; r < world_size_; ++r) {
       if (r == rank_) continue;
       const auto peer = read_peer(r);
-      if (peer.silent()) return false;
-      if (peer.busy(busy_patience_ms()) && busy_peer_ < 0) busy_peer_ = r;
+      if (peer.phase == Phase::failing && !peer.silent()) {
+        failure_seen_ms_ = steady_ms();
+        return true;
+      }
+      if (peer.silent()) {
+        some_silent = true;  // read on: a peer after it may be failing
+      } else if (peer.busy(busy_patience_ms()) && busy_peer_ < 0) {
+        busy_peer_ = r;
+      }
     }
-    return busy_peer_ >= 0;
+    return !some_silent && busy_peer_ >= 0;
   }
 
   void publish() {
@@ -335,11 +357,13 @@ class Watchdog {
   Heartbeat& heartbeat_;
   std::chrono::milliseconds threshold_;
   std::chrono::milliseconds interval_;
+  std::chrono::milliseconds failure_grace_;
   std::function<void(const std::string&)> on_hang_;
   std::string host_;           // read once: the name a peer compares with its own
   std::string pid_namespace_;  // and its PID namespace: the same host name in another container is not "here"
   bool reported_ = false;
   std::int64_t busy_peer_ = -1;
+  std::int64_t failure_seen_ms_ = -1;  // steady_ms() when a peer was first seen failing; -1: none was
   std::map<std::int64_t, Seen> seen_;  // each peer's store copy as last read, and when it last changed
   std::map<std::int64_t, Known> known_;
   bool all_known_ = false;

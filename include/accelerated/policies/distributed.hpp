@@ -192,7 +192,7 @@ class DataParallel {
             std::this_thread::sleep_for(2 * interval);
             std::_Exit(hang_exit_code);  // the training thread is blocked in the collective: only an exit ends it
           },
-          interval);
+          interval, std::min<std::chrono::milliseconds>(options_.timeout, distributed::kFailureReportGrace));
       joined->options = options_text();
       joined->check_collectives = options_.check_collectives;
       return joined;
@@ -451,6 +451,13 @@ class DataParallel {
     }
   }
 
+  // Where the loop is, as the watchdog publishes it: `failing` once a collective failed here; idle before joining
+  // and in a single process.
+  distributed::Phase phase() {
+    auto* beat = heartbeat();
+    return beat ? beat->phase() : distributed::Phase::idle;
+  }
+
   void barrier() {
 #if ACCELERATED_HAS_GLOO
     if (env_.world_size == 1) return;
@@ -556,21 +563,21 @@ class DataParallel {
   std::string silent_peers() {
 #if ACCELERATED_HAS_GLOO
     if (!silent_peers_) {
+      // This rank is ending with the failure: its peers' watchdogs, which may wait behind it, see that and wait for
+      // the failure to reach them rather than report a hang (distributed/watchdog.hpp).
+      if (auto* beat = heartbeat()) beat->set(distributed::Phase::failing);
       const auto store_address = env_.master_addr.empty()
                                      ? std::string("(in-process)")
                                      : env_.master_addr + ":" + std::to_string(env_.master_port);
       silent_peers_ = distributed::describe_silent_peers(
           membership_ ? membership_->store : given_store_, env_.rank, env_.world_size,
-          std::min<std::chrono::milliseconds>(options_.timeout, kSilentGrace), store_address);
+          std::min<std::chrono::milliseconds>(options_.timeout, distributed::kFailureReportGrace), store_address);
     }
     return *silent_peers_;
 #else
     return "";
 #endif
   }
-
-  // How long a rank that saw a failure waits for the others to report it too (bounded by the timeout).
-  static constexpr std::chrono::milliseconds kSilentGrace{5000};
 
   DataParallelOptions options_;
   distributed::Environment env_;
