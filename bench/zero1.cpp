@@ -2,7 +2,8 @@
 // over the same transport: the optimizer bytes each rank holds, and the time of a training epoch (forward, backward
 // with the gradient all-reduce, the step, and for the sharded run the parameter exchange).
 // Model: a deep MLP, 8 x Linear(1024, 1024) (8.4 M parameters; Adam's state is 67 MB unsharded). One JSON line per
-// world size.
+// world size; over Gloo a second one times the exchange alone, as DataParallel does it over Gloo (messages straight
+// from and into the parameters) against the bucketed all-gather it uses over shared memory, alternating, in one run.
 // Usage: bench_zero1 [shared_memory|gloo] [world sizes, default "2 4"]
 #include "common.hpp"
 
@@ -74,6 +75,55 @@ std::vector<Measured> run(int world, bool shard, acc::distributed::Transport tra
   return out;
 }
 
+// The exchange alone over Gloo, `reps` times each way, alternating: medians in ms of rank 0 (after 3 warm-up rounds).
+std::pair<double, double> exchange_ms(int world, int reps) {
+  auto store = c10::make_intrusive<c10d::HashStore>();
+  std::vector<std::future<std::pair<double, double>>> ranks;
+  for (int r = 0; r < world; ++r) {
+    ranks.push_back(std::async(std::launch::async, [=] {
+      auto model = deep_mlp();
+      torch::optim::Adam optimizer(model->parameters());
+      auto group = acc::distributed::make_process_group(store, r, world, std::chrono::seconds(60), "127.0.0.1",
+                                                        acc::distributed::Transport::gloo);
+      acc::distributed::OptimizerShard shard(optimizer, r, world, acc::DataParallelOptions{}.shard_exchange_bucket_bytes);
+      using Tensors = std::vector<torch::Tensor>;
+      std::vector<double> gathered, messages;
+      const auto timed = [&](auto&& exchange) {
+        group->barrier()->wait();
+        const auto start = std::chrono::steady_clock::now();
+        exchange();
+        return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+      };
+      for (int rep = 0; rep < reps + 3; ++rep) {
+        const auto a = timed([&] {
+          shard.exchange([&](torch::Tensor& send, Tensors& receive) {
+            std::vector<Tensors> out{receive};
+            Tensors in{send};
+            group->allgather(out, in)->wait();
+          });
+        });
+        const auto b = timed([&] {
+          shard.exchange_by_messages(
+              [&](torch::Tensor& t, std::int64_t peer, std::int64_t tag) {
+                Tensors message{t};
+                return group->send(message, static_cast<int>(peer), static_cast<int>(tag));
+              },
+              [&](torch::Tensor& t, std::int64_t peer, std::int64_t tag) {
+                Tensors message{t};
+                return group->recv(message, static_cast<int>(peer), static_cast<int>(tag));
+              },
+              [](const c10::intrusive_ptr<c10d::Work>& work) { work->wait(); });
+        });
+        if (rep >= 3) gathered.push_back(a), messages.push_back(b);
+      }
+      return std::pair{bench::median(gathered), bench::median(messages)};
+    }));
+  }
+  std::vector<std::pair<double, double>> out;
+  for (auto& f : ranks) out.push_back(f.get());
+  return out[0];
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -119,5 +169,17 @@ int main(int argc, char** argv) {
         .field("updates_per_epoch", std::int64_t{6});
     out.close();
     std::cout << json.str() << std::endl;
+    if (transport != acc::distributed::Transport::gloo) continue;
+    const auto [gathered_ms, messages_ms] = exchange_ms(world, 12);
+    std::ostringstream exchange_json;
+    acc::detail::JsonObject exchange(exchange_json);
+    exchange.field("benchmark", "sharded exchange over gloo")
+        .field("world_size", static_cast<std::int64_t>(world))
+        .field("parameter_bytes", parameters * 4)
+        .field("allgather_ms", gathered_ms)
+        .field("messages_ms", messages_ms)
+        .field("messages_to_allgather_ratio", messages_ms / gathered_ms);
+    exchange.close();
+    std::cout << exchange_json.str() << std::endl;
   }
 }

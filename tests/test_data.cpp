@@ -251,9 +251,22 @@ void for_each_data_thread(Fn&& fn) {
   }
 }
 
+// The data workers still listed. A joined thread can stay listed for a moment: the kernel wakes its joiner as the
+// thread exits, before it removes its /proc entry (seen once, under ctest -j2: "1 == 0" right after an early stop).
+// So the count is read again for up to 200 ms while it is not 0; a worker left behind (blocked on its queue, or still
+// building) is listed far longer than that.
 std::size_t data_threads() {
-  std::size_t n = 0;
-  for_each_data_thread([&](const std::filesystem::path&) { ++n; });
+  const auto count = [] {
+    std::size_t n = 0;
+    for_each_data_thread([&](const std::filesystem::path&) { ++n; });
+    return n;
+  };
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(200);
+  auto n = count();
+  while (n != 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    n = count();
+  }
   return n;
 }
 

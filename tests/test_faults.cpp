@@ -494,15 +494,15 @@ TEST_CASE("the watchdog does not report a wait that ended while it read its peer
 
 TEST_CASE("the watchdog waits behind a peer whose collective failed, even beside a dead peer, and not forever",
           "[distributed][faults][watchdog]") {
-  // Rank 2 of 3 was killed. Rank 0 saw its connection close: its collective failed, and it waits a grace for the others
-  // to report the failure before it ends (phase `failing`). Rank 1 waits in backward behind rank 0, and gets the
-  // failure only when rank 0 ends. Its watchdog must not end it first (exit 69) while rank 0 ends with the failure
-  // (exit 1): every survivor ends the same way (chaos seed 61001 did not, in 1 run of 36, threshold 2 s, grace 5 s).
+  // Rank 2 of 3 was killed. Rank 0 saw its connection close: its collective failed, and it is ending (phase
+  // `failing`: a grace to name the silent ranks, then whatever its program does on the way out). Rank 1 waits in
+  // backward behind rank 0, and gets the failure only when rank 0 ends. Its watchdog must not end it first (exit 69)
+  // while rank 0 ends with the failure (exit 1): every survivor ends the same way (chaos seed 61001 did not, in 1 run
+  // of 36, threshold 2 s, grace 5 s).
   namespace dist = acc::distributed;
-  const auto threshold = 300ms, interval = 50ms, grace = 600ms;  // patience: max(5 thresholds, grace + threshold)
-  const auto patience = std::max<std::chrono::milliseconds>(5 * threshold, grace + threshold);
-  enum class Peer0 { waiting, failing_then_ends_and_the_failure_arrives, failing_then_ends_and_nothing_arrives };
-  for (const auto peer0 : {Peer0::waiting, Peer0::failing_then_ends_and_the_failure_arrives,
+  const auto threshold = 300ms, interval = 50ms;
+  enum class Peer0 { waiting, failing_long_then_ends_and_the_failure_arrives, failing_then_ends_and_nothing_arrives };
+  for (const auto peer0 : {Peer0::waiting, Peer0::failing_long_then_ends_and_the_failure_arrives,
                            Peer0::failing_then_ends_and_nothing_arrives}) {
     INFO("case " << static_cast<int>(peer0));
     dist::Heartbeat own, rank0;  // rank 0's heartbeat lives in this process: the watchdog reads it from memory
@@ -519,33 +519,61 @@ TEST_CASE("the watchdog waits behind a peer whose collective failed, even beside
       const std::lock_guard lock(mutex);
       return report;
     };
-    const auto start = std::chrono::steady_clock::now();
     dist::Watchdog watchdog(store, 1, 3, own, threshold, [&](const std::string& r) {
       const std::lock_guard lock(mutex);
       report = r;
-    }, interval, grace);
-    std::this_thread::sleep_for(4 * threshold);
+    }, interval);
     if (peer0 == Peer0::waiting) {  // the same setup with no failing peer reports: the waits below are the fix's
+      std::this_thread::sleep_for(4 * threshold);
       CHECK_THAT(reported(), Catch::Contains("rank 1 of 3 has waited in backward") &&
                                  Catch::Contains("rank 2: ") && Catch::Contains("is gone"));
       continue;
     }
+    // However long rank 0 takes to end (here longer than the five thresholds a busy peer gets), it is waited for.
+    std::this_thread::sleep_for(peer0 == Peer0::failing_then_ends_and_nothing_arrives ? 4 * threshold : 7 * threshold);
     CHECK(reported().empty());
-    // Rank 0 ends after its grace: its process is gone. The failure it was seen in is still on its way here.
+    // Rank 0 ends: its process is gone. Its end is what fails this rank's wait, a moment later.
     store->set("heartbeat/0", published_heartbeat(16, "failing", pid_of_an_ended_process()));
+    const auto ended = std::chrono::steady_clock::now();
     std::this_thread::sleep_for(3 * interval);
     CHECK(reported().empty());
-    if (peer0 == Peer0::failing_then_ends_and_the_failure_arrives) {
+    if (peer0 == Peer0::failing_long_then_ends_and_the_failure_arrives) {
       own.set(dist::Phase::failing);  // this rank's collective failed too: it ends with the same error
-      std::this_thread::sleep_for(patience + 4 * threshold);
+      std::this_thread::sleep_for(6 * threshold);
       CHECK(reported().empty());
-    } else {  // nothing arrives (this rank's wait is stuck on something else): reported once the patience is over
-      while (reported().empty() && std::chrono::steady_clock::now() - start < 20s) std::this_thread::sleep_for(interval);
+    } else {  // nothing arrives (this rank's wait is stuck on something else): reported a threshold after rank 0 ended
+      while (reported().empty() && std::chrono::steady_clock::now() - ended < 20s) std::this_thread::sleep_for(interval);
+      CHECK(std::chrono::steady_clock::now() - ended >= threshold);
       CHECK_THAT(reported(), Catch::Contains("rank 1 of 3 has waited in backward") &&
-                                 Catch::Contains("rank 0: at update step 16, phase failing"));
-      CHECK(std::chrono::steady_clock::now() - start >= patience);
+                                 Catch::Contains("rank 0: at update step 16, phase failing") &&
+                                 Catch::Contains("rank 0, whose collective failed, was waited for until"));
     }
   }
+}
+
+TEST_CASE("a rank whose collective failed publishes its heartbeat at once, for peers on other machines",
+          "[distributed][faults][watchdog]") {
+  namespace dist = acc::distributed;
+  dist::Heartbeat own;
+  own.set(dist::Phase::all_reduce);
+  auto store = c10::make_intrusive<c10d::HashStore>();
+  const auto published = [&] {
+    if (!store->check({"heartbeat/0"})) return std::string();
+    const auto bytes = store->get("heartbeat/0");
+    return std::string(bytes.begin(), bytes.end());
+  };
+  dist::Watchdog watchdog(store, 0, 2, own, 60s, [](const std::string&) {}, 20s);  // publishes every 20 s
+  const auto start = std::chrono::steady_clock::now();
+  while (published().empty() && std::chrono::steady_clock::now() - start < 10s) std::this_thread::sleep_for(10ms);
+  CHECK_THAT(published(), Catch::Contains(" all_reduce "));  // the first publication, as the watchdog starts
+  own.set(dist::Phase::failing);
+  watchdog.publish_now();  // what DataParallel does when a collective fails
+  const auto failed = std::chrono::steady_clock::now();
+  while (published().find(" failing ") == std::string::npos && std::chrono::steady_clock::now() - failed < 10s) {
+    std::this_thread::sleep_for(10ms);
+  }
+  CHECK_THAT(published(), Catch::Contains(" failing "));
+  CHECK(std::chrono::steady_clock::now() - failed < 5s);  // not at the next interval, 20 s away
 }
 
 TEST_CASE("the watchdog waits for a peer that is busy saving, three times its threshold", "[distributed][faults][watchdog]") {

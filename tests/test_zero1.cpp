@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -81,6 +82,7 @@ struct RankResult {
   torch::Tensor grad_norm;
   std::vector<double> losses;
   std::int64_t skipped = -1;  // updates the precision policy skipped, where it counts them
+  std::int64_t exchange_bytes = -1;  // the exchange's all-gather buffers; -1 when unsharded
 };
 
 struct Case {
@@ -115,7 +117,10 @@ std::vector<RankResult> train_case(const Case& c, Callbacks... callbacks) {
     RankResult result;
     result.weights = test::flat_parameters(*model);
     for (const auto& p : acc::distributed::optimizer_parameters(*optimizer)) result.state.push_back(state_of(*optimizer, p));
-    if (const auto* shard = trainer.distributed().optimizer_shard()) result.owners = shard->owners();
+    if (const auto* shard = trainer.distributed().optimizer_shard()) {
+      result.owners = shard->owners();
+      result.exchange_bytes = shard->exchange_buffer_bytes();
+    }
     result.state_bytes = acc::distributed::optimizer_state_bytes(*optimizer);
     result.grad_norm = trainer.state().grad_norm;
     result.losses = trainer.run_history().get_metric_values("train_loss_epoch");
@@ -193,6 +198,54 @@ TEST_CASE("sharded optimizer state ends bit-identical to unsharded data parallel
   for (int r = 0; r < world; ++r) {
     CHECK(std::count(sharded[0].owners.begin(), sharded[0].owners.end(), r) > 0);
     CHECK(sharded[r].owners == sharded[0].owners);
+    // Over Gloo the parameters travel as messages, with no buffers; over shared memory in bucketed all-gathers.
+    CHECK((sharded[r].exchange_bytes == 0) == (transport == Transport::gloo));
+  }
+}
+
+TEST_CASE("over Gloo the exchange sends each owned parameter from its memory and receives the others into theirs",
+          "[zero1]") {
+  for (const std::int64_t rank : {0, 1}) {
+    INFO("rank " << rank << " of 2");
+    auto model = mlp(5);
+    auto& transposed = model[2]->as<torch::nn::Linear>()->weight;  // owned by rank 1
+    transposed.set_data(transposed.detach().t().contiguous().t());  // not row-major: sent and received through a copy
+    torch::optim::SGD optimizer(model->parameters(), 0.1);
+    acc::distributed::OptimizerShard shard(optimizer, rank, 2, 1 << 20);
+    const auto parameters = acc::distributed::optimizer_parameters(optimizer);
+    std::map<std::int64_t, const void*> sent, received;  // by tag (the parameter's index): the memory used
+    shard.exchange_by_messages(
+        [&](torch::Tensor& t, std::int64_t peer, std::int64_t tag) {
+          CHECK(peer == 1 - rank);
+          CHECK(torch::equal(t, parameters[static_cast<std::size_t>(tag)]));
+          sent[tag] = t.data_ptr();
+          return 0;
+        },
+        [&](torch::Tensor& t, std::int64_t peer, std::int64_t tag) {
+          CHECK(peer == 1 - rank);
+          received[tag] = t.data_ptr();
+          t.fill_(static_cast<float>(tag));  // what the owner sent
+          return 0;
+        },
+        [](int) {});
+    for (std::size_t i = 0; i < parameters.size(); ++i) {
+      INFO("parameter " << i);
+      const auto& p = parameters[i];
+      const auto tag = static_cast<std::int64_t>(i);
+      const bool row_major = p.is_contiguous();
+      CHECK(row_major == !p.is_same(transposed));
+      if (shard.owns(i)) {
+        REQUIRE(sent.count(tag) == 1);
+        CHECK((sent[tag] == p.data_ptr()) == row_major);  // no copy unless the layout needs one
+        CHECK(received.count(tag) == 0);
+      } else {
+        REQUIRE(received.count(tag) == 1);
+        CHECK((received[tag] == p.data_ptr()) == row_major);
+        CHECK(torch::all(p == static_cast<float>(tag)).item<bool>());  // a copy is written back
+        CHECK(sent.count(tag) == 0);
+      }
+    }
+    CHECK(shard.exchange_buffer_bytes() == 0);  // no all-gather buffers were made
   }
 }
 
@@ -212,8 +265,8 @@ TEST_CASE("each rank holds about 1/N of the optimizer state", "[zero1][distribut
   CHECK(sum == plain[0].state_bytes);
 }
 
-TEST_CASE("sharding agrees with unsharded training under clipping, accumulation, a frozen layer and checked "
-          "collectives",
+TEST_CASE("sharding agrees with unsharded training under clipping, accumulation, a frozen layer, a transposed weight "
+          "and checked collectives, over shared memory and Gloo",
           "[zero1][distributed]") {
   Case c{.kind = Kind::adam};
   c.options.num_epochs = 4;
@@ -221,8 +274,14 @@ TEST_CASE("sharding agrees with unsharded training under clipping, accumulation,
   c.options.gradient_clip_norm = 0.05;  // small enough to clip: the norm covers every rank's parameters
   c.adjust = [](torch::nn::Sequential& model) {
     for (auto& p : model[0]->parameters()) p.set_requires_grad(false);
+    // A weight that is not row-major (a transposed layout): sent and received through a row-major copy.
+    auto& weight = model[2]->as<torch::nn::Linear>()->weight;
+    weight.set_data(weight.detach().t().contiguous().t());
+    REQUIRE_FALSE(weight.is_contiguous());
   };
   c.check_collectives = GENERATE(false, true);
+  c.transport = GENERATE(Transport::shared_memory, Transport::gloo);
+  INFO((c.transport == Transport::gloo ? "gloo" : "shared memory") << (c.check_collectives ? ", checked" : ""));
   const auto plain = train_case(c);
   c.shard = true;
   const auto sharded = train_case(c);

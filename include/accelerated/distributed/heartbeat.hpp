@@ -18,8 +18,8 @@
 
 namespace accelerated::distributed {
 
-// `failing`: a collective failed on this rank, which now tells the store and ends (distributed/silent_peers.hpp). It
-// is the last phase of a process: once set, it stays.
+// `failing`: a collective failed on this rank, which now tells the store and ends (distributed/silent_peers.hpp). Once
+// set it stays (the scopes that unwind do not hide it) until the next run starts (clear_failing).
 enum class Phase : int { idle, data, forward, backward, optimizer, eval, checkpoint, all_reduce, gather, barrier, broadcast,
                        exchange, failing };
 
@@ -102,6 +102,12 @@ class Heartbeat {
     if (this->phase() == Phase::failing) return;  // the process is ending: a scope that unwinds does not hide it
     slot_->since.store(steady_ms(), std::memory_order_relaxed);
     slot_->phase.store(static_cast<int>(phase), std::memory_order_relaxed);
+  }
+  // A new run starts in this process after a failure it caught: its phases count again.
+  void clear_failing() {
+    if (phase() != Phase::failing) return;
+    slot_->phase.store(static_cast<int>(Phase::idle), std::memory_order_relaxed);
+    slot_->since.store(steady_ms(), std::memory_order_relaxed);
   }
   void set_step(std::int64_t step) { slot_->step.store(step, std::memory_order_relaxed); }
   Phase phase() const { return static_cast<Phase>(slot_->phase.load(std::memory_order_relaxed)); }

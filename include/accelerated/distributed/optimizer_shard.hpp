@@ -1,7 +1,8 @@
 #pragma once
 // Sharded optimizer state (ZeRO stage 1), DataParallel's `shard_optimizer_state`: each rank keeps the optimizer state
 // of a contiguous 1/N of the parameters (by element count), steps only those after the gradient all-reduce, and the
-// ranks then exchange the updated parameters in padded, bucketed all-gathers. The weights stay bit-equal to
+// ranks then exchange the updated parameters: in padded, bucketed all-gathers (exchange), or over Gloo on the CPU as
+// messages straight from and into the parameters (exchange_by_messages). The weights stay bit-equal to
 // unsharded data parallel because the owner runs the very same kernels on the very same (all-reduced) gradients.
 //
 // The step: the gradients of parameters this rank does not own are set aside (undefined) around the optimizer's
@@ -75,7 +76,7 @@ typename StateMap::key_type optimizer_state_key(const StateMap&, const torch::Te
 
 class OptimizerShard {
  public:
-  // `bucket_bytes`: the size of each all-gather of the exchange (its buffers are N + 1 of them, reused).
+  // `bucket_bytes`: the size of each all-gather of exchange() (its buffers are N + 1 of them, reused).
   // `previous`: the partition of the same optimizer before parameters were added to it (add_param_group between or
   // during runs): its parameters keep their owners, and so their state; only the new ones are partitioned.
   OptimizerShard(torch::optim::Optimizer& optimizer, std::int64_t rank, std::int64_t world_size,
@@ -174,6 +175,57 @@ class OptimizerShard {
         }
       }
     }
+  }
+
+  // The exchange as messages (DataParallel's way over Gloo): each owner sends each updated parameter to every other
+  // rank straight from the parameter's memory, and each rank receives the others' straight into theirs; every message
+  // is started, then every one waited for. No buffers and no copies (a parameter in another layout, channels-last,
+  // goes through a row-major copy): an all-gather over Gloo copies the data four times (into the bucket, into and out
+  // of c10d's flat buffer, back into the parameters). `send(tensor, peer, tag)` and `receive(tensor, peer, tag)`
+  // start one message each and return a handle that `wait(handle)` finishes; a parameter's tag is its index in
+  // param_groups order, so the messages pair whatever order the transport delivers them in.
+  template <class Send, class Receive, class Wait>
+  void exchange_by_messages(Send&& send, Receive&& receive, Wait&& wait) {
+    torch::NoGradGuard no_grad;
+    using Handle = std::invoke_result_t<Send&, torch::Tensor&, std::int64_t, std::int64_t>;
+    std::vector<Handle> started;
+    std::vector<torch::Tensor> sent;                                // row-major copies, alive until sent
+    std::vector<std::pair<torch::Tensor, torch::Tensor>> received;  // (parameter, its row-major copy)
+    for (std::size_t i = 0; i < parameters_.size(); ++i) {
+      const auto& p = parameters_[i];
+      if (!exchanged(p) || p.numel() == 0) continue;
+      const auto tag = static_cast<std::int64_t>(i);
+      auto data = p.detach();
+      if (owns(i)) {
+        auto message = data.is_contiguous() ? data : sent.emplace_back(data.contiguous());
+        for (std::int64_t peer = 0; peer < world_size_; ++peer) {
+          if (peer != rank_) started.push_back(send(message, peer, tag));
+        }
+      } else {
+        auto into = data.is_contiguous() ? data : received.emplace_back(data, data.contiguous()).second;
+        started.push_back(receive(into, owner_[i], tag));
+      }
+    }
+    for (auto& handle : started) wait(handle);
+    for (auto& [parameter, copy] : received) parameter.copy_(copy);
+  }
+
+  // Whether every parameter exchange_by_messages sends is on the CPU (Gloo's messages carry host memory).
+  bool exchanged_on_cpu() const {
+    return std::all_of(parameters_.begin(), parameters_.end(),
+                       [](const torch::Tensor& p) { return !exchanged(p) || p.device().is_cpu(); });
+  }
+
+  // What exchange_by_messages will send, for DataParallel's checked collectives: ranks that disagree (one froze a
+  // layer the others did not) would post messages that never pair, and wait the whole timeout.
+  std::string messages_shape() const {
+    std::int64_t count = 0, elements = 0;
+    for (const auto& p : parameters_) {
+      if (!exchanged(p) || p.numel() == 0) continue;
+      ++count;
+      elements += p.numel();
+    }
+    return std::to_string(count) + " parameters, " + std::to_string(elements) + " elements";
   }
 
   // The bytes of the exchange's buffers (for the benchmark's report).

@@ -7,14 +7,12 @@
 // on rank 0 is not a hang. Otherwise it reports which ranks are behind, at which step and phase, for how long, and,
 // for a peer on this machine, whether its process is stopped or gone (its step and phase then read from the
 // process's own memory, exact even when it is stopped); a store that does not answer is reported as such. The report
-// then ends the process. A peer whose collective failed (phase `failing`) is not hung either: it ends after a short
-// grace, and its end fails this rank's collective too, so the watchdog waits for that rather than end this rank
-// another way.
+// then ends the process. A peer whose collective failed (phase `failing`) is not hung either: it is ending, and its
+// end fails this rank's collective too, so the watchdog waits for that rather than end this rank another way.
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
 #include "../detail/host_name.hpp"
 #include "heartbeat.hpp"
-#include "silent_peers.hpp"
 
 #include <unistd.h>
 
@@ -76,13 +74,11 @@ bool finished_within(std::chrono::milliseconds timeout, Operation operation) {
 class Watchdog {
  public:
   // `on_hang(report)` is called once, from the watchdog's thread, when this rank has waited longer than `threshold`.
-  // `failure_grace`: how long a rank whose collective failed waits for the others to report it before it ends.
   Watchdog(c10::intrusive_ptr<c10d::Store> store, std::int64_t rank, std::int64_t world_size, Heartbeat& heartbeat,
            std::chrono::milliseconds threshold, std::function<void(const std::string&)> on_hang,
-           std::chrono::milliseconds interval = std::chrono::seconds(1),
-           std::chrono::milliseconds failure_grace = kFailureReportGrace)
+           std::chrono::milliseconds interval = std::chrono::seconds(1))
       : store_(std::move(store)), rank_(rank), world_size_(world_size), heartbeat_(heartbeat), threshold_(threshold),
-        interval_(interval), failure_grace_(failure_grace), on_hang_(std::move(on_hang)), host_(known_host()), pid_namespace_(own_pid_namespace()), thread_([this] { run(); }) {
+        interval_(interval), on_hang_(std::move(on_hang)), host_(known_host()), pid_namespace_(own_pid_namespace()), thread_([this] { run(); }) {
   }
   ~Watchdog() {
     {
@@ -97,6 +93,16 @@ class Watchdog {
 
   std::chrono::milliseconds threshold() const { return threshold_; }
   std::chrono::milliseconds interval() const { return interval_; }
+
+  // Publishes the heartbeat now rather than at the next interval: a rank whose collective failed says so at once,
+  // so that the watchdogs of peers on other machines, which read the store's copy, wait for it too.
+  void publish_now() {
+    {
+      std::lock_guard lock(mutex_);
+      publish_now_ = true;
+    }
+    wake_.notify_all();
+  }
 
  private:
   // The report as it would be made now (on the watchdog's thread: it keeps what it has seen of each peer).
@@ -131,9 +137,13 @@ class Watchdog {
     }
     // Working on something of its own (a save, an evaluation, a long forward): not hung, and not waiting on others;
     // but not forever: one in the same phase for longer than `patience` is stuck (a dead disk, a deadlocked loader).
+    // One that is failing is not busy: it is ending (failing()).
     bool busy(std::int64_t patience_ms) const {
-      return !silent() && phase != Phase::idle && !waits_on_peers(phase) && phase_ms < patience_ms;
+      return !silent() && phase != Phase::idle && phase != Phase::failing && !waits_on_peers(phase) &&
+             phase_ms < patience_ms;
     }
+    // Its collective failed, and it is alive: it is ending, and its end will fail this rank's wait too.
+    bool failing() const { return !silent() && phase == Phase::failing; }
   };
 
   // One peer as it is now: its store copy (a bounded read), and for a peer on this machine its heartbeat read from
@@ -209,12 +219,6 @@ class Watchdog {
   // How long a busy peer is waited for in one phase: five thresholds.
   std::int64_t busy_patience_ms() const { return 5 * threshold_.count(); }
 
-  // How long this rank waits once a peer was seen failing: that peer's grace, then a threshold for its end to fail
-  // this rank's collective (and at least as long as a busy peer).
-  std::int64_t failure_patience_ms() const {
-    return std::max(busy_patience_ms(), failure_grace_.count() + threshold_.count());
-  }
-
   // How long a store operation may take before the store counts as out of reach.
   std::chrono::milliseconds store_wait() const { return std::max<std::chrono::milliseconds>(2 * interval_, std::chrono::milliseconds(500)); }
 
@@ -248,25 +252,42 @@ class Watchdog {
       }
       out << ")";
     }
+    if (failing_peer_ >= 0) {
+      out << "; rank " << failing_peer_ << ", whose collective failed, was waited for until "
+          << (steady_ms() - failing_alive_ms_) / 1000.0 << " s ago";
+    }
     return out.str();
   }
 
   // Whether some peer is busy (a long save on rank 0, say) and none is silent: then this rank waits for it rather
   // than ending a healthy run. The peer found busy last time is looked at first, so a long wait costs one store
-  // read per interval. A peer seen failing, even beside a silent one (the rank that died, which it found first),
-  // means the failure is on its way here: waited for, from then on, for failure_patience_ms() (by then that peer may
-  // be gone, and its end is what fails this rank's wait).
+  // read per interval. A peer that is failing, even beside a silent one (the rank that died, which it found first),
+  // means the failure is on its way here: waited for as long as it is alive (however long its end takes: a grace to
+  // name the silent ranks, a background save to finish; the collective's timeout still bounds it), and for one
+  // threshold after it was last seen so, for its end to fail this rank's wait.
   bool peer_is_busy() {
     store_unreachable_ = false;
-    if (failure_seen_ms_ >= 0) return steady_ms() - failure_seen_ms_ < failure_patience_ms();
+    if (failing_peer_ >= 0) {
+      const auto peer = read_peer(failing_peer_);
+      if (peer.failing()) {
+        failing_alive_ms_ = steady_ms();
+        return true;
+      }
+      if (!peer.silent()) {
+        failing_peer_ = -1;  // alive and no longer failing (it started a new run): a peer like the others
+      } else if (steady_ms() - failing_alive_ms_ < threshold_.count()) {
+        return true;
+      }
+    }
     if (busy_peer_ >= 0 && read_peer(busy_peer_).busy(busy_patience_ms())) return true;
     busy_peer_ = -1;
     bool some_silent = false;
     for (std::int64_t r = 0; r < world_size_; ++r) {
       if (r == rank_) continue;
       const auto peer = read_peer(r);
-      if (peer.phase == Phase::failing && !peer.silent()) {
-        failure_seen_ms_ = steady_ms();
+      if (peer.failing()) {
+        failing_peer_ = r;
+        failing_alive_ms_ = steady_ms();
         return true;
       }
       if (peer.silent()) {
@@ -316,7 +337,10 @@ class Watchdog {
     } catch (const std::exception&) {
     }
     std::unique_lock lock(mutex_);
-    while (!wake_.wait_for(lock, interval_, [this] { return stop_; })) {
+    while (true) {
+      wake_.wait_for(lock, interval_, [this] { return stop_ || publish_now_; });
+      if (stop_) break;
+      publish_now_ = false;
       lock.unlock();
       try {
         publish();
@@ -357,13 +381,13 @@ class Watchdog {
   Heartbeat& heartbeat_;
   std::chrono::milliseconds threshold_;
   std::chrono::milliseconds interval_;
-  std::chrono::milliseconds failure_grace_;
   std::function<void(const std::string&)> on_hang_;
   std::string host_;           // read once: the name a peer compares with its own
   std::string pid_namespace_;  // and its PID namespace: the same host name in another container is not "here"
   bool reported_ = false;
   std::int64_t busy_peer_ = -1;
-  std::int64_t failure_seen_ms_ = -1;  // steady_ms() when a peer was first seen failing; -1: none was
+  std::int64_t failing_peer_ = -1;     // a peer seen failing (peer_is_busy), or -1
+  std::int64_t failing_alive_ms_ = 0;  // steady_ms() when it was last seen failing and alive
   std::map<std::int64_t, Seen> seen_;  // each peer's store copy as last read, and when it last changed
   std::map<std::int64_t, Known> known_;
   bool all_known_ = false;
@@ -372,6 +396,7 @@ class Watchdog {
   std::mutex mutex_;
   std::condition_variable wake_;
   bool stop_ = false;
+  bool publish_now_ = false;
   std::thread thread_;  // last: it starts once every member above exists
 };
 

@@ -86,7 +86,8 @@ struct DataParallelOptions {
   // parameters, then the ranks exchange the updated parameters; the weights are those of unsharded training. A no-op
   // in one process. ACCELERATED_SHARD_OPTIMIZER=1 turns it on from outside.
   bool shard_optimizer_state = distributed::shard_optimizer_state_from_env();
-  // The size of each all-gather of that exchange (N + 1 buffers of this size per device and dtype).
+  // The size of each all-gather of that exchange over shared memory and NCCL (N + 1 buffers of this size per device
+  // and dtype); over Gloo a CPU model's parameters travel as messages, with no buffers.
   std::int64_t shard_exchange_bucket_bytes = std::int64_t{4} << 20;
 #if ACCELERATED_HAS_GLOO
   distributed::GradientSyncOptions gradient_sync{};
@@ -192,7 +193,7 @@ class DataParallel {
             std::this_thread::sleep_for(2 * interval);
             std::_Exit(hang_exit_code);  // the training thread is blocked in the collective: only an exit ends it
           },
-          interval, std::min<std::chrono::milliseconds>(options_.timeout, distributed::kFailureReportGrace));
+          interval);
       joined->options = options_text();
       joined->check_collectives = options_.check_collectives;
       return joined;
@@ -243,6 +244,7 @@ class DataParallel {
 #if ACCELERATED_HAS_GLOO
     join();
     if (!membership_) return;
+    membership_->heartbeat.clear_failing();  // a run after a failure this process caught
     if (membership_->cuda_backend.empty() && (device_.is_cuda() || on_cuda(module))) {
       membership_->cuda_backend = guarded("creating the CUDA backend", [&] {
         return distributed::attach_cuda_backend(membership_->group, membership_->store, env_.rank, env_.world_size,
@@ -319,6 +321,23 @@ class DataParallel {
     distributed::PhaseScope phase(heartbeat(), distributed::Phase::exchange);
     const distributed::AtCallSite at(distributed::CallSite::shard_exchange);
     guarded("exchanging the updated parameters", [&] {
+      // Gloo carrying CPU tensors: messages from and into the parameters, no copies.
+      if (shard_->exchanged_on_cpu() && compat::backend_name(membership_->group, c10::DeviceType::CPU) == "gloo") {
+        check_collective("exchange", shard_->messages_shape());
+        using Tensors = std::vector<torch::Tensor>;
+        auto& group = *membership_->group;
+        shard_->exchange_by_messages(
+            [&](torch::Tensor& t, std::int64_t peer, std::int64_t tag) {
+              Tensors message{t};
+              return group.send(message, static_cast<int>(peer), static_cast<int>(tag));
+            },
+            [&](torch::Tensor& t, std::int64_t peer, std::int64_t tag) {
+              Tensors message{t};
+              return group.recv(message, static_cast<int>(peer), static_cast<int>(tag));
+            },
+            [&](const c10::intrusive_ptr<c10d::Work>& work) { work->wait(options_.timeout); });
+        return 0;
+      }
       shard_->exchange([&](torch::Tensor& send, std::vector<torch::Tensor>& receive) {
         check_collective("allgather", std::to_string(send.numel()) + " elements");
         std::vector<std::vector<torch::Tensor>> out{receive};
@@ -563,9 +582,10 @@ class DataParallel {
   std::string silent_peers() {
 #if ACCELERATED_HAS_GLOO
     if (!silent_peers_) {
-      // This rank is ending with the failure: its peers' watchdogs, which may wait behind it, see that and wait for
-      // the failure to reach them rather than report a hang (distributed/watchdog.hpp).
+      // This rank is ending with the failure: its peers' watchdogs, which may wait behind it, see that (at once:
+      // published now, not at the next interval) and wait for the failure to reach them rather than report a hang.
       if (auto* beat = heartbeat()) beat->set(distributed::Phase::failing);
+      if (membership_ && membership_->watchdog) membership_->watchdog->publish_now();
       const auto store_address = env_.master_addr.empty()
                                      ? std::string("(in-process)")
                                      : env_.master_addr + ":" + std::to_string(env_.master_port);
