@@ -3,8 +3,8 @@
 // relaxed atomics: a clock read and two stores per phase change. A watchdog thread publishes it to the group's store
 // once a second (key heartbeat/<rank>), and watches its own rank: when it has waited in a collective (or in backward,
 // where the gradients are averaged) longer than the threshold, it reads every rank's heartbeat. A peer that is busy
-// (in a save, an evaluation, a forward: any phase that does not wait on others) and alive is waited for: a long save
-// on rank 0 is not a hang. Otherwise it reports which ranks are behind, at which step and phase, for how long, and,
+// (in a save, an evaluation, a forward: a phase that does not wait on others, other than idle and failing) and alive
+// is waited for: a long save on rank 0 is not a hang. Otherwise it reports which ranks are behind, at which step and phase, for how long, and,
 // for a peer on this machine, whether its process is stopped or gone (its step and phase then read from the
 // process's own memory, exact even when it is stopped); a store that does not answer is reported as such. The report
 // then ends the process. A peer whose collective failed (phase `failing`) is not hung either: it is ending, and its

@@ -244,7 +244,9 @@ class DataParallel {
 #if ACCELERATED_HAS_GLOO
     join();
     if (!membership_) return;
-    membership_->heartbeat.clear_failing();  // a run after a failure this process caught
+    // A run after a failure this process caught: its phases count again, and a new failure is reported afresh.
+    membership_->heartbeat.clear_failing();
+    silent_peers_.reset();
     if (membership_->cuda_backend.empty() && (device_.is_cuda() || on_cuda(module))) {
       membership_->cuda_backend = guarded("creating the CUDA backend", [&] {
         return distributed::attach_cuda_backend(membership_->group, membership_->store, env_.rank, env_.world_size,
