@@ -180,8 +180,8 @@ class OptimizerShard {
   // The exchange as messages (DataParallel's way over Gloo): each owner sends each updated parameter to every other
   // rank straight from the parameter's memory, and each rank receives the others' straight into theirs; every message
   // is started, then every one waited for. No buffers and no copies (a parameter in another layout, channels-last,
-  // goes through a row-major copy): an all-gather over Gloo copies the data four times (into the bucket, into and out
-  // of c10d's flat buffer, back into the parameters). `send(tensor, peer, tag)` and `receive(tensor, peer, tag)`
+  // goes through a row-major copy), where exchange() copies into a bucket and back out of it and Gloo's all-gather
+  // through a buffer of its own. `send(tensor, peer, tag)` and `receive(tensor, peer, tag)`
   // start one message each and return a handle that `wait(handle)` finishes; a parameter's tag is its index in
   // param_groups order, so the messages pair whatever order the transport delivers them in.
   template <class Send, class Receive, class Wait>
@@ -193,7 +193,7 @@ class OptimizerShard {
     std::vector<std::pair<torch::Tensor, torch::Tensor>> received;  // (parameter, its row-major copy)
     for (std::size_t i = 0; i < parameters_.size(); ++i) {
       const auto& p = parameters_[i];
-      if (!exchanged(p) || p.numel() == 0) continue;
+      if (!sent_as_message(p)) continue;
       const auto tag = static_cast<std::int64_t>(i);
       auto data = p.detach();
       if (owns(i)) {
@@ -221,7 +221,7 @@ class OptimizerShard {
   std::string messages_shape() const {
     std::int64_t count = 0, elements = 0;
     for (const auto& p : parameters_) {
-      if (!exchanged(p) || p.numel() == 0) continue;
+      if (!sent_as_message(p)) continue;
       ++count;
       elements += p.numel();
     }
@@ -249,6 +249,8 @@ class OptimizerShard {
   // A parameter is exchanged when its owner may have changed it: it is trainable, or it still has a gradient (LibTorch
   // 1.13's zero_grad keeps a zero gradient on a parameter frozen mid-run, and momentum or weight decay then move it).
   static bool exchanged(const torch::Tensor& p) { return p.requires_grad() || p.grad().defined(); }
+  // What exchange_by_messages sends, and messages_shape describes: one predicate, so the two cannot disagree.
+  static bool sent_as_message(const torch::Tensor& p) { return exchanged(p) && p.numel() > 0; }
 
   bool layout_stale() const {
     if (trainable_.size() != parameters_.size()) return true;

@@ -4,10 +4,10 @@
 // once a second (key heartbeat/<rank>), and watches its own rank: when it has waited in a collective (or in backward,
 // where the gradients are averaged) longer than the threshold, it reads every rank's heartbeat. A peer that is busy
 // (in a save, an evaluation, a forward: a phase that does not wait on others, other than idle and failing) and alive
-// is waited for: a long save on rank 0 is not a hang. Otherwise it reports which ranks are behind, at which step and phase, for how long, and,
-// for a peer on this machine, whether its process is stopped or gone (its step and phase then read from the
-// process's own memory, exact even when it is stopped); a store that does not answer is reported as such. The report
-// then ends the process. A peer whose collective failed (phase `failing`) is not hung either: it is ending, and its
+// is waited for: a long save on rank 0 is not a hang. Otherwise it reports which ranks are behind, at which step and
+// phase, for how long, and, for a peer on this machine, whether its process is stopped or gone (its step and phase
+// then read from the process's own memory, exact even when it is stopped); a store that does not answer is reported
+// as such. The report then ends the process. A peer whose collective failed (phase `failing`) is not hung either: it is ending, and its
 // end fails this rank's collective too, so the watchdog waits for that rather than end this rank another way.
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
@@ -239,8 +239,10 @@ class Watchdog {
         out << "no heartbeat published";
         continue;
       }
-      const bool behind = peer.phase != Phase::failing &&  // one whose collective failed is where this rank is
-                          (peer.step < heartbeat_.step() || (peer.step == heartbeat_.step() && !waits_on_peers(peer.phase)));
+      // One whose collective failed is where this rank is, not behind it.
+      const bool behind = peer.phase != Phase::failing &&
+                          (peer.step < heartbeat_.step() ||
+                           (peer.step == heartbeat_.step() && !waits_on_peers(peer.phase)));
       out << (behind ? "behind, at " : "at ") << "update step " << peer.step << ", phase " << peer.phase_text
           << " for " << peer.phase_ms / 1000.0 << " s";
       if (peer.exact) {
