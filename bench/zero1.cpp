@@ -9,6 +9,7 @@
 
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 
+#include <cstdlib>
 #include <future>
 
 namespace nn = torch::nn;
@@ -27,11 +28,6 @@ nn::Sequential deep_mlp() {
   return model;
 }
 
-// One intra-op thread on the calling thread (a rank's). at::set_num_threads in main did not reach these threads'
-// matrix products, which OpenBLAS (OpenMP) ran on more than one thread each: 2 ranks on 2 cores spun for each other,
-// and forward took 30-38 ms a step sharded over Gloo and 9-10 ms unsharded, against 5 ms in both with this call.
-void one_thread_here() { at::set_num_threads(1); }
-
 struct Measured {
   double epoch_s = 0;
   std::int64_t state_bytes = 0;     // this rank's optimizer state
@@ -43,7 +39,6 @@ struct Measured {
 Measured one_rank(int rank, int world, c10::intrusive_ptr<c10d::Store> store, bool shard,
                   acc::distributed::Transport transport, const std::pair<torch::Tensor, torch::Tensor>& data,
                   int rounds) {
-  one_thread_here();
   auto model = deep_mlp();
   torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(1e-4));
   acc::Trainer<acc::Cpu, acc::FullPrecision, acc::DataParallel, acc::DefaultLoop, bench::EpochTimes> trainer(
@@ -87,7 +82,6 @@ std::pair<double, double> exchange_ms(int world, int reps) {
   std::vector<std::future<std::pair<double, double>>> ranks;
   for (int r = 0; r < world; ++r) {
     ranks.push_back(std::async(std::launch::async, [=] {
-      one_thread_here();
       auto model = deep_mlp();
       torch::optim::Adam optimizer(model->parameters());
       auto group = acc::distributed::make_process_group(store, r, world, std::chrono::seconds(60), "127.0.0.1",
@@ -140,7 +134,11 @@ int main(int argc, char** argv) {
   std::vector<int> worlds;
   for (int i = 2; i < argc; ++i) worlds.push_back(std::stoi(argv[i]));
   if (worlds.empty()) worlds = {2, 4};
-  one_thread_here();  // and on each rank's thread: the ranks are the parallelism
+  // One intra-op thread per rank: the ranks are the parallelism. Through the trainer's own setting, not
+  // at::set_num_threads(1): where LibTorch starts at 1 thread (here), that call cannot be told from no call, and the
+  // first trainer raised the count to the 2 cores; the ranks' matrix products then spun for each other on 2 cores,
+  // and forward took 30-38 ms a step sharded over Gloo against 9-10 ms unsharded (5 ms in both at one thread).
+  ::setenv("ACCELERATED_NUM_THREADS", "1", 1);
   for (const int world : worlds) {
     torch::manual_seed(1);
     const auto data = std::pair{torch::randn({16 * world * 6, 1024}), torch::randint(0, 10, {16 * world * 6})};

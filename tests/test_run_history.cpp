@@ -106,6 +106,37 @@ TEST_CASE("thread default (child: the user chose)", "[.threads_user_child]") {
   REQUIRE(at::get_num_threads() == 3);
 }
 
+TEST_CASE("thread default (child: ACCELERATED_NUM_THREADS=3)", "[.threads_env_child]") {
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1));
+  accelerated::Trainer<> trainer(model, torch::nn::MSELoss(), optimizer);
+  REQUIRE(at::get_num_threads() == 3);
+  int later = 0;  // a thread the program starts afterwards (a rank's, a sweep's) gets the count too
+  std::thread([&] { later = at::get_num_threads(); }).join();
+  REQUIRE(later == 3);
+}
+
+// The documented limit: a call that asks for the count LibTorch started with cannot be told from no call.
+TEST_CASE("thread default (child: set_num_threads to the starting count)", "[.threads_same_child]") {
+  at::set_num_threads(at::get_num_threads());
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1));
+  accelerated::Trainer<> trainer(model, torch::nn::MSELoss(), optimizer);
+  REQUIRE(at::get_num_threads() == accelerated::detail::available_cpus());
+}
+
+TEST_CASE("ACCELERATED_NUM_THREADS=n holds on the thread that builds the trainer and on threads started after it",
+          "[performance]") {
+  const int status = test::wait_for(test::spawn_self("[.threads_env_child]", {"ACCELERATED_NUM_THREADS=3", "OMP_NUM_THREADS="}));
+  CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+}
+
+TEST_CASE("a set_num_threads that asks for LibTorch's starting count is taken for no call: the default applies",
+          "[performance]") {
+  const int status = test::wait_for(test::spawn_self("[.threads_same_child]", {"ACCELERATED_NUM_THREADS=", "OMP_NUM_THREADS="}));
+  CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+}
+
 TEST_CASE("the thread default follows CPU affinity and keeps a set_num_threads the user made", "[performance]") {
   for (const char* tag : {"[.threads_affinity_child]", "[.threads_user_child]"}) {
     INFO(tag);

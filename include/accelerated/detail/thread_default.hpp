@@ -4,7 +4,9 @@
 // threads. Unless the user chose (OMP_NUM_THREADS; ACCELERATED_NUM_THREADS=n, 0 keeps LibTorch's choice; or a
 // torch::set_num_threads call before the first trainer), the trainer gives each local process its share of the
 // CPUs it may use, once per program: the CPUs of its affinity mask (taskset, cpusets), capped by a cgroup CPU quota
-// (containers) and by SLURM_CPUS_PER_TASK, divided by the local processes the launcher describes.
+// (containers) and by SLURM_CPUS_PER_TASK, divided by the local processes the launcher describes. A set_num_threads
+// call that asks for the count LibTorch started with cannot be told from none (nothing records the call): the
+// default applies then, and ACCELERATED_NUM_THREADS is the way to keep that count.
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
 #include <sched.h>
