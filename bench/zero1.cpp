@@ -134,11 +134,13 @@ int main(int argc, char** argv) {
   std::vector<int> worlds;
   for (int i = 2; i < argc; ++i) worlds.push_back(std::stoi(argv[i]));
   if (worlds.empty()) worlds = {2, 4};
-  // One intra-op thread per rank: the ranks are the parallelism. Through the trainer's own setting, not
-  // at::set_num_threads(1): where LibTorch starts at 1 thread (here), that call cannot be told from no call, and the
-  // first trainer raised the count to the 2 cores; the ranks' matrix products then spun for each other on 2 cores,
-  // and forward took 30-38 ms a step sharded over Gloo against 9-10 ms unsharded (5 ms in both at one thread).
+  // One intra-op thread per rank: the ranks are the parallelism. Through the trainer's own setting: where LibTorch
+  // starts at 1 thread (here), at::set_num_threads(1) alone cannot be told from no call, and the first trainer raised
+  // the count to the 2 cores; the ranks' matrix products then spun for each other, and forward took 30-38 ms a step
+  // sharded over Gloo against 9-10 ms unsharded (5 ms in both at one thread). at::set_num_threads(1) as well, for
+  // the ranks' threads, which run LibTorch ops (the model's init) before their trainer exists.
   ::setenv("ACCELERATED_NUM_THREADS", "1", 1);
+  at::set_num_threads(1);
   for (const int world : worlds) {
     torch::manual_seed(1);
     const auto data = std::pair{torch::randn({16 * world * 6, 1024}), torch::randint(0, 10, {16 * world * 6})};
