@@ -3,8 +3,8 @@
 #include <sched.h>
 
 #include <bit>
-#include <filesystem>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <thread>
 
@@ -69,12 +69,24 @@ TEST_CASE("run config serialises every field", "[run_config]") {
   CHECK_THAT(json, Catch::Contains(R"("mixed_precision":"no")"));
 }
 
-// Run in a child process of its own, so that no earlier test case has built a trainer yet.
-TEST_CASE("allocator tuning (child)", "[.allocator_child]") {
-  REQUIRE_FALSE(accelerated::detail::allocator_tuning_done());  // including the headers changed nothing
+namespace {
+// The program's first trainer, which applies the process-wide defaults (allocator tuning, thread count) when built.
+void build_first_trainer() {
   auto model = test::linear_model();
   torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1));
   accelerated::Trainer<> trainer(model, torch::nn::MSELoss(), optimizer);
+}
+
+// The count the trainer's default gives this process (its share of the CPUs it may use).
+int default_thread_count() {
+  return std::max(1, accelerated::detail::available_cpus() / std::max(1, accelerated::distributed::local_processes_or_one()));
+}
+}  // namespace
+
+// Run in a child process of its own, so that no earlier test case has built a trainer yet.
+TEST_CASE("allocator tuning (child)", "[.allocator_child]") {
+  REQUIRE_FALSE(accelerated::detail::allocator_tuning_done());  // including the headers changed nothing
+  build_first_trainer();
   REQUIRE(accelerated::detail::allocator_tuning_done());
 #if defined(__GLIBC__)
   REQUIRE(accelerated::allocator_tuning().applied);
@@ -94,32 +106,19 @@ TEST_CASE("thread default (child: affinity)", "[.threads_affinity_child]") {
   CPU_ZERO(&one);
   CPU_SET(0, &one);
   REQUIRE(::sched_setaffinity(0, sizeof one, &one) == 0);  // as `taskset -c 0` would
-  auto model = test::linear_model();
-  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1));
-  accelerated::Trainer<> trainer(model, torch::nn::MSELoss(), optimizer);
+  build_first_trainer();
   REQUIRE(at::get_num_threads() == 1);
 }
 
 TEST_CASE("thread default (child: the user chose)", "[.threads_user_child]") {
   at::set_num_threads(3);
-  auto model = test::linear_model();
-  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1));
-  accelerated::Trainer<> trainer(model, torch::nn::MSELoss(), optimizer);
+  build_first_trainer();
   REQUIRE(at::get_num_threads() == 3);
 }
 
-namespace {
-// The count the trainer's default gives this process (its share of the CPUs it may use).
-int default_thread_count() {
-  return std::max(1, accelerated::detail::available_cpus() / std::max(1, accelerated::distributed::local_processes_or_one()));
-}
-}  // namespace
-
 TEST_CASE("thread default (child: ACCELERATED_NUM_THREADS=n)", "[.threads_env_child]") {
   const int n = std::stoi(std::getenv("ACCELERATED_NUM_THREADS"));  // neither LibTorch's count nor the default
-  auto model = test::linear_model();
-  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1));
-  accelerated::Trainer<> trainer(model, torch::nn::MSELoss(), optimizer);
+  build_first_trainer();
   REQUIRE(at::get_num_threads() == n);
   int later = 0;  // a thread the program starts afterwards (a rank's, a sweep's) gets the count too
   std::thread([&] { later = at::get_num_threads(); }).join();
@@ -129,9 +128,7 @@ TEST_CASE("thread default (child: ACCELERATED_NUM_THREADS=n)", "[.threads_env_ch
 // The documented limit: a call that asks for the count LibTorch started with cannot be told from no call.
 TEST_CASE("thread default (child: set_num_threads to the starting count)", "[.threads_same_child]") {
   at::set_num_threads(at::get_num_threads());
-  auto model = test::linear_model();
-  torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.1));
-  accelerated::Trainer<> trainer(model, torch::nn::MSELoss(), optimizer);
+  build_first_trainer();
   REQUIRE(at::get_num_threads() == default_thread_count());
 }
 

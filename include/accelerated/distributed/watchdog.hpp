@@ -7,8 +7,9 @@
 // is waited for: a long save on rank 0 is not a hang. Otherwise it reports which ranks are behind, at which step and
 // phase, for how long, and, for a peer on this machine, whether its process is stopped or gone (its step and phase
 // then read from the process's own memory, exact even when it is stopped); a store that does not answer is reported
-// as such. The report then ends the process. A peer whose collective failed (phase `failing`) is not hung either: it is ending, and its
-// end fails this rank's collective too, so the watchdog waits for that rather than end this rank another way.
+// as such. The report then ends the process. A peer whose collective failed (phase `failing`) is not hung either:
+// it is ending, and its end fails this rank's collective too, so the watchdog waits for that rather than end this
+// rank another way.
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
 #include "../detail/host_name.hpp"
