@@ -1,7 +1,7 @@
 // Activation checkpointing on a model whose activations dominate its memory: a deep MLP (48 layers of Linear + ReLU,
 // in blocks of 4, the blocks in a Sequential) at a large batch. The same training steps run plain and with
-// TrainOptions::activation_checkpointing naming every block but the last (no change to the model), in one process,
-// alternating.
+// TrainOptions::activation_checkpointing naming the first K blocks (by default every block but the last; no change to
+// the model), in one process, alternating.
 //   activation_memory_ratio     the peak of tensor memory a training step adds on top of what the model, gradients
 //                               and optimizer hold, checkpointed / plain: counted by a CPU allocator that wraps
 //                               LibTorch's (what CUDA's max_memory_allocated counts on a GPU), so malloc's caching
@@ -15,6 +15,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <optional>
 
 #include "common.hpp"
 
@@ -133,7 +134,8 @@ std::pair<double, double> run(std::int64_t checkpointed_blocks, std::int64_t ste
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::int64_t steps = 6, batch = 2048, width = 256, depth = 48, per_block = 4, checkpointed_blocks = -1;
+  std::int64_t steps = 6, batch = 2048, width = 256, depth = 48, per_block = 4;
+  std::optional<std::int64_t> checkpointed_blocks;  // default: every block but the last
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     if (flag == "--steps") steps = std::stoll(argv[i + 1]);
@@ -143,10 +145,15 @@ int main(int argc, char** argv) {
     if (flag == "--per-block") per_block = std::stoll(argv[i + 1]);
     if (flag == "--checkpointed-blocks") checkpointed_blocks = std::stoll(argv[i + 1]);
   }
+  if (per_block < 1 || depth < per_block) {
+    std::cerr << "bench_activation_checkpoint: --depth " << depth << " and --per-block " << per_block
+              << " make no block\n";
+    return 2;
+  }
   const auto blocks = depth / per_block;
-  if (checkpointed_blocks < 0) checkpointed_blocks = blocks - 1;
-  if (blocks < 1 || checkpointed_blocks > blocks) {
-    std::cerr << "bench_activation_checkpoint: --checkpointed-blocks " << checkpointed_blocks << " with " << blocks
+  if (!checkpointed_blocks) checkpointed_blocks = blocks - 1;
+  if (*checkpointed_blocks < 0 || *checkpointed_blocks > blocks) {
+    std::cerr << "bench_activation_checkpoint: --checkpointed-blocks " << *checkpointed_blocks << " with " << blocks
               << " blocks (--depth " << depth << " / --per-block " << per_block << ")\n";
     return 2;
   }
@@ -156,7 +163,7 @@ int main(int argc, char** argv) {
   // leaves one slow round out (a cold start's first round was the one over the goal).
   for (int round = 0; round < 3; ++round) {
     const auto [pm, ps] = run(0, steps, batch, width, depth, per_block);
-    const auto [cm, cs] = run(checkpointed_blocks, steps, batch, width, depth, per_block);
+    const auto [cm, cs] = run(*checkpointed_blocks, steps, batch, width, depth, per_block);
     plain_mb.push_back(pm);
     plain_s.push_back(ps);
     checkpointed_mb.push_back(cm);
@@ -165,7 +172,7 @@ int main(int argc, char** argv) {
   const double activation_mb = (batch * width * 4.0 * depth) / (1024.0 * 1024.0);  // one tensor per layer
   std::cout << "{\"benchmark\": \"activation_checkpoint\", \"batch\": " << batch << ", \"width\": " << width
             << ", \"depth\": " << depth << ", \"layers_per_block\": " << per_block
-            << ", \"checkpointed_blocks\": " << checkpointed_blocks << ", \"steps\": " << steps
+            << ", \"checkpointed_blocks\": " << *checkpointed_blocks << ", \"steps\": " << steps
             << ", \"activations_mb_estimate\": " << activation_mb
             << ", \"plain_step_added_mb\": " << bench::median(plain_mb)
             << ", \"checkpointed_step_added_mb\": " << bench::median(checkpointed_mb)

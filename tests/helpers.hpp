@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -22,6 +23,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <string_view>
 
 namespace test {
 
@@ -159,11 +161,17 @@ inline std::filesystem::path fresh_dir(const std::string& name) {
   return dir;
 }
 
-// Starts this test program again, running the hidden test cases tagged `tag`, with `env` added to the environment;
-// with `log`, its stdout and stderr go to that file.
+// Starts this test program again, running the hidden test cases tagged `tag`, with `env` added to the environment
+// (each NAME=value replacing this process's NAME, not shadowing it: a reader that takes the last of two, as some
+// runtimes do, must not see the parent's); with `log`, its stdout and stderr go to that file.
 inline pid_t spawn_self(const std::string& tag, const std::vector<std::string>& env, const std::string& log = "") {
   std::vector<std::string> storage(env);
-  for (char** e = environ; *e; ++e) storage.emplace_back(*e);
+  auto name_of = [](std::string_view entry) { return entry.substr(0, entry.find('=')); };
+  for (char** e = environ; *e; ++e) {
+    const bool replaced = std::any_of(env.begin(), env.end(),
+                                      [&](const std::string& given) { return name_of(given) == name_of(*e); });
+    if (!replaced) storage.emplace_back(*e);
+  }
   std::vector<char*> envp;
   for (auto& s : storage) envp.push_back(s.data());
   envp.push_back(nullptr);

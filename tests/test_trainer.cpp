@@ -19,7 +19,7 @@ struct RecordEvents {
     if (t.run_history().current_epoch() == stop_at_epoch) throw acc::StopTrainingError("early stop");
   }
   void operator()(acc::on_train_epoch_end, auto&) { log->push_back("on_train_epoch_end"); }
-  void operator()(acc::on_eval_epoch_start, auto&, bool intermediate) { log->push_back(std::string("on_eval_epoch_start ") + (intermediate ? "1" : "0")); }
+  void operator()(acc::on_eval_epoch_start, auto&, bool intermediate) { log->push_back(intermediate ? "on_eval_epoch_start 1" : "on_eval_epoch_start 0"); }
   void operator()(acc::on_eval_step_start, auto&) { log->push_back("on_eval_step_start"); }
   void operator()(acc::on_eval_step_end, auto&, const auto&, const auto&) { log->push_back("on_eval_step_end"); }
   void operator()(acc::on_eval_epoch_end, auto&, bool) { log->push_back("on_eval_epoch_end"); }
