@@ -7,6 +7,8 @@
 #include <signal.h>
 #include <sys/resource.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -16,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -159,6 +162,34 @@ inline std::filesystem::path fresh_dir(const std::string& name) {
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
   return dir;
+}
+
+// A TCP port for a test's rendezvous store (MASTER_PORT). Below the kernel's ephemeral range, so that no outgoing
+// connection takes it while the ranks start (a socket of an earlier attempt's ranks lingering in TIME_WAIT on a random
+// port once failed the chaos test with "Address already in use"), and free now: a socket binds to it without
+// SO_REUSEADDR, which a lingering one would refuse.
+inline int free_port() {
+  int ephemeral_low = 32768;
+  std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> ephemeral_low;
+  const int first = 20000, last = std::max(first + 1000, ephemeral_low);
+  auto bindable = [](int port) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) return false;
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_ANY);
+    address.sin_port = htons(static_cast<std::uint16_t>(port));
+    const bool bound = ::bind(fd, reinterpret_cast<const sockaddr*>(&address), sizeof address) == 0;
+    ::close(fd);
+    return bound;
+  };
+  std::random_device random;
+  for (int attempt = 0; attempt < 1000; ++attempt) {
+    const int port = first + static_cast<int>(random() % static_cast<unsigned>(last - first));
+    if (bindable(port)) return port;
+  }
+  FAIL("no free TCP port between " << first << " and " << last);
+  return 0;
 }
 
 // Starts this test program again, running the hidden test cases tagged `tag`, with `env` added to the environment

@@ -14,7 +14,7 @@ program=$1 min=$2
 shift 2
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-port=$((20000 + RANDOM % 20000))
+port=$((20000 + RANDOM % 12000))  # below the ephemeral range (32768-)
 if [[ $launcher == torchrun ]]; then
   why=$("$(dirname "$0")/torchrun_can_start.sh")
   case $? in

@@ -40,7 +40,7 @@ chmod 400 "$dir/munge.key"
 munged --force --socket="$dir/munge.socket" --key-file="$dir/munge.key" --log-file="$dir/munged.log" \
   --pid-file="$dir/munged.pid" --seed-file="$dir/munged.seed" ||
   skip "munged does not start: $(tail -n 2 "$dir/munged.log" 2>/dev/null)"
-port=$((21000 + RANDOM % 20000))
+port=$((20000 + RANDOM % 11000))  # with the +2..1001 below, under the ephemeral range (32768-)
 cat >"$SLURM_CONF" <<EOF
 ClusterName=accelerated
 SlurmctldHost=localhost(127.0.0.1)

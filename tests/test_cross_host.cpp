@@ -122,7 +122,7 @@ std::vector<Outcome> run(const TwoHosts& hosts, const std::vector<int>& hosts_of
                          const std::vector<int>& ranks_with_own_shm = {}) {
   const auto world = static_cast<int>(hosts_of_ranks.size());
   const auto dir = test::fresh_dir("cross_host");
-  const auto port = std::to_string(20000 + std::random_device{}() % 20000);
+  const auto port = std::to_string(test::free_port());
   std::map<int, int> local_counts;
   std::vector<pid_t> pids;
   for (int rank = 0; rank < world; ++rank) {

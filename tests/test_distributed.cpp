@@ -917,7 +917,7 @@ TEST_CASE("a rank killed mid-run ends the other process with an error at once", 
   const std::string transport = GENERATE("shared_memory", "gloo");
   INFO("transport: " << transport);
   const auto dir = test::fresh_dir("dp_kill_" + transport);
-  const auto port = std::to_string(20000 + std::random_device{}() % 20000);
+  const auto port = std::to_string(test::free_port());
   const auto start = std::chrono::steady_clock::now();
   std::vector<pid_t> pids;
   for (int rank = 0; rank < 2; ++rank) {
@@ -967,7 +967,7 @@ TEST_CASE("two-trainers worker", "[.two_trainers_worker]") {
 
 TEST_CASE("two trainers in one process under a launcher share one process group", "[distributed]") {
   const auto dir = test::fresh_dir("two_trainers");
-  const auto port = std::to_string(20000 + std::random_device{}() % 20000);
+  const auto port = std::to_string(test::free_port());
   std::vector<pid_t> pids;
   for (int rank = 0; rank < 2; ++rank) {
     pids.push_back(test::spawn_self(
@@ -1039,7 +1039,7 @@ TEST_CASE("torchrun restarts a preempted run and it ends bit-identical to an uni
   const auto reference = base / "reference";
   std::filesystem::create_directories(reference);
   {
-    const auto port = std::to_string(20000 + std::random_device{}() % 20000);
+    const auto port = std::to_string(test::free_port());
     std::vector<pid_t> pids;
     for (int rank = 0; rank < 2; ++rank) {
       pids.push_back(test::spawn_self("[.preempt_worker]", {"RANK=" + std::to_string(rank), "WORLD_SIZE=2",
@@ -1051,7 +1051,7 @@ TEST_CASE("torchrun restarts a preempted run and it ends bit-identical to an uni
   // The same run under torchrun --max-restarts 1; rank 1 gets a SIGTERM once it has passed update 20.
   const auto dir = base / "preempted";
   std::filesystem::create_directories(dir);
-  const auto port = std::to_string(20000 + std::random_device{}() % 20000);
+  const auto port = std::to_string(test::free_port());
   // -r 1 -t 1: the workaround for Debian 1.13's torchrun on Python 3.11 (see tests/run_two_ranks.sh).
   const auto command = "(ACCELERATED_TEST_DIR='" + dir.string() +
                        "' timeout 300 torchrun --no_python --nproc_per_node 2 --max_restarts 1 --master_addr 127.0.0.1 "
@@ -1127,7 +1127,7 @@ TEST_CASE("a stopped rank is named, with its step and phase, by the others' watc
   const int stopped_rank = GENERATE(2, 0);
   INFO("transport: " << transport << ", rank " << stopped_rank << " stopped");
   const auto dir = test::fresh_dir("watchdog_" + transport);
-  const auto port = std::to_string(20000 + std::random_device{}() % 20000);
+  const auto port = std::to_string(test::free_port());
   std::vector<pid_t> pids;
   for (int rank = 0; rank < 3; ++rank) {
     pids.push_back(test::spawn_self(

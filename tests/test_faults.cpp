@@ -578,7 +578,7 @@ TEST_CASE("a rank whose collective failed publishes its heartbeat at once, for p
 
 TEST_CASE("the watchdog waits for a peer that is busy saving, three times its threshold", "[distributed][faults][watchdog]") {
   const auto dir = test::fresh_dir("slow_save");
-  const auto port = std::to_string(20000 + std::random_device{}() % 20000);
+  const auto port = std::to_string(test::free_port());
   std::vector<pid_t> pids;
   for (int rank = 0; rank < 2; ++rank) {
     pids.push_back(test::spawn_self(
@@ -722,7 +722,7 @@ TEST_CASE("faults together: one seeded fault per run keeps every invariant", "[f
   // One attempt of a run: every rank started, `act(pids)` does what the test does to them, every rank waited for.
   auto attempt = [&](const fs::path& dir, int world, const std::string& transport, int number,
                      const std::vector<std::string>& fault_env, auto act) {
-    const auto port = std::to_string(20000 + std::random_device{}() % 20000);
+    const auto port = std::to_string(test::free_port());
     std::vector<pid_t> pids;
     for (int r = 0; r < world; ++r) {
       std::vector<std::string> env{"RANK=" + std::to_string(r), "WORLD_SIZE=" + std::to_string(world),
