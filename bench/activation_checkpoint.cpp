@@ -15,6 +15,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <map>
 #include <optional>
 
 #include "common.hpp"
@@ -136,14 +137,28 @@ std::pair<double, double> run(std::int64_t checkpointed_blocks, std::int64_t ste
 int main(int argc, char** argv) {
   std::int64_t steps = 6, batch = 2048, width = 256, depth = 48, per_block = 4;
   std::optional<std::int64_t> checkpointed_blocks;  // default: every block but the last
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string flag = argv[i];
-    if (flag == "--steps") steps = std::stoll(argv[i + 1]);
-    if (flag == "--batch") batch = std::stoll(argv[i + 1]);
-    if (flag == "--width") width = std::stoll(argv[i + 1]);
-    if (flag == "--depth") depth = std::stoll(argv[i + 1]);
-    if (flag == "--per-block") per_block = std::stoll(argv[i + 1]);
-    if (flag == "--checkpointed-blocks") checkpointed_blocks = std::stoll(argv[i + 1]);
+  const std::map<std::string, std::int64_t*> flags{{"--steps", &steps}, {"--batch", &batch}, {"--width", &width},
+                                                   {"--depth", &depth}, {"--per-block", &per_block}};
+  for (int i = 1; i < argc; i += 2) {
+    const std::string flag = argv[i], value = i + 1 < argc ? argv[i + 1] : "";
+    std::int64_t number = 0;
+    std::size_t used = 0;
+    try {
+      number = std::stoll(value, &used);
+    } catch (const std::exception&) {
+    }
+    const bool known = flags.count(flag) || flag == "--checkpointed-blocks";
+    if (!known || value.empty() || used != value.size()) {
+      std::cerr << "bench_activation_checkpoint: " << (known ? "no whole number after " + flag + ": '" + value + "'"
+                                                             : "unknown argument '" + flag + "'")
+                << "\n";
+      return 2;
+    }
+    if (flag == "--checkpointed-blocks") {
+      checkpointed_blocks = number;
+    } else {
+      *flags.at(flag) = number;
+    }
   }
   if (per_block < 1 || depth < per_block) {
     std::cerr << "bench_activation_checkpoint: --depth " << depth << " and --per-block " << per_block

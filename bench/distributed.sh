@@ -14,7 +14,7 @@ for workload in w1 w2; do
   one_thread=$(ACCELERATED_NUM_THREADS=1 "$bin" "$workload" | tail -n 1)
   echo "$one_thread"
   two_processes() {  # $1: the transport (shared_memory: what ranks on one machine use by default; gloo); $2: variant
-    local port=$((20000 + RANDOM % 20000)) out
+    local port=$((20000 + RANDOM % 12000)) out  # below the ephemeral range (32768-)
     out=$(mktemp)
     for r in 0 1; do
       ACCELERATED_TRANSPORT=$1 RANK=$r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port timeout 1200 \

@@ -164,14 +164,19 @@ inline std::filesystem::path fresh_dir(const std::string& name) {
   return dir;
 }
 
-// A TCP port for a test's rendezvous store (MASTER_PORT). Below the kernel's ephemeral range, so that no outgoing
-// connection takes it while the ranks start (a socket of an earlier attempt's ranks lingering in TIME_WAIT on a random
-// port once failed the chaos test with "Address already in use"), and free now: a socket binds to it without
-// SO_REUSEADDR, which a lingering one would refuse.
+// A TCP port for a test's rendezvous store (MASTER_PORT). Outside the kernel's ephemeral range, so that no outgoing
+// connection takes it as its local port while the ranks start (a random port in that range once failed the chaos
+// test: "Address already in use", most likely a connection of the earlier attempt's ranks), and free now: a socket
+// binds to it without SO_REUSEADDR, which any socket on that port, a lingering one included, refuses.
 inline int free_port() {
-  int ephemeral_low = 32768;
-  std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> ephemeral_low;
-  const int first = 20000, last = std::max(first + 1000, ephemeral_low);
+  int ephemeral_low = 32768, ephemeral_high = 60999;
+  std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> ephemeral_low >> ephemeral_high;
+  // Below the range where it leaves room (the usual 32768-60999), else above it, else 20000-20999 and the bind check.
+  int first = 20000, last = std::max(first + 1000, ephemeral_low);
+  if (ephemeral_low < first + 1000 && ephemeral_high + 1000 < 65536) {
+    first = ephemeral_high + 1;
+    last = 65536;
+  }
   auto bindable = [](int port) {
     const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
     if (fd < 0) return false;

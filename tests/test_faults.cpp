@@ -598,6 +598,81 @@ TEST_CASE("the watchdog waits for a peer that is busy saving, three times its th
   fs::remove_all(dir);
 }
 
+// ---- a peer killed while rank 0 writes in the background ----------------------------------------------------------
+namespace {
+// At the end of update `at`, a background save whose write ends 6 s later: `when_written`, which runs on rank 0's
+// writer thread once the file is complete, sleeps, then leaves a mark. 6 s outlasts the 5 s a rank whose collective
+// failed waits for its peers' reports before train() throws.
+struct SaveSlowlyAt {
+  fs::path dir;
+  std::int64_t at;
+  void operator()(acc::on_update_step_end, auto& trainer) {
+    if (trainer.state().update_step != at) return;
+    trainer.save_training_state_async(dir / "state.pt", {}, [dir = dir] {
+      std::this_thread::sleep_for(6s);
+      std::ofstream(dir / "written") << "written\n";
+    });
+  }
+};
+
+// Kills its own process at the end of update `at` on rank `rank` (after the save point there).
+struct KillSelfAt {
+  int rank;
+  std::int64_t at;
+  void operator()(acc::on_update_step_end, auto& trainer) {
+    if (trainer.distributed().rank() == rank && trainer.state().update_step == at) ::raise(SIGKILL);
+  }
+};
+}  // namespace
+
+TEST_CASE("peer killed during a background write (worker)", "[.peer_killed_during_write_worker]") {
+  const fs::path dir = std::getenv("ACCELERATED_TEST_DIR");
+  auto model = test::linear_model();
+  torch::optim::SGD optimizer(model->parameters(), 0.01);
+  acc::Trainer<acc::Cpu, acc::FullPrecision, acc::DataParallel, acc::DefaultLoop, SaveSlowlyAt, KillSelfAt> trainer(
+      model, torch::nn::MSELoss(), optimizer, SaveSlowlyAt{dir, 4}, KillSelfAt{1, 4});
+  std::ofstream out(dir / ("out_" + std::string(std::getenv("RANK"))));
+  trainer.set_output(out);
+  int code = 0;
+  std::string message = "finished";
+  try {
+    trainer.train(test::regression_data(64, 5), {.num_epochs = 1, .per_device_batch_size = 4});  // 8 updates a rank
+  } catch (const std::exception& error) {
+    code = acc::exit_code_for(error);
+    message = error.what();
+  }
+  std::ofstream(dir / ("message_" + std::string(std::getenv("RANK")))) << message;
+  out.close();
+  std::_Exit(code);  // as a launcher's worker may end: no destructor runs, so only train() can have finished the write
+}
+
+// Rank 1 is killed right after a save point; rank 0's next all-reduce fails, and its train() ends by that error while
+// the background write is still going. It waits for the write before it throws, so the state is whole and its
+// `when_written` has run (which moves `latest` in SaveTrainingState).
+TEST_CASE("a rank 0 whose peer is killed finishes its background write before train() ends",
+          "[distributed][faults][async_save]") {
+  const auto dir = test::fresh_dir("peer_killed_during_write");
+  const auto port = std::to_string(test::free_port());
+  std::vector<pid_t> pids;
+  for (int rank = 0; rank < 2; ++rank) {
+    pids.push_back(test::spawn_self(
+        "[.peer_killed_during_write_worker]",
+        {"RANK=" + std::to_string(rank), "WORLD_SIZE=2", "LOCAL_RANK=" + std::to_string(rank), "LOCAL_WORLD_SIZE=2",
+         "MASTER_ADDR=127.0.0.1", "MASTER_PORT=" + port, "ACCELERATED_TRANSPORT=gloo",
+         "ACCELERATED_TIMEOUT_SECONDS=60", "ACCELERATED_TEST_DIR=" + dir.string()},
+        (dir / ("log_" + std::to_string(rank))).string()));
+  }
+  const int survivor = test::wait_for(pids[0], 90s), killed = test::wait_for(pids[1], 90s);
+  const auto printed = read_text(dir / "log_0") + read_text(dir / "out_0") + read_text(dir / "message_0");
+  INFO("rank 0 printed: " << printed);
+  CHECK((WIFSIGNALED(killed) && WTERMSIG(killed) == SIGKILL));
+  CHECK((WIFEXITED(survivor) && WEXITSTATUS(survivor) != 0));
+  CHECK_THAT(printed, Catch::Contains("rank 1"));
+  CHECK(read_text(dir / "written") == "written\n");
+  CHECK_NOTHROW(acc::detail::read_archive_file(dir / "state.pt", "the test", torch::kCPU));  // whole
+  fs::remove_all(dir);
+}
+
 // ---- the faults together: one seeded fault per run, invariants checked after each ---------------------------------
 // A run is 2 or 3 ranks as processes (shared memory or Gloo), training states every 4 updates keeping 3 (written at
 // once or in the background), preemption and the watchdog on (threshold 2 s), and one fault chosen by the run's seed. ACCELERATED_FAULT_RUNS sets the number
