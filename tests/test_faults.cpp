@@ -49,6 +49,22 @@ std::string read_text(const fs::path& path) {
   return {std::istreambuf_iterator<char>(in), {}};
 }
 
+// Starts `world` ranks of this program's hidden test case `tag` on this machine, as a launcher would (a free port),
+// with `env` added; rank r's output goes to dir/log_<r>.
+std::vector<pid_t> spawn_ranks(const std::string& tag, int world, const fs::path& dir,
+                               const std::vector<std::string>& env) {
+  const auto port = std::to_string(test::free_port());
+  std::vector<pid_t> pids;
+  for (int rank = 0; rank < world; ++rank) {
+    std::vector<std::string> all{"RANK=" + std::to_string(rank),       "WORLD_SIZE=" + std::to_string(world),
+                                 "LOCAL_RANK=" + std::to_string(rank), "LOCAL_WORLD_SIZE=" + std::to_string(world),
+                                 "MASTER_ADDR=127.0.0.1",              "MASTER_PORT=" + port};
+    all.insert(all.end(), env.begin(), env.end());
+    pids.push_back(test::spawn_self(tag, all, (dir / ("log_" + std::to_string(rank))).string()));
+  }
+  return pids;
+}
+
 }  // namespace
 
 // ---- ranks resume together ------------------------------------------------------------------------------------
@@ -578,16 +594,9 @@ TEST_CASE("a rank whose collective failed publishes its heartbeat at once, for p
 
 TEST_CASE("the watchdog waits for a peer that is busy saving, three times its threshold", "[distributed][faults][watchdog]") {
   const auto dir = test::fresh_dir("slow_save");
-  const auto port = std::to_string(test::free_port());
-  std::vector<pid_t> pids;
-  for (int rank = 0; rank < 2; ++rank) {
-    pids.push_back(test::spawn_self(
-        "[.slow_save_worker]",
-        {"RANK=" + std::to_string(rank), "WORLD_SIZE=2", "LOCAL_RANK=" + std::to_string(rank), "LOCAL_WORLD_SIZE=2",
-         "MASTER_ADDR=127.0.0.1", "MASTER_PORT=" + port, "ACCELERATED_WATCHDOG_SECONDS=2",
-         "ACCELERATED_TIMEOUT_SECONDS=60", "ACCELERATED_TEST_DIR=" + dir.string()},
-        (dir / ("log_" + std::to_string(rank))).string()));
-  }
+  const auto pids = spawn_ranks("[.slow_save_worker]", 2, dir,
+                                 {"ACCELERATED_WATCHDOG_SECONDS=2", "ACCELERATED_TIMEOUT_SECONDS=60",
+                                  "ACCELERATED_TEST_DIR=" + dir.string()});
   for (int rank = 0; rank < 2; ++rank) {
     const int status = test::wait_for(pids[static_cast<std::size_t>(rank)], 90s);
     INFO("rank " << rank << " printed: " << read_text(dir / ("log_" + std::to_string(rank))));
@@ -652,16 +661,9 @@ TEST_CASE("peer killed during a background write (worker)", "[.peer_killed_durin
 TEST_CASE("a rank 0 whose peer is killed finishes its background write before train() ends",
           "[distributed][faults][async_save]") {
   const auto dir = test::fresh_dir("peer_killed_during_write");
-  const auto port = std::to_string(test::free_port());
-  std::vector<pid_t> pids;
-  for (int rank = 0; rank < 2; ++rank) {
-    pids.push_back(test::spawn_self(
-        "[.peer_killed_during_write_worker]",
-        {"RANK=" + std::to_string(rank), "WORLD_SIZE=2", "LOCAL_RANK=" + std::to_string(rank), "LOCAL_WORLD_SIZE=2",
-         "MASTER_ADDR=127.0.0.1", "MASTER_PORT=" + port, "ACCELERATED_TRANSPORT=gloo",
-         "ACCELERATED_TIMEOUT_SECONDS=60", "ACCELERATED_TEST_DIR=" + dir.string()},
-        (dir / ("log_" + std::to_string(rank))).string()));
-  }
+  const auto pids = spawn_ranks("[.peer_killed_during_write_worker]", 2, dir,
+                                 {"ACCELERATED_TRANSPORT=gloo", "ACCELERATED_TIMEOUT_SECONDS=60",
+                                  "ACCELERATED_TEST_DIR=" + dir.string()});
   const int survivor = test::wait_for(pids[0], 90s), killed = test::wait_for(pids[1], 90s);
   const auto printed = read_text(dir / "log_0") + read_text(dir / "out_0") + read_text(dir / "message_0");
   INFO("rank 0 printed: " << printed);
